@@ -1,0 +1,24 @@
+"""The domain-free K-Flow engine: decompositions, band schedules, interpolant, loss and samplers.
+
+A domain supplies a decomposition and a velocity network; everything else is shared. The vanilla flow-matching
+baseline is the same engine with one band and a linear ramp (``KFlow.rectified``).
+"""
+from kflow.core.decompositions import (
+    Decomposition,
+    FourierDecomposition,
+    IdentityDecomposition,
+    LaplacianDecomposition,
+    PCADecomposition,
+    WaveletDecomposition,
+    group_into_bands,
+)
+from kflow.core.embedding import BandTimeEmbedding, sinusoidal_embedding
+from kflow.core.flow import SAMPLING_METHODS, KFlow
+from kflow.core.schedule import BandSchedule
+from kflow.core.steering import ConditionDropping, share_bands
+
+__all__ = [
+    "Decomposition", "IdentityDecomposition", "FourierDecomposition", "WaveletDecomposition", "PCADecomposition",
+    "LaplacianDecomposition", "group_into_bands", "BandSchedule", "KFlow", "SAMPLING_METHODS",
+    "share_bands", "ConditionDropping", "BandTimeEmbedding", "sinusoidal_embedding",
+]

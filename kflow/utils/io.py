@@ -1,0 +1,69 @@
+"""Atomic writes: a file either appears complete under its final name or not at all.
+
+Every writer in kflow goes through these helpers so that a crash, a full disk or a Ctrl-C never leaves a
+half-written checkpoint, dataset or report behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success rename it onto ``final``.
+
+    The temporary lives in the same folder as ``final`` so the rename is atomic on POSIX. On any exception the
+    temporary is removed and ``final`` is left untouched (an older version, if any, survives).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent)) if is_dir else None
+    if tmp is None:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and final.exists():
+            # Directories cannot be renamed over non-empty ones: move the old one aside first.
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a truncated file under ``path``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
