@@ -1,0 +1,303 @@
+"""Assembly metrics: packing matching (AssembleFlow-compatible), collisions, separation, COMPACK-like RMSD_15.
+
+Inputs follow the PyG convention: atoms of several clusters concatenated, with ``batch`` [N] giving each atom's
+cluster and ``molecule_index`` [N] the molecule within its cluster (0 = central molecule). A single cluster may be
+passed without ``batch``. Everything is computed on padded [B, N_max, ...] tensors in chunks of clusters, so no
+Python loop runs over atoms (the Hungarian step of RMSD_15 loops over clusters; it is a 15×17 assignment).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PackingMatching",
+    "compute_packing_matching",
+    "collision_rate",
+    "separation_rate",
+    "rmsd15",
+    "kabsch",
+    "aggregate_min_over_repeats",
+]
+
+
+class PackingMatching(NamedTuple):
+    pm_atom: torch.Tensor  # [B] Å
+    pm_center: torch.Tensor  # [B] Å
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def _validate(true_positions, pred_positions, molecule_index, batch, atomic_numbers=None):
+    if true_positions.dim() != 2 or true_positions.shape[-1] != 3:
+        raise ValueError(f"true_positions must be [N, 3], got {tuple(true_positions.shape)}")
+    if pred_positions is not None and pred_positions.shape != true_positions.shape:
+        raise ValueError(f"pred_positions has shape {tuple(pred_positions.shape)}, expected "
+                         f"{tuple(true_positions.shape)} (same atoms as true_positions)")
+    n = true_positions.shape[0]
+    if n == 0:
+        raise ValueError("true_positions is empty (no atoms)")
+    if molecule_index.shape != (n,):
+        raise ValueError(f"molecule_index must be [N]=[{n}], got {tuple(molecule_index.shape)}")
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=true_positions.device)
+    elif batch.shape != (n,):
+        raise ValueError(f"batch must be [N]=[{n}], got {tuple(batch.shape)}")
+    elif (batch[1:] < batch[:-1]).any():
+        raise ValueError("batch must be sorted (atoms of each cluster contiguous, as in torch_geometric batches)")
+    if atomic_numbers is not None and atomic_numbers.shape != (n,):
+        raise ValueError(f"atomic_numbers must be [N]=[{n}], got {tuple(atomic_numbers.shape)}")
+    for name, x in (("true_positions", true_positions), ("pred_positions", pred_positions)):
+        if x is not None and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(-1).nonzero()[0, 0].item()
+            raise ValueError(f"{name} contains NaN or inf (first at atom {bad})")
+    if molecule_index.min() < 0:
+        raise ValueError("molecule_index has negative entries")
+    return batch.long(), molecule_index.long()
+
+
+def _to_dense(x, batch, num_clusters, max_atoms, fill=0.0):
+    """[N, ...] concatenated -> [B, N_max, ...] padded, and the [B, N_max] mask."""
+    counts = torch.bincount(batch, minlength=num_clusters)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(batch.numel(), device=batch.device) - start[batch]
+    out = x.new_full((num_clusters, max_atoms, *x.shape[1:]), fill)
+    out[batch, slot] = x
+    mask = torch.zeros(num_clusters, max_atoms, dtype=torch.bool, device=x.device)
+    mask[batch, slot] = True
+    return out, mask
+
+
+class _Dense(NamedTuple):
+    true: torch.Tensor  # [B, A, 3]
+    pred: torch.Tensor | None  # [B, A, 3]
+    mol: torch.Tensor  # [B, A] molecule id (-1 = padding)
+    mask: torch.Tensor  # [B, A]
+    z: torch.Tensor | None  # [B, A] atomic numbers (0 = padding)
+    num_molecules: int
+
+
+def _densify(true_positions, pred_positions, molecule_index, batch, atomic_numbers=None) -> _Dense:
+    batch, molecule_index = _validate(true_positions, pred_positions, molecule_index, batch, atomic_numbers)
+    num_clusters = int(batch.max()) + 1
+    max_atoms = int(torch.bincount(batch).max())
+    true, mask = _to_dense(true_positions, batch, num_clusters, max_atoms)
+    pred = _to_dense(pred_positions, batch, num_clusters, max_atoms)[0] if pred_positions is not None else None
+    mol = _to_dense(molecule_index, batch, num_clusters, max_atoms, fill=-1)[0]
+    z = _to_dense(atomic_numbers.long(), batch, num_clusters, max_atoms)[0] if atomic_numbers is not None else None
+    num_molecules = int(molecule_index.max()) + 1
+    # Every cluster must contain every molecule 0..M-1 (a missing one would silently shrink PM-center).
+    present = torch.zeros(num_clusters, num_molecules, dtype=torch.bool, device=mol.device)
+    present[batch, molecule_index] = True
+    if not present.all():
+        c, m = (~present).nonzero()[0].tolist()
+        raise ValueError(f"molecule_index: cluster {c} has no atoms of molecule {m} "
+                         f"(expected molecules 0..{num_molecules - 1} in every cluster)")
+    return _Dense(true, pred, mol, mask, z, num_molecules)
+
+
+def _cdist(a, b):
+    """Exact pairwise distances (the matmul shortcut of cdist loses ~1e-8 Å near zero distance)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _centroids(pos, mol, num_molecules):
+    """[B, A, 3], [B, A] -> [B, M, 3] unweighted centroids."""
+    onehot = (mol[..., None] == torch.arange(num_molecules, device=mol.device)).to(pos.dtype)  # [B, A, M]
+    return torch.einsum("bam,bad->bmd", onehot, pos) / onehot.sum(1)[..., None]
+
+
+def _chunks(num_clusters, max_atoms, budget=8_000_000):
+    """Cluster ranges whose [chunk, A, A] pair tensors stay within ``budget`` elements."""
+    step = max(1, budget // max(1, max_atoms * max_atoms))
+    return [(s, min(s + step, num_clusters)) for s in range(0, num_clusters, step)]
+
+
+# ------------------------------------------------------------------------------------------------ packing matching
+@torch.no_grad()
+def compute_packing_matching(true_positions: torch.Tensor, pred_positions: torch.Tensor,
+                             molecule_index: torch.Tensor, batch: torch.Tensor | None = None) -> PackingMatching:
+    """Packing matching of predicted vs true clusters, as AssembleFlow defines it.
+
+    PM-atom = sqrt(mean_{i,j} (D_true[i, j] − D_pred[i, j])²) over the full N×N all-atom distance matrix of a
+    cluster (hydrogens included, diagonal included, no alignment: distances are invariant anyway). PM-center is
+    the same on the M×M matrix of molecule centroids (unweighted mean of each molecule's atoms).
+
+    Args:
+        true_positions, pred_positions: [N, 3] Å, atoms of one or several clusters (same atom order).
+        molecule_index: [N] molecule of each atom within its cluster (0..M-1).
+        batch: [N] cluster of each atom (sorted), or None for a single cluster.
+    Returns:
+        PackingMatching(pm_atom [B], pm_center [B]) in Å, float64.
+    """
+    d = _densify(true_positions.double(), pred_positions.double(), molecule_index, batch)
+    num_clusters, max_atoms = d.true.shape[:2]
+    pm_atom = torch.empty(num_clusters, dtype=torch.float64, device=d.true.device)
+    for s, e in _chunks(num_clusters, max_atoms):
+        m = d.mask[s:e]
+        diff = _cdist(d.true[s:e], d.true[s:e]) - _cdist(d.pred[s:e], d.pred[s:e])  # [b, A, A]
+        pair = m[:, :, None] & m[:, None, :]
+        pm_atom[s:e] = ((diff.pow(2) * pair).sum((1, 2)) / pair.sum((1, 2))).sqrt()
+    ct, cp = _centroids(d.true, d.mol, d.num_molecules), _centroids(d.pred, d.mol, d.num_molecules)
+    pm_center = (_cdist(ct, ct) - _cdist(cp, cp)).pow(2).mean((1, 2)).sqrt()
+    return PackingMatching(pm_atom, pm_center)
+
+
+def aggregate_min_over_repeats(values: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """[R, B] metric per repeat and cluster -> (mean, std over clusters of the per-cluster minimum, min [B])."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.dim() == 1:
+        values = values[None]
+    if values.dim() != 2 or values.numel() == 0:
+        raise ValueError(f"values must be [R, B] with R, B > 0, got {tuple(values.shape)}")
+    best = values.min(0).values
+    std = best.std(unbiased=False).item() if best.numel() > 1 else 0.0
+    return best.mean().item(), std, best
+
+
+# ----------------------------------------------------------------------------------------------- contacts
+def _radii(z: torch.Tensor, kind: str) -> torch.Tensor:
+    from ase.data import covalent_radii, vdw_radii
+
+    table = torch.as_tensor(np.nan_to_num(covalent_radii if kind == "covalent" else vdw_radii, nan=2.0),
+                            dtype=torch.float64, device=z.device)
+    return table[z]
+
+
+def _intermolecular_closest(d: _Dense, positions: torch.Tensor, radius_kind: str):
+    """Per cluster, pairwise intermolecular geometry reduced per molecule pair and per atom pair.
+
+    Yields per chunk: (slice, dist − radius-sum [b, A, A] with +inf on excluded pairs, intermolecular mask)."""
+    num_clusters, max_atoms = positions.shape[:2]
+    radii = _radii(d.z, radius_kind)  # [B, A]
+    for s, e in _chunks(num_clusters, max_atoms):
+        m, mol = d.mask[s:e], d.mol[s:e]
+        inter = m[:, :, None] & m[:, None, :] & (mol[:, :, None] != mol[:, None, :])
+        gap = _cdist(positions[s:e], positions[s:e]) - (radii[s:e, :, None] + radii[s:e, None, :])
+        yield s, e, gap.masked_fill(~inter, float("inf")), inter
+
+
+@torch.no_grad()
+def collision_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,
+                   batch: torch.Tensor | None = None, tolerance: float = 1.0) -> torch.Tensor:
+    """Percentage of intermolecular atom pairs closer than ``tolerance`` × (sum of covalent radii), per cluster.
+
+    Each unordered pair of atoms in different molecules of the same cluster counts once. In a real molecular
+    crystal this is 0 (intermolecular contacts are van der Waals, far longer than covalent bonds).
+    Returns [B] in %.
+    """
+    if atomic_numbers is None:
+        raise ValueError("collision_rate needs atomic_numbers for the covalent radii")
+    d = _densify(positions.double(), None, molecule_index, batch, atomic_numbers)
+    out = torch.empty(d.true.shape[0], dtype=torch.float64, device=d.true.device)
+    radii = _radii(d.z, "covalent")
+    for s, e in _chunks(*d.true.shape[:2]):
+        m, mol = d.mask[s:e], d.mol[s:e]
+        inter = m[:, :, None] & m[:, None, :] & (mol[:, :, None] != mol[:, None, :])
+        limit = tolerance * (radii[s:e, :, None] + radii[s:e, None, :])
+        clash = (_cdist(d.true[s:e], d.true[s:e]) < limit) & inter
+        out[s:e] = 100.0 * clash.sum((1, 2)) / inter.sum((1, 2)).clamp_min(1)
+    return out
+
+
+@torch.no_grad()
+def separation_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,
+                    batch: torch.Tensor | None = None, margin: float = 0.5) -> torch.Tensor:
+    """Percentage of molecules that touch no other molecule, per cluster.
+
+    A molecule is *separated* when, for every atom pair between it and any other molecule, the distance exceeds
+    the sum of the two atoms' van der Waals radii by more than ``margin`` Å (default 0.5 Å): it floats free of the
+    packing instead of being in van der Waals contact. (DESIGN.md's "molecule pairs whose closest atoms are more
+    than 0.5 Å apart" would count nearly every pair in any cluster; measuring the gap beyond contact distance is the
+    meaningful reading.) In a crystal cluster this is 0. Returns [B] in %.
+    """
+    if atomic_numbers is None:
+        raise ValueError("separation_rate needs atomic_numbers for the van der Waals radii")
+    d = _densify(positions.double(), None, molecule_index, batch, atomic_numbers)
+    num_clusters, m_count = d.true.shape[0], d.num_molecules
+    out = torch.empty(num_clusters, dtype=torch.float64, device=d.true.device)
+    onehot = (d.mol[..., None] == torch.arange(m_count, device=d.mol.device))  # [B, A, M]
+    for s, e, gap, _ in _intermolecular_closest(d, d.true, "vdw"):
+        # closest gap of each atom to any atom of another molecule, then min over the molecule's atoms
+        atom_gap = gap.min(-1).values  # [b, A]
+        mol_gap = atom_gap[..., None].expand(-1, -1, m_count).masked_fill(~onehot[s:e], float("inf")).min(1).values
+        out[s:e] = 100.0 * (mol_gap > margin).double().mean(-1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- RMSD_15
+def kabsch(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None):
+    """Optimal proper rotation and translation mapping ``mobile`` onto ``target`` (batched).
+
+    Args: mobile, target [..., P, 3]; weights [..., P] (0 = ignore a point, e.g. padding or hydrogens).
+    Returns (R [..., 3, 3], t [..., 3]) with target ≈ mobile @ Rᵀ + t.
+    """
+    if weights is None:
+        weights = torch.ones(mobile.shape[:-1], dtype=mobile.dtype, device=mobile.device)
+    w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    mu_m = (w[..., None] * mobile).sum(-2)
+    mu_t = (w[..., None] * target).sum(-2)
+    cov = torch.einsum("...p,...pi,...pj->...ij", w, target - mu_t[..., None, :], mobile - mu_m[..., None, :])
+    u, _, vh = torch.linalg.svd(cov)
+    sign = torch.sign(torch.det(u @ vh))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    diag = torch.ones(*cov.shape[:-2], 3, dtype=cov.dtype, device=cov.device)
+    diag[..., -1] = sign
+    rot = u @ torch.diag_embed(diag) @ vh
+    return rot, mu_t - torch.einsum("...ij,...j->...i", rot, mu_m)
+
+
+@torch.no_grad()
+def rmsd15(true_positions: torch.Tensor, pred_positions: torch.Tensor, molecule_index: torch.Tensor,
+           atomic_numbers: torch.Tensor, batch: torch.Tensor | None = None, num_molecules: int = 15) -> torch.Tensor:
+    """COMPACK-like RMSD of the central molecule and its 14 nearest neighbours (non-hydrogen atoms), per cluster.
+
+    1. In the true cluster take molecule 0 and its ``num_molecules − 1`` nearest molecules by centroid distance.
+    2. Superpose the predicted cluster on the true one using the central molecule's heavy atoms (Kabsch): the
+       central molecule is defined in both, so this frame does not depend on how the others are labelled.
+    3. Match each selected true molecule to a distinct predicted molecule by the Hungarian algorithm on centroid
+       distances in that frame (predictions may place molecule j where molecule i belongs; all copies are the same
+       molecule, so atom order within a molecule is shared).
+    4. Kabsch-superpose the matched heavy atoms of all selected molecules and report their RMSD in Å.
+    Returns [B] Å, float64.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    d = _densify(true_positions.double(), pred_positions.double(), molecule_index, batch, atomic_numbers)
+    num_clusters, num_mol = d.true.shape[0], d.num_molecules
+    k = min(num_molecules, num_mol)
+    heavy = d.mask & (d.z > 1)
+    # Per-molecule atom tensors [B, M, P, 3]: atoms of each molecule in their original order.
+    onehot = d.mol[..., None] == torch.arange(num_mol, device=d.mol.device)  # [B, A, M]
+    per_mol = onehot.sum(1)  # [B, M]
+    if (per_mol != per_mol[:, :1]).any():
+        raise ValueError("rmsd15 expects identical molecules (same atom count for every molecule in a cluster)")
+    p = int(per_mol[0, 0])
+    order = torch.argsort((~onehot).transpose(1, 2).to(torch.int8), dim=-1, stable=True)[..., :p]  # [B, M, P]
+    gather = lambda x: torch.gather(x[:, None].expand(-1, num_mol, -1, *x.shape[2:]), 2,  # noqa: E731
+                                    order.reshape(*order.shape, *([1] * (x.dim() - 2))).expand(
+                                        -1, -1, -1, *x.shape[2:]))
+    true_m, pred_m, heavy_m = gather(d.true), gather(d.pred), gather(heavy.double())  # [B, M, P, (3)]
+
+    ct = _centroids(d.true, d.mol, num_mol)  # [B, M, 3]
+    nearest = torch.argsort((ct - ct[:, :1]).norm(dim=-1), dim=-1)[:, :k]  # [B, k], includes 0 first
+    rot, shift = kabsch(pred_m[:, 0], true_m[:, 0], heavy_m[:, 0])
+    pred_aligned = torch.einsum("bij,bmpj->bmpi", rot, pred_m) + shift[:, None, None]
+    cp = (pred_aligned * heavy_m[..., None]).sum(2) / heavy_m.sum(2)[..., None].clamp_min(1)  # [B, M, 3]
+    ct_heavy = (true_m * heavy_m[..., None]).sum(2) / heavy_m.sum(2)[..., None].clamp_min(1)
+    sel_true = torch.gather(ct_heavy, 1, nearest[..., None].expand(-1, -1, 3))  # [B, k, 3]
+    cost = torch.cdist(sel_true, cp).cpu().numpy()  # [B, k, M]
+    matched = np.empty((num_clusters, k), dtype=np.int64)
+    for b in range(num_clusters):
+        rows, cols = linear_sum_assignment(cost[b])
+        matched[b, rows] = cols
+    matched = torch.as_tensor(matched, device=d.true.device)
+    idx = lambda x, sel: torch.gather(x, 1, sel.reshape(*sel.shape, *([1] * (x.dim() - 2))).expand(  # noqa: E731
+        -1, -1, *x.shape[2:]))
+    tgt = idx(true_m, nearest).reshape(num_clusters, k * p, 3)
+    mob = idx(pred_m, matched).reshape(num_clusters, k * p, 3)
+    w = idx(heavy_m, nearest).reshape(num_clusters, k * p)
+    rot, shift = kabsch(mob, tgt, w)
+    moved = torch.einsum("bij,bpj->bpi", rot, mob) + shift[:, None]
+    return (((moved - tgt).pow(2).sum(-1) * w).sum(-1) / w.sum(-1).clamp_min(1)).sqrt()
