@@ -1,0 +1,190 @@
+"""Rigid-body K-Flow for molecular assembly (DESIGN.md §3).
+
+Each cluster has M rigid copies of one molecule. Poses are taken relative to the initial cluster:
+
+    Z = (T − T⁰, ℓ · log(R R⁰ᵀ)) ∈ R^{M×6}
+
+where T are molecule centroids (Å), R orientations and ℓ the molecule's radius of gyration (Å), which puts the
+rotation coordinates in Å too, so one squared error weighs translations and rotations by the atom displacement
+they cause. Z⁰ = 0 and Z¹ follows from the final cluster. K-Flow is the core engine on Z with the graph-Laplacian
+decomposition over the M molecules, built from the initial centroid distances (known at sampling time):
+Z_t = U (S(t) ⊙ Uᵀ Z¹). Because U depends only on distances, the path is SE(3)-equivariant; ℓ is a per-cluster
+constant, so scaling the rotation chart commutes with U and does not change the path. One band is AssembleFlow-style
+rigid flow matching (linear translations, geodesic rotations from the initial pose).
+
+Layout: clusters are padded to dense tensors [B, M, P] (P = atoms per molecule, the same for every molecule of a
+cluster). With R⁰ = I we take the body coordinates b = x⁰ − T⁰ of the initial cluster, and fit R¹ by Kabsch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from kflow.core import BandSchedule, KFlow, LaplacianDecomposition
+from kflow.molecular.metrics import kabsch
+from kflow.molecular.so3 import exp_map, log_map
+
+__all__ = ["AssemblyBatch", "collate_clusters", "RigidKFlow", "poses_from_chart", "atoms_from_poses",
+           "RigidityError"]
+
+
+class RigidityError(ValueError):
+    """The initial and final arrangement of a molecule are not related by a rigid motion."""
+
+
+@dataclass
+class AssemblyBatch:
+    """Dense batch of clusters. B clusters, M molecules, P (padded) atoms per molecule."""
+
+    atomic_numbers: torch.Tensor  # [B, M, P] long, 0 = padding
+    mask: torch.Tensor  # [B, M, P] bool
+    body: torch.Tensor  # [B, M, P, 3] body coordinates (initial orientation, centred at the centroid)
+    initial_translations: torch.Tensor  # [B, M, 3] T⁰
+    final_translations: torch.Tensor  # [B, M, 3] T¹
+    final_rotations: torch.Tensor  # [B, M, 3, 3] R¹ R⁰ᵀ (R⁰ = I)
+    rotation_scale: torch.Tensor  # [B] ℓ, radius of gyration (Å)
+    names: list
+
+    @property
+    def num_clusters(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_molecules(self) -> int:
+        return self.mask.shape[1]
+
+    def to(self, device=None, dtype=None) -> "AssemblyBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v):
+                v = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            out[f.name] = v
+        return AssemblyBatch(**out)
+
+    def initial_chart(self) -> torch.Tensor:
+        return torch.zeros(*self.initial_translations.shape[:2], 6, dtype=self.body.dtype, device=self.body.device)
+
+    def final_chart(self) -> torch.Tensor:
+        """Z¹ [B, M, 6]."""
+        rot = log_map(self.final_rotations) * self.rotation_scale[:, None, None]
+        return torch.cat([self.final_translations - self.initial_translations, rot], -1)
+
+    def initial_positions(self) -> torch.Tensor:
+        return self.initial_translations[:, :, None] + self.body
+
+    def final_positions(self) -> torch.Tensor:
+        return atoms_from_poses(self.final_translations, self.final_rotations, self.body)
+
+    def positions_from_chart(self, z: torch.Tensor) -> torch.Tensor:
+        """Atom positions [B, M, P, 3] for chart coordinates z [B, M, 6] (padding atoms sit at their centroid)."""
+        t, r = poses_from_chart(self.initial_translations, z, self.rotation_scale)
+        return atoms_from_poses(t, r, self.body)
+
+    def flat_atoms(self, positions: torch.Tensor):
+        """Dense [B, M, P, 3] -> concatenated atoms (positions [N, 3], molecule_index [N], batch [N], z [N])."""
+        b, m, p = self.mask.shape
+        mol = torch.arange(m, device=self.mask.device)[None, :, None].expand(b, m, p)
+        clus = torch.arange(b, device=self.mask.device)[:, None, None].expand(b, m, p)
+        sel = self.mask
+        return positions[sel], mol[sel], clus[sel], self.atomic_numbers[sel]
+
+
+def poses_from_chart(initial_translations: torch.Tensor, z: torch.Tensor, rotation_scale: torch.Tensor):
+    """Chart z [B, M, 6] -> (T [B, M, 3], R [B, M, 3, 3]) with R⁰ = I."""
+    t = initial_translations + z[..., :3]
+    r = exp_map(z[..., 3:] / rotation_scale[:, None, None])
+    return t, r
+
+
+def atoms_from_poses(translations: torch.Tensor, rotations: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+    """x = T + R b: [B, M, 3], [B, M, 3, 3], [B, M, P, 3] -> [B, M, P, 3]."""
+    return translations[:, :, None] + torch.einsum("bmij,bmpj->bmpi", rotations, body)
+
+
+def _cluster_fields(item):
+    """(atomic_numbers [N], molecule_index [N], initial [N, 3], final [N, 3], name) from a Data or Cluster."""
+    get = (lambda k: item[k]) if isinstance(item, dict) else (lambda k: getattr(item, k))
+    name = getattr(item, "name", None) if not isinstance(item, dict) else item.get("name")
+    return (torch.as_tensor(get("atomic_numbers")).long(), torch.as_tensor(get("molecule_index")).long(),
+            torch.as_tensor(get("initial_positions")), torch.as_tensor(get("final_positions")), name)
+
+
+def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2) -> AssemblyBatch:
+    """Build an ``AssemblyBatch`` from clusters (``Cluster`` objects, PyG ``Data`` or dicts with the fields
+    atomic_numbers [N], molecule_index [N], initial_positions [N, 3], final_positions [N, 3]).
+
+    Raises ``RigidityError`` naming the cluster and molecule when a final molecule is not a rigid copy of its
+    initial one (RMS residual above ``rigidity_tolerance`` Å), and ``ValueError`` for inconsistent molecules.
+    """
+    if len(items) == 0:
+        raise ValueError("collate_clusters got an empty list of clusters")
+    parsed = [_cluster_fields(it) for it in items]
+    num_mol = {int(mi.max()) + 1 for _, mi, _, _, _ in parsed}
+    if len(num_mol) != 1:
+        raise ValueError(f"clusters in one batch must have the same number of molecules, got {sorted(num_mol)}")
+    m = num_mol.pop()
+    per_mol = [torch.bincount(mi, minlength=m) for _, mi, _, _, _ in parsed]
+    for (_, _, _, _, name), counts in zip(parsed, per_mol):
+        if (counts != counts[0]).any():
+            raise ValueError(f"cluster {name!r}: molecules have different atom counts {counts.tolist()}; "
+                             "every molecule of a cluster must be a copy of the same molecule")
+    p = max(int(c[0]) for c in per_mol)
+    b = len(parsed)
+    z = torch.zeros(b, m, p, dtype=torch.long)
+    x0 = torch.zeros(b, m, p, 3, dtype=torch.float64)
+    x1 = torch.zeros(b, m, p, 3, dtype=torch.float64)
+    mask = torch.zeros(b, m, p, dtype=torch.bool)
+    for i, (zi, mi, pi0, pi1, _) in enumerate(parsed):  # loop over clusters only; atoms are moved in bulk
+        order = torch.argsort(mi, stable=True)
+        n_i = int(per_mol[i][0])
+        z[i, :, :n_i] = zi[order].reshape(m, n_i)
+        x0[i, :, :n_i] = pi0[order].double().reshape(m, n_i, 3)
+        x1[i, :, :n_i] = pi1[order].double().reshape(m, n_i, 3)
+        mask[i, :, :n_i] = True
+    if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
+        raise ValueError("cluster positions contain NaN or inf")
+    w = mask.double()
+    count = w.sum(-1, keepdim=True)
+    t0 = (x0 * w[..., None]).sum(2) / count
+    t1 = (x1 * w[..., None]).sum(2) / count
+    body = (x0 - t0[:, :, None]) * w[..., None]
+    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
+    fitted = atoms_from_poses(t1, rot, body)
+    residual = (((fitted - x1).pow(2).sum(-1) * w).sum(-1) / count[..., 0]).sqrt()  # [B, M]
+    if (residual > rigidity_tolerance).any():
+        ci, mi = (residual > rigidity_tolerance).nonzero()[0].tolist()
+        raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not a rigid motion of the "
+                            f"initial ones (RMS residual {residual[ci, mi]:.3g} Å > {rigidity_tolerance} Å)")
+    # Radius of gyration of the molecule (identical copies: use molecule 0).
+    scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count[:, 0, 0]).sqrt().clamp_min(0.5)
+    return AssemblyBatch(z, mask, body.to(dtype), t0.to(dtype), t1.to(dtype), rot.to(dtype), scale.to(dtype),
+                         [q[4] for q in parsed])
+
+
+class RigidKFlow:
+    """The core K-Flow on the rigid-body chart of a batch of clusters.
+
+    Args:
+        num_bands: K (1 = rigid flow matching baseline).
+        ramp, order, overlap: passed to ``BandSchedule``.
+        sigma: Laplacian kernel width in Å (default: per-cluster median centroid distance).
+        normalized: use the normalised graph Laplacian.
+    """
+
+    def __init__(self, num_bands: int = 2, ramp: str = "linear", order: str = "low_to_high", overlap: float = 0.0,
+                 sigma: float | None = None, normalized: bool = False):
+        self.schedule = BandSchedule(num_bands, ramp=ramp, order=order, overlap=overlap)
+        self.num_bands, self.sigma, self.normalized = num_bands, sigma, normalized
+
+    def config(self) -> dict:
+        return {"num_bands": self.num_bands, "ramp": self.schedule.ramp, "order": self.schedule.order,
+                "overlap": self.schedule.overlap, "sigma": self.sigma, "normalized": self.normalized}
+
+    def for_batch(self, batch: AssemblyBatch) -> KFlow:
+        """A KFlow whose decomposition is the Laplacian basis of each cluster's initial centroids."""
+        dec = LaplacianDecomposition(batch.initial_translations, self.num_bands, sigma=self.sigma,
+                                     normalized=self.normalized)
+        return KFlow(dec, self.schedule, prediction="x1")
