@@ -7,8 +7,8 @@ Two levels of message passing, both with tensor-product convolutions on spherica
 2. molecules: atom features are mean-pooled per molecule and exchanged over the complete graph of the M
    molecules of a cluster (edges between centroids), so every molecule sees the whole cluster.
 
-The head predicts, per molecule, the final pose relative to the current one: a translation ΔT (irrep 1o, a
-vector) and a rotation vector Δω (irrep 1e, a pseudovector): T̂¹ = T_t + ΔT, R̂¹ = exp(Δω) R_t. Everything is
+The head predicts, per molecule, the remaining displacement to the final pose in the rigid-body chart: a
+translation ΔT (irrep 1o, a vector) and a rotation-coordinate change (irrep 1e, a pseudovector). Everything is
 built from relative vectors, so the output rotates with the input and ignores global translations.
 
 Shapes: B clusters, M molecules, P atoms per molecule (padded), A = M·P atoms per cluster.
@@ -26,7 +26,6 @@ from torch_geometric.utils import scatter
 
 from kflow.core import BandSchedule, BandTimeEmbedding
 from kflow.molecular.flow import AssemblyBatch, poses_from_chart
-from kflow.molecular.so3 import exp_map, log_map
 
 __all__ = ["EquivariantConvolution", "AssemblyNetwork", "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]
 
@@ -186,8 +185,10 @@ class AssemblyNetwork(nn.Module):
 class AssemblyFlowModel(nn.Module):
     """x1-predicting model on the rigid-body chart, callable by the core ``KFlow``: model(z_t, t, batch=...) -> ẑ¹.
 
-    From z_t it rebuilds the current poses and atoms, asks the network for the relative final pose
-    (ΔT, Δω), and returns ẑ¹ = (T_t + ΔT − T⁰, ℓ · log(exp(Δω) R_t)).
+    From z_t it rebuilds the current poses and atoms and asks the network for the remaining chart displacement
+    per molecule, ẑ¹ = z_t + (ΔT, Δz_R): ΔT is a vector (1o) in Å and Δz_R a pseudovector (1e) in the scaled
+    rotation coordinates (Å). Predicting the displacement in the chart, rather than a relative rotation that is
+    then mapped back with log, keeps the output continuous: log jumps where rotation angles cross π.
     """
 
     def __init__(self, network: AssemblyNetwork):
@@ -198,6 +199,4 @@ class AssemblyFlowModel(nn.Module):
         trans, rot = poses_from_chart(batch.initial_translations, z_t, batch.rotation_scale)
         positions = trans[:, :, None] + torch.einsum("bmij,bmpj->bmpi", rot, batch.body)
         d_trans, d_rot = self.network(positions, batch.atomic_numbers, batch.mask, z_t, t)
-        final_rot = exp_map(d_rot) @ rot
-        z_rot = log_map(final_rot) * batch.rotation_scale[:, None, None]
-        return torch.cat([trans + d_trans - batch.initial_translations, z_rot], -1)
+        return z_t + torch.cat([d_trans, d_rot], -1)
