@@ -1,0 +1,143 @@
+"""The ``Cluster`` sample: M rigid copies of one molecule in an initial (noised) and a final (crystal) arrangement."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Cluster", "InvalidCrystal", "InvalidCluster", "RejectionSummary", "NUM_MOLECULES"]
+
+NUM_MOLECULES = 17  # central molecule + 16 nearest neighbours (COD-Cluster17)
+
+
+class InvalidCrystal(ValueError):
+    """A crystal cannot give a COD-Cluster17-style cluster; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class InvalidCluster(InvalidCrystal):
+    """A cluster (e.g. read from CSV) is malformed or inconsistent."""
+
+
+@dataclass
+class Cluster:
+    """One assembly sample.
+
+    Attributes:
+        atomic_numbers: [N] long.
+        molecule_index: [N] long, 0..M-1; molecule 0 is the central one. Atoms of a molecule are contiguous.
+        initial_positions: [N, 3] float, Å (the noised, weakly correlated arrangement).
+        final_positions: [N, 3] float, Å (the crystal arrangement).
+        name: sample id (e.g. COD id or "REFCODE_draw3").
+        crystal: the crystal it comes from (refcode or COD id); splits never separate clusters of one crystal.
+    """
+
+    atomic_numbers: torch.Tensor
+    molecule_index: torch.Tensor
+    initial_positions: torch.Tensor
+    final_positions: torch.Tensor
+    name: str = ""
+    crystal: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.atomic_numbers = torch.as_tensor(self.atomic_numbers, dtype=torch.long)
+        self.molecule_index = torch.as_tensor(self.molecule_index, dtype=torch.long)
+        self.initial_positions = torch.as_tensor(self.initial_positions, dtype=torch.float32)
+        self.final_positions = torch.as_tensor(self.final_positions, dtype=torch.float32)
+        if not self.crystal:
+            self.crystal = self.name
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.atomic_numbers.numel())
+
+    @property
+    def num_molecules(self) -> int:
+        return int(self.molecule_index.max()) + 1 if self.num_atoms else 0
+
+    def validate(self, num_molecules: int | None = NUM_MOLECULES) -> "Cluster":
+        """Check shapes, finiteness, molecule count and equal molecule sizes; raise ``InvalidCluster``."""
+        n = self.num_atoms
+        where = f"cluster {self.name!r}"
+        if n == 0:
+            raise InvalidCluster("empty", f"{where} has no atoms")
+        for key in ("molecule_index", "initial_positions", "final_positions"):
+            v = getattr(self, key)
+            if v.shape[0] != n or (key.endswith("positions") and v.shape != (n, 3)):
+                raise InvalidCluster("shape_mismatch", f"{where}: {key} has shape {tuple(v.shape)} for {n} atoms")
+        for key in ("initial_positions", "final_positions"):
+            if not torch.isfinite(getattr(self, key)).all():
+                raise InvalidCluster("nan", f"{where}: {key} contains NaN or inf")
+        if (self.atomic_numbers < 1).any() or (self.atomic_numbers > 118).any():
+            raise InvalidCluster("unknown_element", f"{where}: atomic numbers outside 1..118")
+        counts = torch.bincount(self.molecule_index)
+        if num_molecules is not None and counts.numel() != num_molecules:
+            raise InvalidCluster("molecule_count", f"{where} has {counts.numel()} molecules, expected {num_molecules}")
+        if (counts == 0).any():
+            raise InvalidCluster("molecule_count", f"{where}: molecule ids are not contiguous 0..M-1")
+        if (counts != counts[0]).any():
+            raise InvalidCluster("atom_count_mismatch", f"{where}: molecules have different atom counts "
+                                 f"{counts.tolist()}")
+        return self
+
+    def to_data(self):
+        """A ``torch_geometric.data.Data`` with the fields of docs/CONTRACTS.md."""
+        from torch_geometric.data import Data
+
+        return Data(atomic_numbers=self.atomic_numbers, molecule_index=self.molecule_index,
+                    initial_positions=self.initial_positions, final_positions=self.final_positions,
+                    num_molecules=self.num_molecules, name=self.name, crystal=self.crystal,
+                    num_nodes=self.num_atoms)
+
+    def to_numpy(self) -> dict:
+        """Compact serialisable form (float32 positions, uint8 elements)."""
+        return {"atomic_numbers": self.atomic_numbers.numpy().astype(np.uint8),
+                "molecule_index": self.molecule_index.numpy().astype(np.uint8),
+                "initial_positions": self.initial_positions.numpy().astype(np.float32),
+                "final_positions": self.final_positions.numpy().astype(np.float32),
+                "name": self.name, "crystal": self.crystal}
+
+    @classmethod
+    def from_numpy(cls, d: dict) -> "Cluster":
+        return cls(torch.from_numpy(d["atomic_numbers"].astype(np.int64)),
+                   torch.from_numpy(d["molecule_index"].astype(np.int64)),
+                   torch.from_numpy(d["initial_positions"]), torch.from_numpy(d["final_positions"]),
+                   d["name"], d["crystal"])
+
+
+class RejectionSummary:
+    """Counts kept and rejected items by reason; keeps a few examples of each reason."""
+
+    def __init__(self):
+        self.kept = 0
+        self.rejected: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def keep(self, n: int = 1):
+        self.kept += n
+
+    def reject(self, reason: str, message: str):
+        self.rejected[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(message)
+
+    def merge(self, other: "RejectionSummary"):
+        self.kept += other.kept
+        self.rejected.update(other.rejected)
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, []).extend(v[: 3 - len(self.examples[k])])
+
+    def as_dict(self) -> dict:
+        return {"kept": self.kept, "rejected": dict(self.rejected), "examples": self.examples}
+
+    def __str__(self):
+        lines = [f"kept {self.kept}, rejected {sum(self.rejected.values())}"]
+        lines += [f"  {reason}: {n}  (e.g. {self.examples[reason][0]})" for reason, n in self.rejected.most_common()]
+        return "\n".join(lines)

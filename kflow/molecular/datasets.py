@@ -1,0 +1,371 @@
+"""Processed cluster stores on LMDB and torch_geometric datasets over them.
+
+A store is an LMDB environment (a folder) holding one pickled ``Cluster.to_numpy()`` per key ``b"%08d"`` and a
+``b"__meta__"`` record (count, names, crystals, provenance). It is written into a temporary folder and renamed
+into place only when complete, so an interrupted build leaves no readable half database. Readers open the
+environment lazily (once per process, fork-safe for DataLoader workers) and decode one cluster per access, so
+memory does not grow with the size of the store.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch_geometric.data import Dataset
+
+from kflow.molecular.cluster import Cluster, InvalidCrystal, RejectionSummary
+from kflow.utils.io import atomic_path
+
+__all__ = ["write_cluster_store", "ClusterStore", "ClusterDataset", "CODCluster17Dataset", "split_indices",
+           "build_cluster_dataset", "build_demo_dataset", "pyxtal_crystal_sources", "COD_HUB_DATASET"]
+
+META_KEY = b"__meta__"
+COD_HUB_DATASET = "chao1224/CrystalFlow"
+STORE_VERSION = 1
+
+
+def _key(i: int) -> bytes:
+    return b"%08d" % i
+
+
+def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, meta: dict | None = None,
+                        map_size: int = 1 << 34, progress: bool = False, total: int | None = None) -> Path:
+    """Write clusters into a new LMDB store at ``path`` (atomically: temp folder, then rename)."""
+    import lmdb
+
+    path = Path(path)
+    names, crystals, n = [], [], 0
+    with atomic_path(path, is_dir=True) as tmp:
+        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False)
+        try:
+            iterator = clusters
+            if progress:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(clusters, total=total, desc=f"writing {path.name}", unit="cluster")
+            txn = env.begin(write=True)
+            for cluster in iterator:
+                txn.put(_key(n), pickle.dumps(cluster.to_numpy(), protocol=pickle.HIGHEST_PROTOCOL))
+                names.append(cluster.name)
+                crystals.append(cluster.crystal)
+                n += 1
+                if n % 1000 == 0:  # bounded transactions
+                    txn.commit()
+                    txn = env.begin(write=True)
+            record = {"version": STORE_VERSION, "count": n, "names": names, "crystals": crystals, **(meta or {})}
+            txn.put(META_KEY, pickle.dumps(record))
+            txn.commit()
+            env.sync()
+        finally:
+            env.close()
+    return path
+
+
+class ClusterStore:
+    """Read-only random access to an LMDB cluster store."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "data.mdb").exists():
+            raise FileNotFoundError(f"{self.path}: not a cluster store (no data.mdb); build it first")
+        self._env, self._pid = None, None
+        meta = self._txn_get(META_KEY)
+        if meta is None:
+            raise ValueError(f"{self.path}: store has no metadata record (incomplete or foreign LMDB)")
+        self.meta = pickle.loads(meta)
+        if self.meta.get("version") != STORE_VERSION:
+            raise ValueError(f"{self.path}: store version {self.meta.get('version')} != {STORE_VERSION}; rebuild it")
+
+    def _open(self):
+        import lmdb
+
+        if self._env is None or self._pid != os.getpid():  # reopen in DataLoader workers
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True,
+                                  max_readers=256)
+            self._pid = os.getpid()
+        return self._env
+
+    def _txn_get(self, key: bytes):
+        with self._open().begin() as txn:
+            return txn.get(key)
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    def __getitem__(self, i: int) -> Cluster:
+        if not 0 <= i < len(self):
+            raise IndexError(f"cluster {i} out of range for a store of {len(self)}")
+        return Cluster.from_numpy(pickle.loads(self._txn_get(_key(i))))
+
+    def __getstate__(self):  # picklable for worker processes; the environment is reopened there
+        state = dict(self.__dict__)
+        state["_env"], state["_pid"] = None, None
+        return state
+
+    @property
+    def crystals(self) -> list[str]:
+        return self.meta["crystals"]
+
+    @property
+    def names(self) -> list[str]:
+        return self.meta["names"]
+
+
+def split_indices(groups: Sequence[str], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[int]]:
+    """Deterministic train/valid/test split of items by group (e.g. crystal refcode): every group lands in exactly
+    one split, so no test crystal is seen in training. Groups are shuffled with ``seed`` and cut by count."""
+    if abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    unique = sorted(set(groups))
+    perm = np.random.default_rng(seed).permutation(len(unique))
+    n = len(unique)
+    n_train = int(round(fractions[0] * n))
+    n_valid = int(round(fractions[1] * n))
+    if n >= 3:  # every split non-empty whenever possible
+        n_valid = max(n_valid, 1)
+        n_train = min(n_train, n - n_valid - 1)
+    assignment = {}
+    for rank, gi in enumerate(perm):
+        assignment[unique[gi]] = "train" if rank < n_train else "valid" if rank < n_train + n_valid else "test"
+    out = {"train": [], "valid": [], "test": []}
+    for i, g in enumerate(groups):
+        out[assignment[g]].append(i)
+    return out
+
+
+class ClusterDataset(Dataset):
+    """A torch_geometric dataset over a cluster store, optionally restricted to a split.
+
+    ``dataset[i]`` is a ``torch_geometric.data.Data`` (see ``Cluster.to_data``); ``dataset.cluster(i)`` the
+    ``Cluster``. Splits are by crystal with ``split_indices``.
+    """
+
+    def __init__(self, store: str | os.PathLike | ClusterStore, split: str | None = None, seed: int = 0,
+                 transform: Callable | None = None):
+        super().__init__(None, transform=transform)
+        self.store = store if isinstance(store, ClusterStore) else ClusterStore(store)
+        if split is None or split == "all":
+            self.indices_ = list(range(len(self.store)))
+        else:
+            splits = split_indices(self.store.crystals, seed)
+            if split not in splits:
+                raise ValueError(f"split must be 'train', 'valid', 'test' or 'all', got {split!r}")
+            self.indices_ = splits[split]
+        self.split = split or "all"
+
+    def len(self) -> int:
+        return len(self.indices_)
+
+    def get(self, idx: int):
+        return self.store[self.indices_[idx]].to_data()
+
+    def cluster(self, idx: int) -> Cluster:
+        return self.store[self.indices_[idx]]
+
+    @property
+    def crystals(self) -> list[str]:
+        return [self.store.crystals[i] for i in self.indices_]
+
+
+# ------------------------------------------------------------------------------------------- building stores
+def _build_one(args):
+    name, atoms, draws, seed, kwargs = args
+    from kflow.molecular.crystals import build_cluster, find_molecules
+
+    torch.set_num_threads(1)  # one process per core: intra-op threads would oversubscribe
+    try:
+        mols = find_molecules(atoms, kwargs.get("bond_factor", 1.2))
+        return name, [build_cluster(atoms, name=name, seed=seed, draw=k, molecules=mols, **kwargs)
+                      for k in range(draws)], None
+    except InvalidCrystal as err:
+        return name, [], (err.reason, str(err))
+    except Exception as err:  # one bad crystal never stops a build
+        return name, [], ("error", f"{type(err).__name__}: {err}")
+
+
+def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_crystal: int = 4, seed: int = 0,
+                          num_workers: int | None = None, progress: bool = True, **build_kwargs):
+    """Build a cluster store from crystals (``(name, atoms)`` pairs), in parallel; returns (store, summary).
+
+    Each kept crystal gives ``draws_per_crystal`` clusters with independent noise. The summary counts kept and
+    rejected crystals by reason.
+    """
+    items = [(name, atoms, draws_per_crystal, seed, build_kwargs) for name, atoms in sources]
+    summary = RejectionSummary()
+    num_workers = min(num_workers if num_workers is not None else (os.cpu_count() or 1), max(len(items), 1))
+
+    def results():
+        if num_workers > 1:
+            with get_context("fork").Pool(num_workers) as pool:
+                yield from pool.imap(_build_one, items, chunksize=4)
+        else:
+            yield from map(_build_one, items)
+
+    def clusters():
+        iterator = results()
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, total=len(items), desc=f"building {Path(path).name}", unit="crystal")
+        for name, built, rejection in iterator:
+            if rejection:
+                summary.reject(rejection[0], f"{name}: {rejection[1]}")
+            else:
+                summary.keep()
+                yield from built
+
+    store_path = write_cluster_store(clusters(), path, meta={"draws_per_crystal": draws_per_crystal,
+                                                             "seed": seed, "build_kwargs": _jsonable(build_kwargs)})
+    store = ClusterStore(store_path)
+    store.meta["summary"] = summary.as_dict()
+    return store, summary
+
+
+def _jsonable(d):
+    from dataclasses import asdict, is_dataclass
+
+    return {k: asdict(v) if is_dataclass(v) else v for k, v in d.items()}
+
+
+def pyxtal_crystal_sources() -> list[Path]:
+    """The CSD crystal databases shipped inside the pyxtal wheel (``test.db``: 100 crystals, ``mech.db``: 50)."""
+    import pyxtal
+
+    folder = Path(pyxtal.__file__).parent / "database"
+    paths = [folder / "test.db", folder / "mech.db"]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"pyxtal's crystal databases are missing: {missing} (reinstall pyxtal)")
+    return paths
+
+
+def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal: int = 4, seed: int = 0,
+                       num_workers: int | None = None, rebuild: bool = False, progress: bool = True):
+    """The embedded benchmark: clusters from the single-component organic CSD crystals shipped with pyxtal.
+
+    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores). Returns a
+    ``ClusterStore``; wrap it in ``ClusterDataset(store, split=...)`` for crystal-level splits.
+    """
+    from kflow.molecular.crystals import read_crystals
+
+    path = Path(root) / f"pyxtal_d{draws_per_crystal}_s{seed}.lmdb"
+    if path.exists() and not rebuild:
+        return ClusterStore(path)
+    seen, sources = set(), []
+    for db in pyxtal_crystal_sources():
+        for name, atoms in read_crystals(db):
+            if name not in seen:  # the two databases share a few refcodes
+                seen.add(name)
+                sources.append((name, atoms))
+    store, summary = build_cluster_dataset(sources, path, draws_per_crystal, seed, num_workers, progress)
+    if progress:
+        print(f"demo data set: {summary}")
+    return store
+
+
+# -------------------------------------------------------------------------------------------- COD-Cluster17
+class CODCluster17Dataset(ClusterDataset):
+    """COD-Cluster17 in its published raw format, preprocessed once into LMDB.
+
+    Expects ``root/raw/InitialPositions/<id>_cluster16_noised.csv`` and ``root/raw/FinalPositions/<id>_cluster16.csv``.
+    ``subset``: "5k", "10k" (id lists ``root/raw/subset_5k.txt`` / ``subset_10k.txt``, one id per line), "all",
+    or a path to an id list. Missing raw data is downloaded from the hub dataset ``chao1224/CrystalFlow``
+    (folder ``COD/``) when online; offline, the error says where to put the files.
+    """
+
+    def __init__(self, root: str | os.PathLike = "data/COD-Cluster17", subset: str = "10k", split: str | None = None,
+                 seed: int = 0, num_workers: int | None = None, download: bool = True, progress: bool = True,
+                 transform: Callable | None = None):
+        root = Path(root)
+        ids = cod_cluster17_ids(root, subset, download)
+        tag = subset if subset in ("5k", "10k", "all") else Path(subset).stem
+        store_path = root / "processed" / f"{tag}.lmdb"
+        if not store_path.exists():
+            preprocess_cod_cluster17(root, ids, store_path, num_workers, progress)
+        super().__init__(store_path, split=split, seed=seed, transform=transform)
+
+
+def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[str]:
+    raw = root / "raw"
+    final_dir = raw / "FinalPositions"
+    if not final_dir.is_dir() and download:
+        _download_cod(root)
+    if not final_dir.is_dir():
+        raise FileNotFoundError(
+            f"COD-Cluster17 raw data not found under {raw}. Download the folder COD/ of the hub dataset "
+            f"'{COD_HUB_DATASET}' and place its files so that {raw}/FinalPositions/<id>_cluster16.csv and "
+            f"{raw}/InitialPositions/<id>_cluster16_noised.csv exist (subset id lists as {raw}/subset_5k.txt, "
+            f"{raw}/subset_10k.txt).")
+    if subset == "all":
+        return sorted(p.name[: -len("_cluster16.csv")] for p in final_dir.glob("*_cluster16.csv"))
+    list_path = raw / f"subset_{subset}.txt" if subset in ("5k", "10k") else Path(subset)
+    if not list_path.exists():
+        raise FileNotFoundError(f"subset id list {list_path} not found (one cluster id per line)")
+    return [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
+
+
+def _download_cod(root: Path):
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=["COD/*"], local_dir=str(root / "hub"))
+    except Exception as err:  # offline or hub unavailable: the caller raises with instructions
+        print(f"COD-Cluster17 download from {COD_HUB_DATASET} failed ({type(err).__name__}); working offline")
+        return
+    hub = root / "hub" / "COD"
+    raw = root / "raw"
+    if hub.is_dir() and not raw.exists():
+        os.replace(hub, raw)
+
+
+def _read_one_cod(args):
+    from kflow.molecular.io import cod_cluster17_paths, read_cod_cluster17
+
+    root, cid = args
+    initial, final = cod_cluster17_paths(root, cid)
+    try:
+        return read_cod_cluster17(initial, final, name=cid), None
+    except InvalidCrystal as err:
+        return None, (err.reason, str(err))
+    except Exception as err:
+        return None, ("error", f"{cid}: {type(err).__name__}: {err}")
+
+
+def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, num_workers: int | None = None,
+                             progress: bool = True) -> RejectionSummary:
+    """Parse and validate raw CSV pairs in parallel and write the LMDB store; returns the summary."""
+    summary = RejectionSummary()
+    num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+
+    def clusters():
+        args = [(root, cid) for cid in ids]
+        if num_workers > 1:
+            pool = get_context("fork").Pool(num_workers)
+            results = pool.imap(_read_one_cod, args, chunksize=16)
+        else:
+            pool, results = None, map(_read_one_cod, args)
+        try:
+            if progress:
+                from tqdm.auto import tqdm
+
+                results = tqdm(results, total=len(args), desc="preprocessing COD-Cluster17", unit="cluster")
+            for cluster, rejection in results:
+                if rejection:
+                    summary.reject(*rejection)
+                else:
+                    summary.keep()
+                    yield cluster
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+
+    write_cluster_store(clusters(), store_path, meta={"source": "COD-Cluster17", "root": str(root)})
+    if progress:
+        print(f"COD-Cluster17 preprocessing: {summary}")
+    return summary
