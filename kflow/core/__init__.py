@@ -16,9 +16,12 @@ from kflow.core.embedding import BandTimeEmbedding, sinusoidal_embedding
 from kflow.core.flow import SAMPLING_METHODS, KFlow
 from kflow.core.schedule import BandSchedule
 from kflow.core.steering import ConditionDropping, share_bands
+from kflow.core.training import (CheckpointError, ConfigMismatchError, ExponentialMovingAverage, Trainer,
+                                 cosine_with_warmup, load_checkpoint)
 
 __all__ = [
     "Decomposition", "IdentityDecomposition", "FourierDecomposition", "WaveletDecomposition", "PCADecomposition",
     "LaplacianDecomposition", "group_into_bands", "BandSchedule", "KFlow", "SAMPLING_METHODS",
-    "share_bands", "ConditionDropping", "BandTimeEmbedding", "sinusoidal_embedding",
+    "share_bands", "ConditionDropping", "BandTimeEmbedding", "sinusoidal_embedding", "Trainer", "load_checkpoint",
+    "CheckpointError", "ConfigMismatchError", "ExponentialMovingAverage", "cosine_with_warmup",
 ]

@@ -1,0 +1,429 @@
+"""The domain-free training loop shared by molecular assembly and image generation.
+
+``Trainer`` runs AdamW with linear warm-up + cosine decay, gradient clipping, an EMA of the weights, a guard that
+skips non-finite steps, JSONL/CSV (and TensorBoard, if installed) logs, and atomic, resumable checkpoints.
+Launched with ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, nccl on GPU): ``batch_size`` is
+per process, the global batch is ``batch_size × world_size``.
+
+Determinism: the data order is a permutation seeded by (seed, epoch), and the global RNG is re-seeded from
+(seed, step) before every step, so a resumed run continues bit-for-bit (on CPU) and a W-process run sees the
+same global batches (and, with ``sample_batch_times``, the same flow times) as one process with the global batch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from kflow.core import distributed as dist_utils
+from kflow.utils.io import atomic_save, atomic_write_text
+
+__all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "load_checkpoint",
+           "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
+
+CHECKPOINT_KIND = "kflow-checkpoint"
+NON_STRUCTURAL_KEYS = {"max_steps", "steps", "epochs", "out_dir", "out", "checkpoint_every", "log_every",
+                       "progress", "resume", "num_workers", "eval_every", "keep_checkpoints", "device"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt, not a kflow checkpoint, or does not fit the model."""
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming with a configuration that changes the model or the data."""
+
+
+def cosine_with_warmup(step: int, max_steps: int, warmup_steps: int = 0, min_ratio: float = 0.05) -> float:
+    """LR multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(max_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ExponentialMovingAverage:
+    """fp32 EMA of a model's parameters (and a copy of its buffers), with the usual warm-up of the decay."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict):
+        self.decay, self.num_updates = state["decay"], state["num_updates"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+    def copy_to(self, model: nn.Module):
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+class EpochBatchSampler:
+    """Per-rank batches of an epoch: a (seed, epoch)-seeded permutation cut into global batches of
+    ``batch_size × world_size``; rank r takes the r-th contiguous slice of each. Incomplete batches are dropped so
+    every rank takes the same number of equally sized steps."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.steps_per_epoch = num_items // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"dataset of {num_items} items is smaller than one global batch "
+                             f"({batch_size} × {world_size} processes)")
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(self.num_items)
+        g = self.batch_size * self.world_size
+        out = []
+        for s in range(self.steps_per_epoch):
+            chunk = order[s * g:(s + 1) * g]
+            out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist())
+        return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or corrupt?): "
+                              f"{type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: not a kflow checkpoint")
+    return state
+
+
+def _load_weights(model: nn.Module, weights: dict, source: str):
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shape = [f"{k} {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+             if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}")
+        if shape:
+            parts.append(f"shape mismatches {shape[:5]}")
+        raise CheckpointError(f"{source}: weights do not fit this model (a checkpoint of another configuration?): "
+                              + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, use_ema: bool = True,
+                    map_location="cpu") -> dict:
+    """Read a checkpoint (raising ``CheckpointError`` with the reason) and, if ``model`` is given, load its EMA
+    (default) or raw weights into it. Returns the checkpoint dict (with ``config`` and ``step``)."""
+    state = _read_checkpoint(path, map_location)
+    if model is not None:
+        weights = state["ema"]["shadow"] if (use_ema and state.get("ema")) else state["model"]
+        _load_weights(model, weights, str(path))
+    return state
+
+
+def _structural(config: dict, keys: Sequence[str] | None) -> dict:
+    if keys is not None:
+        return {k: config.get(k) for k in keys}
+    return {k: v for k, v in config.items() if k not in NON_STRUCTURAL_KEYS}
+
+
+class Trainer:
+    """Train ``model`` by minimising ``loss_fn(model, batch) -> (loss, metrics)`` over ``dataset``.
+
+    Args:
+        model: the network (moved to the device; wrapped in DDP when distributed).
+        loss_fn: returns a scalar loss and a dict of floats to log.
+        dataset: indexable dataset; ``collate_fn`` turns a list of items into a batch (a batch with a ``to``
+            method, or a tensor / dict of tensors, is moved to the device).
+        batch_size: per process. lr, weight_decay, betas: AdamW. warmup_steps, min_lr_ratio: LR schedule.
+        max_steps: total optimizer steps. grad_clip: max global grad norm (None: no clipping).
+        ema_decay: EMA decay (None: no EMA).
+        out_dir: run folder (checkpoints/, metrics.jsonl, metrics.csv, config.json).
+        checkpoint_every, keep_checkpoints, log_every: cadence; the final step is always checkpointed.
+        config: the run configuration saved in checkpoints; resuming with a different structural config
+            (all keys but ``NON_STRUCTURAL_KEYS``, or only ``structural_keys``) raises ``ConfigMismatchError``.
+        max_bad_steps: abort after this many consecutive non-finite steps.
+        eval_fn: optional ``eval_fn(ema_or_model, step) -> dict`` run every ``eval_every`` steps on rank 0.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dataset, *, collate_fn: Callable | None = None,
+                 batch_size: int, lr: float, max_steps: int, out_dir: str | os.PathLike, config: dict | None = None,
+                 weight_decay: float = 0.0, betas=(0.9, 0.999), warmup_steps: int = 0, min_lr_ratio: float = 0.05,
+                 grad_clip: float | None = 1.0, ema_decay: float | None = 0.999, checkpoint_every: int = 500,
+                 keep_checkpoints: int = 3, log_every: int = 10, seed: int = 0,
+                 structural_keys: Sequence[str] | None = None, num_workers: int = 0, device=None,
+                 progress: bool = True, max_bad_steps: int = 20, eval_fn: Callable | None = None,
+                 eval_every: int | None = None):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty (check the split and the data path)")
+        self.device = torch.device(device) if device is not None else dist_utils.setup_distributed()
+        self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
+        self.model = model.to(self.device)
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss_fn, self.dataset, self.collate_fn = loss_fn, dataset, collate_fn
+        self.batch_size, self.max_steps, self.seed = batch_size, max_steps, seed
+        self.out_dir = Path(out_dir)
+        self.config = dict(config or {})
+        self.structural_keys = structural_keys
+        self.grad_clip, self.max_bad_steps = grad_clip, max_bad_steps
+        self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
+        self.num_workers, self.progress = num_workers, progress
+        self.eval_fn, self.eval_every = eval_fn, eval_every
+        self.optimizer = torch.optim.AdamW(_unwrap(self.model).parameters(), lr=lr, betas=betas,
+                                           weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_warmup(s, max_steps, warmup_steps, min_lr_ratio))
+        self.ema = ExponentialMovingAverage(_unwrap(self.model), ema_decay) if ema_decay else None
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, self.rank, self.world_size)
+        self.step, self.skipped_steps, self.bad_in_a_row = 0, 0, 0
+        self._tb, self._csv_keys = None, None
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def state_dict(self) -> dict:
+        import kflow
+
+        return {"kind": CHECKPOINT_KIND, "kflow_version": kflow.__version__, "step": self.step,
+                "model": _unwrap(self.model).state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "skipped_steps": self.skipped_steps, "config": self.config, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def save_checkpoint(self) -> Path | None:
+        if not dist_utils.is_main_process():
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
+        atomic_save(state, path)
+        atomic_save(state, self.checkpoint_dir / "last.pt")
+        old = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-self.keep_checkpoints]
+        for p in old:
+            p.unlink(missing_ok=True)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        last = self.checkpoint_dir / "last.pt"
+        return last if last.exists() else None
+
+    def load_state(self, path: str | os.PathLike):
+        state = _read_checkpoint(path, map_location=self.device)
+        saved, current = _structural(state.get("config", {}), self.structural_keys), _structural(
+            self.config, self.structural_keys)
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])
+            raise ConfigMismatchError(f"{path}: cannot resume with a different configuration ({details})")
+        if state.get("world_size", 1) * state.get("batch_size", self.batch_size) != self.world_size * self.batch_size:
+            raise ConfigMismatchError(f"{path}: global batch was {state.get('world_size')}×{state.get('batch_size')}, "
+                                      f"now {self.world_size}×{self.batch_size}; the data order would change")
+        _load_weights(_unwrap(self.model), state["model"], str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self._truncate_logs(self.step)
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _truncate_logs(self, step: int):
+        """After a resume, drop log lines written after the checkpoint (a crash may have left some)."""
+        if not dist_utils.is_main_process():
+            return
+        jsonl = self.out_dir / "metrics.jsonl"
+        if jsonl.exists():
+            kept = [ln for ln in jsonl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            atomic_write_text(jsonl, "".join(ln + "\n" for ln in kept))
+            self._rewrite_csv([json.loads(ln) for ln in kept])
+            self._csv_keys = None
+
+    def _rewrite_csv(self, records: list[dict]):
+        if not records:
+            (self.out_dir / "metrics.csv").unlink(missing_ok=True)
+            return
+        keys = list(records[0])
+        lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in records]
+        atomic_write_text(self.out_dir / "metrics.csv", "\n".join(lines) + "\n")
+
+    def _log(self, record: dict):
+        if not dist_utils.is_main_process():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        csv_path = self.out_dir / "metrics.csv"
+        if self._csv_keys is None:  # columns fixed by the first record (or the existing file after a resume)
+            if csv_path.exists():
+                with open(csv_path, newline="") as f:
+                    self._csv_keys = next(csv.reader(f), None)
+            if not self._csv_keys:
+                self._csv_keys = list(record)
+                atomic_write_text(csv_path, ",".join(self._csv_keys) + "\n")
+        if all(k in self._csv_keys for k in record):  # evaluation records go to the JSONL log only
+            with open(csv_path, "a") as f:
+                f.write(",".join(str(record.get(k, "")) for k in self._csv_keys) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except Exception:  # TensorBoard is optional
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    # ------------------------------------------------------------------------------------------ training
+    def _batches(self):
+        """Yield this rank's batches from the current step on, across epochs, in deterministic order."""
+        from torch.utils.data import DataLoader
+
+        while True:
+            epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
+            remaining = self.sampler.batches(epoch)[position:]
+            loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn or (lambda x: x),
+                                num_workers=self.num_workers, generator=torch.Generator().manual_seed(epoch))
+            yield from loader
+
+    def _to_device(self, batch):
+        if hasattr(batch, "to") and not isinstance(batch, (list, tuple)):
+            return batch.to(self.device)
+        if isinstance(batch, dict):
+            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(v.to(self.device) if torch.is_tensor(v) else v for v in batch)
+        return batch
+
+    def fit(self, resume: bool | str | os.PathLike = False) -> dict:
+        """Train until ``max_steps``; ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` if present,
+        ``resume=path`` from that file. Returns a summary dict."""
+        if resume:
+            path = self.latest_checkpoint() if resume is True else Path(resume)
+            if path is not None:
+                self.load_state(path)
+        if dist_utils.is_main_process():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config, indent=2, default=str))
+        bar = None
+        if self.progress and dist_utils.is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step")
+        model = self.model
+        model.train()
+        start, samples, last_loss = time.perf_counter(), 0, float("nan")
+        window_start, window_samples = start, 0
+        batches = self._batches()
+        while self.step < self.max_steps:
+            batch = self._to_device(next(batches))
+            torch.manual_seed(self.seed * 1_000_003 + self.step)  # same randomness on every rank and on resume
+            loss, metrics = self.loss_fn(model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+            # Every rank must agree before backward: under DDP a rank that skipped backward would hang the others.
+            bad = dist_utils.all_reduce_max(0.0 if bool(torch.isfinite(loss)) else 1.0, self.device) > 0
+            if not bad:
+                loss.backward()
+                params = [p for p in model.parameters() if p.grad is not None]
+                if self.grad_clip is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+                else:
+                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+                bad = dist_utils.all_reduce_max(0.0 if math.isfinite(grad_norm) else 1.0, self.device) > 0
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.bad_in_a_row += 1
+                if self.bad_in_a_row >= self.max_bad_steps:
+                    raise FloatingPointError(f"{self.bad_in_a_row} consecutive non-finite steps at step {self.step}; "
+                                             "lower the learning rate or check the data")
+            else:
+                self.optimizer.step()
+                self.bad_in_a_row = 0
+                if self.ema:
+                    self.ema.update(_unwrap(model))
+                last_loss = float(loss.detach())
+            self.scheduler.step()
+            self.step += 1
+            n = self.batch_size * self.world_size
+            samples += n
+            window_samples += n
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", skipped=self.skipped_steps)
+            if self.step % self.log_every == 0 or self.step == self.max_steps or bad:
+                now = time.perf_counter()
+                record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "samples_per_s": window_samples / max(now - window_start, 1e-9),
+                          "skipped": self.skipped_steps, **{k: float(v) for k, v in metrics.items()}}
+                window_start, window_samples = now, 0
+                self._log(record)
+            if self.eval_fn and self.eval_every and self.step % self.eval_every == 0 and dist_utils.is_main_process():
+                self._log({"step": self.step, **self.evaluate()})
+            if self.step % self.checkpoint_every == 0 or self.step == self.max_steps:
+                self.save_checkpoint()
+                dist_utils.barrier()
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - start
+        return {"step": self.step, "loss": last_loss, "skipped_steps": self.skipped_steps, "wall_time_s": wall,
+                "samples_per_s": samples / max(wall, 1e-9)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.ema_model() if self.ema else _unwrap(self.model)
+        return {f"eval_{k}": float(v) for k, v in self.eval_fn(model, self.step).items()}
+
+    def ema_model(self) -> nn.Module:
+        """A copy of the model carrying the EMA weights (or the raw weights without EMA)."""
+        import copy
+
+        model = copy.deepcopy(_unwrap(self.model))
+        if self.ema:
+            self.ema.copy_to(model)
+        return model.eval()
