@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -353,7 +354,9 @@ class Trainer:
         if self.progress and dist_utils.is_main_process():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step")
+            # Redraw rarely when the output is a log file rather than a terminal.
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step",
+                       mininterval=0.5 if sys.stderr.isatty() else 15.0)
         model = self.model
         model.train()
         start, samples, last_loss = time.perf_counter(), 0, float("nan")

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch_geometric.data import Data
 
-__all__ = ["Cluster", "InvalidCrystal", "InvalidCluster", "RejectionSummary", "NUM_MOLECULES"]
+__all__ = ["Cluster", "ClusterData", "InvalidCrystal", "InvalidCluster", "RejectionSummary", "NUM_MOLECULES"]
 
 NUM_MOLECULES = 17  # central molecule + 16 nearest neighbours (COD-Cluster17)
 
@@ -88,9 +89,7 @@ class Cluster:
 
     def to_data(self):
         """A ``torch_geometric.data.Data`` with the fields of docs/CONTRACTS.md."""
-        from torch_geometric.data import Data
-
-        return Data(atomic_numbers=self.atomic_numbers, molecule_index=self.molecule_index,
+        return ClusterData(atomic_numbers=self.atomic_numbers, molecule_index=self.molecule_index,
                     initial_positions=self.initial_positions, final_positions=self.final_positions,
                     num_molecules=self.num_molecules, name=self.name, crystal=self.crystal,
                     num_nodes=self.num_atoms)
@@ -109,6 +108,16 @@ class Cluster:
                    torch.from_numpy(d["molecule_index"].astype(np.int64)),
                    torch.from_numpy(d["initial_positions"]), torch.from_numpy(d["final_positions"]),
                    d["name"], d["crystal"])
+
+
+class ClusterData(Data):
+    """PyG Data of one cluster. ``molecule_index`` is per cluster (0..M-1), so batching must not offset it (PyG
+    offsets every attribute whose name contains "index" by default)."""
+
+    def __inc__(self, key, value, *args, **kwargs):
+        if key == "molecule_index":
+            return 0
+        return super().__inc__(key, value, *args, **kwargs)
 
 
 class RejectionSummary:

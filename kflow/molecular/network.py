@@ -100,8 +100,8 @@ class AssemblyNetwork(nn.Module):
         schedule: the band schedule, for the band-aware time embedding (None: time only).
     """
 
-    def __init__(self, hidden_irreps: str = "32x0e + 8x1o + 8x1e", num_atom_layers: int = 2,
-                 num_molecule_layers: int = 2, intra_cutoff: float = 2.0, inter_cutoff: float = 5.0,
+    def __init__(self, hidden_irreps: str = "32x0e + 8x1o + 8x1e", num_atom_layers: int = 1,
+                 num_molecule_layers: int = 2, intra_cutoff: float = 2.0, inter_cutoff: float = 4.0,
                  molecule_cutoff: float = 20.0, lmax: int = 2, num_basis: int = 10,
                  schedule: BandSchedule | None = None, time_dim: int = 32):
         super().__init__()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kflow.core.distributed import sample_batch_times
 from kflow.molecular.flow import AssemblyBatch, RigidKFlow
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 
@@ -26,10 +27,10 @@ class AssemblyModelConfig:
     order: str = "low_to_high"
     overlap: float = 0.0
     hidden_irreps: str = "32x0e + 8x1o + 8x1e"
-    num_atom_layers: int = 2
+    num_atom_layers: int = 1
     num_molecule_layers: int = 2
     intra_cutoff: float = 2.0
-    inter_cutoff: float = 5.0
+    inter_cutoff: float = 4.0
     molecule_cutoff: float = 20.0
     lmax: int = 2
     num_basis: int = 10
@@ -65,6 +66,8 @@ class AssemblyLoss:
     def __call__(self, model, batch: AssemblyBatch, t: torch.Tensor | None = None):
         flow = self.rigid_flow.for_batch(batch)
         z0, z1 = batch.initial_chart(), batch.final_chart()
+        if t is None:  # global-batch times sliced per rank: DDP sees exactly what one process would
+            t = sample_batch_times(batch.num_clusters, device=z0.device, dtype=z0.dtype)
         per_sample = flow.loss(model, z0, z1, t=t, model_kwargs={"batch": batch}, reduction="none")
         loss = per_sample.mean()
         return loss, {"rmsd_chart": float(loss.detach().sqrt())}

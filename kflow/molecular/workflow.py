@@ -1,0 +1,184 @@
+"""End-to-end molecular assembly workflow as library functions (the scripts are thin wrappers over these).
+
+    store = load_assembly_dataset("demo")
+    model, rigid, summary = train_assembly(store, "runs/kflow2", AssemblyModelConfig(num_bands=2), steps=300)
+    test = ClusterDataset(store, split="test")
+    predictions = predict_assembly(model, rigid, test, steps=20, repeats=2)
+    table = evaluate_assembly(test, predictions)
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kflow.core.training import Trainer, load_checkpoint
+from kflow.molecular.datasets import (ClusterDataset, ClusterStore, CODCluster17Dataset, build_cluster_dataset,
+                                      build_demo_dataset)
+from kflow.molecular.flow import collate_clusters
+from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
+                                     separation_rate)
+from kflow.molecular.sampling import sample_assembly
+from kflow.molecular.training import AssemblyLoss, AssemblyModelConfig, build_assembly_model
+
+__all__ = ["load_assembly_dataset", "train_assembly", "load_assembly_model", "predict_assembly",
+           "evaluate_assembly", "format_results_table", "CSD500_DEFAULT", "METRICS"]
+
+CSD500_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "csd500.extxyz"
+METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
+
+
+def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", subset: str = "10k",
+                          draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
+                          progress: bool = True):
+    """A cluster store by name: "demo" (pyxtal's embedded CSD crystals), "csd500" (the CSD-500 extxyz file,
+    ``$KFLOW_CSD500`` or ../shared/data/csd500.extxyz), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17),
+    or a path: an existing cluster store (folder with data.mdb), a CIF file/folder, an ASE database or an extxyz
+    file (clusters are built and cached under root/built/)."""
+    from kflow.molecular.crystals import read_crystals
+
+    root = Path(root)
+    if name == "demo":
+        return build_demo_dataset(root / "demo", draws_per_crystal, seed, num_workers, progress=progress)
+    if name == "cod":
+        return CODCluster17Dataset(root / "COD-Cluster17", subset=subset, num_workers=num_workers,
+                                   progress=progress).store
+    if name == "csd500":
+        path = Path(os.environ.get("KFLOW_CSD500", CSD500_DEFAULT))
+        if not path.exists():
+            raise FileNotFoundError(f"CSD-500 file not found at {path}; set KFLOW_CSD500 to csd500.extxyz")
+    else:
+        path = Path(name)
+        if (path / "data.mdb").exists():
+            return ClusterStore(path)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset {name!r}: not 'demo', 'csd500', 'cod' or an existing path")
+    store_path = root / "built" / f"{path.stem}_d{draws_per_crystal}_s{seed}.lmdb"
+    if (store_path / "data.mdb").exists():
+        return ClusterStore(store_path)
+    store, summary = build_cluster_dataset(read_crystals(path), store_path, draws_per_crystal, seed, num_workers,
+                                           progress)
+    if progress:
+        print(f"{path.name}: {summary}")
+    return store
+
+
+def _check_split(dataset, what: str):
+    if len(dataset) == 0:
+        raise ValueError(f"the {what} split is empty: the data set has too few crystals for an 80/10/10 split")
+
+
+def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: AssemblyModelConfig | None = None,
+                   steps: int = 1000, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, resume: bool = False,
+                   ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
+                   num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None):
+    """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
+    flow, trainer summary)."""
+    config = config or AssemblyModelConfig()
+    train = ClusterDataset(store, split="train", seed=seed)
+    _check_split(train, "train")
+    torch.manual_seed(seed)
+    model, rigid = build_assembly_model(config)
+    run_config = {"model": config.to_dict(), "data_seed": seed, "dataset_size": len(store),
+                  "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+                  **(extra_config or {})}
+    trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate_clusters, batch_size=batch_size, lr=lr,
+                      max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
+                      ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
+                      progress=progress, device=device, structural_keys=["model", "data_seed", "dataset_size",
+                                                                         "batch_size", "lr", "ema_decay"])
+    summary = trainer.fit(resume=resume)
+    return trainer.ema_model(), rigid, summary
+
+
+def load_assembly_model(checkpoint: str | os.PathLike, use_ema: bool = True):
+    """(model, rigid flow, run config) from a training checkpoint; clear errors for corrupt or mismatched files."""
+    state = load_checkpoint(checkpoint)
+    if "model" not in state.get("config", {}):
+        raise ValueError(f"{checkpoint}: not a molecular assembly checkpoint (no model configuration)")
+    config = AssemblyModelConfig.from_dict(state["config"]["model"])
+    model, rigid = build_assembly_model(config)
+    load_checkpoint(checkpoint, model, use_ema=use_ema)
+    return model.eval(), rigid, state["config"]
+
+
+@torch.no_grad()
+def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band", repeats: int = 1,
+                     repeat_noise: float = 0.1, batch_size: int = 8, seed: int = 0, progress: bool = False):
+    """Predicted final positions for every cluster of ``dataset``: a list of [R, N_i, 3] tensors (atom order of
+    the cluster's ``Data``)."""
+    model.eval()
+    out = []
+    indices = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc="sampling", unit="batch")
+    for start in indices:
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate_clusters(items)
+        pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start)  # [R,B,M,P,3]
+        for b, item in enumerate(items):
+            order = torch.argsort(item.molecule_index, stable=True)
+            flat = pos[:, b][:, batch.mask[b]]  # [R, N, 3] in molecule-sorted order
+            restored = torch.empty_like(flat)
+            restored[:, order] = flat
+            out.append(restored)
+    return out
+
+
+def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None) -> dict:
+    """Metrics per cluster and repeat, reduced to min over repeats, then mean ± std over clusters.
+
+    ``predictions``: list of [R, N_i, 3] per cluster; None evaluates the identity baseline (prediction = initial
+    cluster). Returns {metric: {"mean", "std", "per_cluster"}} for PM-atom, PM-center (Å), RMSD_15 (Å),
+    collision and separation rates (%; for these the mean over repeats is reported, not the minimum).
+    """
+    from torch_geometric.data import Batch
+
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        raise ValueError("evaluate_assembly: empty data set")
+    if predictions is None:
+        predictions = [it.initial_positions[None] for it in items]
+    if len(predictions) != len(items):
+        raise ValueError(f"{len(predictions)} predictions for {len(items)} clusters")
+    repeats = predictions[0].shape[0]
+    batch = Batch.from_data_list(items)
+    true = batch.final_positions.double()
+    values = {k: [] for k in METRICS}
+    for r in range(repeats):
+        pred = torch.cat([p[r] for p in predictions]).double()
+        if pred.shape != true.shape:
+            raise ValueError(f"predictions have {pred.shape[0]} atoms in total, clusters have {true.shape[0]}")
+        pm = compute_packing_matching(true, pred, batch.molecule_index, batch.batch)
+        values["pm_atom"].append(pm.pm_atom)
+        values["pm_center"].append(pm.pm_center)
+        values["rmsd15"].append(rmsd15(true, pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+        values["collision"].append(collision_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+        values["separation"].append(separation_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+    out = {}
+    for k, v in values.items():
+        v = torch.stack(v)  # [R, B]
+        if k in ("collision", "separation"):
+            per = v.mean(0)
+            out[k] = {"mean": per.mean().item(), "std": per.std(unbiased=False).item(), "per_cluster": per.tolist()}
+        else:
+            mean, std, per = aggregate_min_over_repeats(v)
+            out[k] = {"mean": mean, "std": std, "per_cluster": per.tolist()}
+    out["num_clusters"] = len(items)
+    out["repeats"] = repeats
+    return out
+
+
+def format_results_table(results: dict[str, dict], title: str = "") -> str:
+    """Markdown table: one row per method, mean ± std per metric."""
+    heads = ["method", "PM-atom (Å)", "PM-center (Å)", "RMSD_15 (Å)", "collision (%)", "separation (%)"]
+    lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for method, res in results.items():
+        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" for k in METRICS]
+        lines.append("| " + " | ".join([method] + cells) + " |")
+    return "\n".join(lines)
