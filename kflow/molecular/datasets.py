@@ -63,7 +63,24 @@ def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, me
             env.sync()
         finally:
             env.close()
+    stale = _OPEN_ENVS.pop((str(path.resolve()), os.getpid()), None)  # a reader of the replaced store
+    if stale is not None:
+        stale.close()
     return path
+
+
+_OPEN_ENVS: dict = {}
+
+
+def _open_readonly(path: Path):
+    """One read-only environment per (folder, process): LMDB refuses to open the same folder twice."""
+    import lmdb
+
+    key = (str(path.resolve()), os.getpid())
+    if key not in _OPEN_ENVS:
+        _OPEN_ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True,
+                                    max_readers=256)
+    return _OPEN_ENVS[key]
 
 
 class ClusterStore:
@@ -82,12 +99,8 @@ class ClusterStore:
             raise ValueError(f"{self.path}: store version {self.meta.get('version')} != {STORE_VERSION}; rebuild it")
 
     def _open(self):
-        import lmdb
-
         if self._env is None or self._pid != os.getpid():  # reopen in DataLoader workers
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, subdir=True,
-                                  max_readers=256)
-            self._pid = os.getpid()
+            self._env, self._pid = _open_readonly(self.path), os.getpid()
         return self._env
 
     def _txn_get(self, key: bytes):
