@@ -135,6 +135,9 @@ class AssemblyNetwork(nn.Module):
         -> (ΔT [B, M, 3], Δω [B, M, 3])."""
         b, m, p, _ = positions.shape
         a = m * p
+        if atomic_numbers.max() > MAX_ATOMIC_NUMBER or atomic_numbers.min() < 0:
+            raise ValueError(f"atomic numbers must be in 1..{MAX_ATOMIC_NUMBER} (0 = padding), got "
+                             f"{int(atomic_numbers.min())}..{int(atomic_numbers.max())}")
         dtype = positions.dtype
         pos = positions.reshape(b, a, 3)
         amask = mask.reshape(b, a)
