@@ -35,7 +35,8 @@ def _key(i: int) -> bytes:
 
 def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, meta: dict | None = None,
                         map_size: int = 1 << 34, progress: bool = False, total: int | None = None) -> Path:
-    """Write clusters into a new LMDB store at ``path`` (atomically: temp folder, then rename)."""
+    """Write clusters (``Cluster`` objects or their ``to_numpy()`` records) into a new LMDB store at ``path``
+    (atomically: temp folder, then rename)."""
     import lmdb
 
     path = Path(path)
@@ -50,9 +51,10 @@ def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, me
                 iterator = tqdm(clusters, total=total, desc=f"writing {path.name}", unit="cluster")
             txn = env.begin(write=True)
             for cluster in iterator:
-                txn.put(_key(n), pickle.dumps(cluster.to_numpy(), protocol=pickle.HIGHEST_PROTOCOL))
-                names.append(cluster.name)
-                crystals.append(cluster.crystal)
+                record = cluster.to_numpy() if isinstance(cluster, Cluster) else cluster
+                txn.put(_key(n), pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+                names.append(record["name"])
+                crystals.append(record["crystal"])
                 n += 1
                 if n % 1000 == 0:  # bounded transactions
                     txn.commit()
@@ -337,21 +339,48 @@ def _download_cod(root: Path):
 
 
 def _read_one_cod(args):
+    """Worker: parse and validate one CSV pair (no rigidity check: that is batched in the main process)."""
     from kflow.molecular.io import cod_cluster17_paths, read_cod_cluster17
 
     root, cid = args
     initial, final = cod_cluster17_paths(root, cid)
     try:
-        return read_cod_cluster17(initial, final, name=cid), None
+        return read_cod_cluster17(initial, final, name=cid, rigid_tolerance=None).to_numpy(), None
     except InvalidCrystal as err:
         return None, (err.reason, str(err))
     except Exception as err:
         return None, ("error", f"{cid}: {type(err).__name__}: {err}")
 
 
+def _check_rigid_chunk(records: list[dict], tolerance: float, summary: RejectionSummary) -> list[dict]:
+    """Rigidity of many clusters (``Cluster.to_numpy()`` records) in one batched Kabsch call; drops and counts
+    the clusters that fail."""
+    from kflow.molecular.io import rigid_residuals
+
+    if not records:
+        return []
+    counts = [int(r["molecule_index"].max()) + 1 for r in records]
+    offsets = np.cumsum(counts) - counts
+    mol = torch.from_numpy(np.concatenate([r["molecule_index"].astype(np.int64) + o
+                                           for r, o in zip(records, offsets)]))
+    residual = rigid_residuals(torch.from_numpy(np.concatenate([r["initial_positions"] for r in records])),
+                               torch.from_numpy(np.concatenate([r["final_positions"] for r in records])), mol)
+    worst = torch.segment_reduce(residual, "max", lengths=torch.tensor(counts)).tolist()
+    kept = []
+    for r, w in zip(records, worst):
+        if w > tolerance:
+            summary.reject("not_rigid", f"cluster {r['name']!r}: initial and final molecules differ by more than a "
+                                        f"rigid motion (RMS residual {w:.3g} Å)")
+        else:
+            kept.append(r)
+    return kept
+
+
 def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, num_workers: int | None = None,
-                             progress: bool = True) -> RejectionSummary:
-    """Parse and validate raw CSV pairs in parallel and write the LMDB store; returns the summary."""
+                             progress: bool = True, rigid_tolerance: float = 1e-3,
+                             chunk_size: int = 256) -> RejectionSummary:
+    """Parse raw CSV pairs in worker processes, check rigidity in batches, write the LMDB store; returns the
+    kept/rejected summary."""
     summary = RejectionSummary()
     num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
 
@@ -359,7 +388,7 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
         args = [(root, cid) for cid in ids]
         if num_workers > 1:
             pool = get_context("fork").Pool(num_workers)
-            results = pool.imap(_read_one_cod, args, chunksize=16)
+            results = pool.imap(_read_one_cod, args, chunksize=32)
         else:
             pool, results = None, map(_read_one_cod, args)
         try:
@@ -367,18 +396,27 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
                 from tqdm.auto import tqdm
 
                 results = tqdm(results, total=len(args), desc="preprocessing COD-Cluster17", unit="cluster")
-            for cluster, rejection in results:
+            chunk = []
+            for record, rejection in results:
                 if rejection:
                     summary.reject(*rejection)
-                else:
-                    summary.keep()
-                    yield cluster
+                    continue
+                chunk.append(record)
+                if len(chunk) == chunk_size:
+                    yield from _check_rigid_chunk(chunk, rigid_tolerance, summary)
+                    chunk = []
+            yield from _check_rigid_chunk(chunk, rigid_tolerance, summary)
         finally:
             if pool is not None:
                 pool.close()
                 pool.join()
 
-    write_cluster_store(clusters(), store_path, meta={"source": "COD-Cluster17", "root": str(root)})
+    def counted():
+        for c in clusters():
+            summary.keep()
+            yield c
+
+    write_cluster_store(counted(), store_path, meta={"source": "COD-Cluster17", "root": str(root)})
     if progress:
         print(f"COD-Cluster17 preprocessing: {summary}")
     return summary
