@@ -74,15 +74,18 @@ def _check_split(dataset, what: str):
 def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: AssemblyModelConfig | None = None,
                    steps: int = 1000, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, resume: bool = False,
                    ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
-                   num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None):
+                   num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None,
+                   split_seed: int | None = None):
     """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
-    flow, trainer summary)."""
+    flow, trainer summary). ``seed`` drives initialisation and data order; ``split_seed`` (default: ``seed``)
+    the crystal-level train/valid/test split."""
     config = config or AssemblyModelConfig()
-    train = ClusterDataset(store, split="train", seed=seed)
+    split_seed = seed if split_seed is None else split_seed
+    train = ClusterDataset(store, split="train", seed=split_seed)
     _check_split(train, "train")
     torch.manual_seed(seed)
     model, rigid = build_assembly_model(config)
-    run_config = {"model": config.to_dict(), "data_seed": seed, "dataset_size": len(store),
+    run_config = {"model": config.to_dict(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
     trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate_clusters, batch_size=batch_size, lr=lr,
