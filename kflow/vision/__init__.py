@@ -1,0 +1,15 @@
+"""Latent image generation with K-Flow and DiT: models, autoencoders, data, metrics, steerable sampling."""
+from kflow.vision.autoencoders import (ConvAutoencoder, DiffusersVAE, IdentityAutoencoder, load_autoencoder,
+                                       train_autoencoder)
+from kflow.vision.data import load_digits, load_fashion_mnist, load_image_dataset, load_image_folder, read_idx
+from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, class_dropping_ratio, extract_features,
+                                  frechet_distance, precision_recall)
+from kflow.vision.models import DiT, DiT_models
+from kflow.vision.pipeline import GuidedModel, ImageFlowLoss, build_decomposition, sample_latents
+
+__all__ = [
+    "DiT", "DiT_models", "ConvAutoencoder", "DiffusersVAE", "IdentityAutoencoder", "train_autoencoder",
+    "load_autoencoder", "read_idx", "load_fashion_mnist", "load_digits", "load_image_folder", "load_image_dataset",
+    "InceptionFeatures", "extract_features", "frechet_distance", "precision_recall", "class_conditional_fid",
+    "class_dropping_ratio", "build_decomposition", "ImageFlowLoss", "GuidedModel", "sample_latents",
+]

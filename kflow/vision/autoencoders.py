@@ -1,0 +1,155 @@
+"""Latent spaces for image K-Flow: a small convolutional autoencoder kflow trains itself (the CPU default), the
+identity (pixel space), and Stable Diffusion's ``AutoencoderKL`` through diffusers.
+
+Common interface: ``encode(x [N, C, H, W] in [0, 1]) -> z [N, *latent_shape]``, ``decode(z) -> x``, ``latent_shape``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kflow.utils.io import atomic_save
+
+__all__ = ["ConvAutoencoder", "IdentityAutoencoder", "DiffusersVAE", "train_autoencoder", "load_autoencoder"]
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel space: z = 2x − 1 (centred), so the flow works on [-1, 1] images."""
+
+    def __init__(self, image_shape):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.latent_shape = self.image_shape
+
+    def encode(self, x):
+        return 2 * x - 1
+
+    def decode(self, z):
+        return ((z + 1) / 2).clamp(0, 1)
+
+    def config(self) -> dict:
+        return {"kind": "identity", "image_shape": list(self.image_shape)}
+
+
+def _block(cin, cout, down: bool):
+    conv = nn.Conv2d(cin, cout, 4, 2, 1) if down else nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+    return nn.Sequential(conv, nn.GroupNorm(min(8, cout), cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1),
+                         nn.GroupNorm(min(8, cout), cout), nn.SiLU())
+
+
+class ConvAutoencoder(nn.Module):
+    """Small convolutional autoencoder: [C, S, S] images -> [latent_channels, S/2^d, S/2^d] latents.
+
+    Images must be square with S divisible by 2^downsample (pad 28×28 to 32×32 with ``kflow.vision.data.pad_to``).
+    Latents are scaled by ``latent_scale`` (set after training to 1/std of the training latents), so the flow sees
+    roughly unit-variance data, as with Stable Diffusion's 0.18215.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 32, latent_channels: int = 4, width: int = 32,
+                 downsample: int = 2):
+        super().__init__()
+        if image_size % (2 ** downsample):
+            raise ValueError(f"image_size {image_size} must be divisible by 2^{downsample}")
+        self.hparams = dict(in_channels=in_channels, image_size=image_size, latent_channels=latent_channels,
+                            width=width, downsample=downsample)
+        chans = [width * 2 ** i for i in range(downsample + 1)]
+        enc = [nn.Conv2d(in_channels, chans[0], 3, 1, 1), nn.SiLU()]
+        enc += [_block(chans[i], chans[i + 1], True) for i in range(downsample)]
+        enc += [nn.Conv2d(chans[-1], latent_channels, 1)]
+        dec = [nn.Conv2d(latent_channels, chans[-1], 3, 1, 1), nn.SiLU()]
+        dec += [_block(chans[i + 1], chans[i], False) for i in reversed(range(downsample))]
+        dec += [nn.Conv2d(chans[0], in_channels, 3, 1, 1)]
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.register_buffer("latent_scale", torch.ones(()))
+        s = image_size // 2 ** downsample
+        self.latent_shape = (latent_channels, s, s)
+
+    def encode(self, x):
+        return self.encoder(2 * x - 1) * self.latent_scale
+
+    def decode(self, z):
+        return ((torch.tanh(self.decoder(z / self.latent_scale)) + 1) / 2)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def config(self) -> dict:
+        return {"kind": "conv", **self.hparams}
+
+    def save(self, path: str | os.PathLike):
+        atomic_save({"kind": "kflow-autoencoder", "config": self.config(), "state": self.state_dict()}, path)
+
+
+class DiffusersVAE(nn.Module):
+    """Stable Diffusion's ``AutoencoderKL`` (diffusers) from a local folder or hub id; latents scaled by 0.18215.
+
+    ``sample_posterior``: encode with a sample of the posterior instead of its mean.
+    """
+
+    def __init__(self, vae, scale_factor: float = 0.18215, sample_posterior: bool = False, image_size: int = 256):
+        super().__init__()
+        self.vae, self.scale_factor, self.sample_posterior = vae, scale_factor, sample_posterior
+        down = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_shape = (vae.config.latent_channels, image_size // down, image_size // down)
+        self.image_size = image_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs):
+        from diffusers import AutoencoderKL
+
+        return cls(AutoencoderKL.from_pretrained(name_or_path), **kwargs)
+
+    def encode(self, x):
+        dist = self.vae.encode(2 * x - 1).latent_dist
+        z = dist.sample() if self.sample_posterior else dist.mean
+        return z * self.scale_factor
+
+    def decode(self, z):
+        return ((self.vae.decode(z / self.scale_factor).sample + 1) / 2).clamp(0, 1)
+
+    def config(self) -> dict:
+        return {"kind": "diffusers", "scale_factor": self.scale_factor, "image_size": self.image_size}
+
+
+def train_autoencoder(images: torch.Tensor, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3,
+                      seed: int = 0, progress: bool = True, **model_kwargs) -> ConvAutoencoder:
+    """Train a ``ConvAutoencoder`` on images [N, C, S, S] in [0, 1] with an L1 + L2 reconstruction loss, then set
+    its latent scale to 1/std of the latents."""
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(in_channels=images.shape[1], image_size=images.shape[-1], **model_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="autoencoder", unit="step", mininterval=2.0)
+    model.train()
+    for _ in iterator:
+        x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
+        rec = model(x)
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        z = torch.cat([model.encode(images[i:i + 512]) for i in range(0, min(len(images), 4096), 512)])
+        model.latent_scale.fill_(1.0 / z.std().clamp_min(1e-6))
+    return model
+
+
+def load_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
+    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("kind") != "kflow-autoencoder":
+        raise ValueError(f"{path}: not a kflow autoencoder file")
+    cfg = dict(state["config"])
+    cfg.pop("kind")
+    model = ConvAutoencoder(**cfg)
+    model.load_state_dict(state["state"])
+    return model.eval()

