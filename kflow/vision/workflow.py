@@ -52,10 +52,12 @@ def train_image_model(dataset: str, out_dir: str | os.PathLike, decomposition: s
                       ema_decay: float = 0.999, seed: int = 0, class_conditional: bool = True,
                       autoencoder: str = "conv", order: str = "low_to_high", resume: bool = False,
                       checkpoint_every: int = 500, progress: bool = True, data_root: str | None = None,
-                      ae_steps: int = 1500, wavelet: str = "haar"):
-    """Train a DiT with K-Flow on cached latents; returns (trainer, flow)."""
+                      ae_steps: int = 1500, wavelet: str = "haar", latent_dir: str | os.PathLike | None = None):
+    """Train a DiT with K-Flow on cached latents; returns (trainer, flow). ``latent_dir`` (default ``out_dir``)
+    holds the autoencoder and the latent cache, so several runs can share them."""
     out = Path(out_dir)
-    ae, latents, labels = prepare_latents(dataset, out, autoencoder, ae_steps, seed, data_root, progress)
+    latent_dir = Path(latent_dir or out)
+    ae, latents, labels = prepare_latents(dataset, latent_dir, autoencoder, ae_steps, seed, data_root, progress)
     latent_shape = tuple(latents.shape[1:])
     decomp = build_decomposition(decomposition, latent_shape, num_bands, fit_data=latents, wavelet=wavelet)
     if decomposition == "pca":
@@ -68,7 +70,8 @@ def train_image_model(dataset: str, out_dir: str | os.PathLike, decomposition: s
     dit = DiT_models[model](input_size=latent_shape[-1], in_channels=latent_shape[0], num_classes=num_classes)
     config = {"dataset": dataset, "decomposition": decomposition, "num_bands": num_bands, "model": model,
               "latent_shape": list(latent_shape), "num_classes": num_classes, "order": order, "wavelet": wavelet,
-              "autoencoder": autoencoder, "batch_size": batch_size, "lr": lr, "seed": seed}
+              "autoencoder": autoencoder, "latent_dir": str(latent_dir), "batch_size": batch_size, "lr": lr,
+              "seed": seed}
     atomic_write_text(out / "image_config.json", json.dumps(config, indent=1))
     data = torch.utils.data.TensorDataset(latents, labels)
     trainer = Trainer(dit, ImageFlowLoss(flow, class_conditional), data,
@@ -93,6 +96,7 @@ def load_image_model(run_dir: str | os.PathLike, use_ema: bool = True):
     else:
         decomp = build_decomposition(config["decomposition"], shape, config["num_bands"], wavelet=config["wavelet"])
     flow = KFlow(decomp, BandSchedule(config["num_bands"], order=config["order"]))
+    latent_dir = Path(config.get("latent_dir", run))
     ae = IdentityAutoencoder(shape) if config["autoencoder"] == "identity" else load_autoencoder(
-        run / "autoencoder.pt" if config["autoencoder"] == "conv" else config["autoencoder"])
+        latent_dir / "autoencoder.pt" if config["autoencoder"] == "conv" else config["autoencoder"])
     return dit.eval(), flow, ae, config
