@@ -47,12 +47,14 @@ def kflow_overhead(trainer, flow, batch_size):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="DiT-T/2")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--nfe-steps", type=int, default=10, help="Heun steps (2 model calls each)")
-    p.add_argument("--ae-steps", type=int, default=1500)
+    p.add_argument("--ae-steps", type=int, default=400)
+    p.add_argument("--ae-width", type=int, default=16)
+    p.add_argument("--train-images", type=int, default=20000, help="training images used (first N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_vision")
     p.add_argument("--data-root", default=None)
@@ -71,7 +73,8 @@ def main(argv=None):
         trainer, flow = train_image_model("fashion-mnist", run, decomposition, bands, args.model, args.steps,
                                           args.batch_size, seed=args.seed, latent_dir=out / "latents",
                                           progress=False, data_root=args.data_root, resume=True,
-                                          ae_steps=args.ae_steps)
+                                          ae_steps=args.ae_steps, max_images=args.train_images,
+                                          ae_width=args.ae_width)
         train_time = time.perf_counter() - t0
         overhead = kflow_overhead(trainer, flow, args.batch_size)
         dit, flow, ae, config = load_image_model(run)
@@ -92,8 +95,9 @@ def main(argv=None):
         print(rows[-1], flush=True)
     body = (
         "## Latent image generation (`benchmarks/bench_vision.py`)\n\n"
-        f"Fashion-MNIST (60k training images padded to 32×32) encoded once by a convolutional autoencoder trained "
-        f"here (latents 4×8×8); {args.model}, class-conditional, {args.steps} steps of batch {args.batch_size}, "
+        f"Fashion-MNIST (first {args.train_images} training images, padded to 32×32) encoded once by a "
+        f"convolutional autoencoder trained here ({args.ae_steps} steps, width {args.ae_width}; latents 4×8×8); "
+        f"{args.model}, class-conditional, {args.steps} steps of batch {args.batch_size}, "
         f"seed {args.seed}, identical for every row. Sampling: Heun, {args.nfe_steps} steps "
         f"({2 * args.nfe_steps} NFE), no guidance. FID / precision / recall (k=3) with the offline Inception-v3 on "
         f"{args.samples} generated vs {args.samples} test images: with so few samples FID is strongly biased upwards "

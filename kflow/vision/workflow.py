@@ -20,11 +20,14 @@ __all__ = ["prepare_latents", "train_image_model", "load_image_model"]
 
 
 def prepare_latents(dataset: str, out_dir: str | os.PathLike, autoencoder: str = "conv", ae_steps: int = 1500,
-                    seed: int = 0, data_root: str | None = None, progress: bool = True):
+                    seed: int = 0, data_root: str | None = None, progress: bool = True, max_images: int | None = None,
+                    ae_width: int = 32):
     """Images -> (trained or loaded) autoencoder -> latents cached in LMDB under out_dir. Returns
-    (autoencoder, latents [N, C, h, w], labels [N])."""
+    (autoencoder, latents [N, C, h, w], labels [N]). ``max_images`` keeps the first images only."""
     out = Path(out_dir)
     images, labels = load_image_dataset(dataset, "train", data_root)
+    if max_images:
+        images, labels = images[:max_images], labels[:max_images]
     if images.shape[-1] == 28:
         images = pad_to(images, 32)
     ae_path, cache = out / "autoencoder.pt", out / "latents.lmdb"
@@ -35,7 +38,8 @@ def prepare_latents(dataset: str, out_dir: str | os.PathLike, autoencoder: str =
             ae = load_autoencoder(ae_path)
         else:
             downsample = 2 if images.shape[-1] >= 32 else 1
-            ae = train_autoencoder(images, steps=ae_steps, seed=seed, progress=progress, downsample=downsample)
+            ae = train_autoencoder(images, steps=ae_steps, seed=seed, progress=progress, downsample=downsample,
+                                   width=ae_width)
             ae.save(ae_path)
     else:
         ae = load_autoencoder(autoencoder)
@@ -52,12 +56,14 @@ def train_image_model(dataset: str, out_dir: str | os.PathLike, decomposition: s
                       ema_decay: float = 0.999, seed: int = 0, class_conditional: bool = True,
                       autoencoder: str = "conv", order: str = "low_to_high", resume: bool = False,
                       checkpoint_every: int = 500, progress: bool = True, data_root: str | None = None,
-                      ae_steps: int = 1500, wavelet: str = "haar", latent_dir: str | os.PathLike | None = None):
+                      ae_steps: int = 1500, wavelet: str = "haar", latent_dir: str | os.PathLike | None = None,
+                      max_images: int | None = None, ae_width: int = 32):
     """Train a DiT with K-Flow on cached latents; returns (trainer, flow). ``latent_dir`` (default ``out_dir``)
     holds the autoencoder and the latent cache, so several runs can share them."""
     out = Path(out_dir)
     latent_dir = Path(latent_dir or out)
-    ae, latents, labels = prepare_latents(dataset, latent_dir, autoencoder, ae_steps, seed, data_root, progress)
+    ae, latents, labels = prepare_latents(dataset, latent_dir, autoencoder, ae_steps, seed, data_root, progress,
+                                          max_images, ae_width)
     latent_shape = tuple(latents.shape[1:])
     decomp = build_decomposition(decomposition, latent_shape, num_bands, fit_data=latents, wavelet=wavelet)
     if decomposition == "pca":
