@@ -72,4 +72,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from kflow.core.training import CheckpointError
+
+    try:
+        main()
+    except (FileNotFoundError, ValueError, CheckpointError) as err:  # user errors: a message, not a traceback
+        sys.exit(f"error: {err}")
