@@ -164,3 +164,20 @@ def test_train_and_sample_scripts_end_to_end(tmp_path):
     sample_image.main(["--run", str(run), "--num", "8", "--steps", "4", "--cfg-scale", "1.5"])
     data = np.load(run / "samples.npz")
     assert data["images"].shape == (8, 1, 8, 8) and (run / "samples.png").exists()
+
+
+def test_analysis_profiles_and_plots(tmp_path):
+    from kflow.core import FourierDecomposition, PCADecomposition
+    from kflow.vision.analysis import (band_energy_profile, pca_projection_ratio, plot_band_energy,
+                                       plot_projection_ratio)
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.randn(64, 2, 8, 8, generator=g).cumsum(-1).cumsum(-2)  # energy concentrated at low frequency
+    prof = band_energy_profile(smooth, FourierDecomposition((8, 8), 3))
+    assert abs(sum(prof["energy_share"]) - 1) < 1e-9 and prof["energy_share"][0] > prof["energy_share"][2]
+    assert plot_band_energy({"fourier": prof}, tmp_path / "fig3.png").stat().st_size > 1000
+    pca = PCADecomposition.fit(smooth, 2)
+    traj = torch.stack([torch.randn(16, 2, 8, 8, generator=g), smooth[:16]])
+    ratio = pca_projection_ratio(traj, pca, top=8)
+    assert ratio.shape == (2,) and ratio[1] > ratio[0]  # data concentrates on the leading components, noise does not
+    assert plot_projection_ratio({"k": ratio}, torch.tensor([0.0, 1.0]), tmp_path / "fig4.png").exists()

@@ -1,4 +1,6 @@
 """Latent image generation with K-Flow and DiT: models, autoencoders, data, metrics, steerable sampling."""
+from kflow.vision.analysis import (band_energy_profile, pca_projection_ratio, plot_band_energy,
+                                   plot_projection_ratio)
 from kflow.vision.autoencoders import (ConvAutoencoder, DiffusersVAE, IdentityAutoencoder, load_autoencoder,
                                        train_autoencoder)
 from kflow.vision.data import load_digits, load_fashion_mnist, load_image_dataset, load_image_folder, read_idx
@@ -12,4 +14,5 @@ __all__ = [
     "load_autoencoder", "read_idx", "load_fashion_mnist", "load_digits", "load_image_folder", "load_image_dataset",
     "InceptionFeatures", "extract_features", "frechet_distance", "precision_recall", "class_conditional_fid",
     "class_dropping_ratio", "build_decomposition", "ImageFlowLoss", "GuidedModel", "sample_latents",
+    "band_energy_profile", "plot_band_energy", "pca_projection_ratio", "plot_projection_ratio",
 ]
