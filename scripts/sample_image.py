@@ -14,25 +14,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kflow.utils.io import atomic_path, atomic_write_bytes  # noqa: E402
+from kflow.utils.io import atomic_write_bytes  # noqa: E402
 from kflow.vision.pipeline import sample_latents  # noqa: E402
+from kflow.vision.steering import save_image_grid, steering_figures  # noqa: E402
 from kflow.vision.workflow import load_image_model  # noqa: E402
-
-
-def save_grid(images: torch.Tensor, path, nrow: int = 8):
-    """Images [N, C, H, W] in [0, 1] -> PNG grid (atomic write)."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.ones(c, rows * (h + 2), nrow * (w + 2))
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
-    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
 
 
 def main(argv=None):
@@ -48,6 +33,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", default=None, help="output prefix (default <run>/samples)")
+    p.add_argument("--steering-figures", action="store_true",
+                   help="also write the paper-style grids (shared low/high-band noise, condition kept vs dropped)")
     args = p.parse_args(argv)
     dit, flow, ae, config = load_image_model(args.run)
     labels = None
@@ -64,11 +51,14 @@ def main(argv=None):
             images.append(ae.decode(z).clamp(0, 1))
     images = torch.cat(images)
     prefix = Path(args.out or Path(args.run) / "samples")
-    save_grid(images[:64], prefix.with_suffix(".png"))
+    save_image_grid(images[:64], prefix.with_suffix(".png"))
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images.numpy().astype(np.float32),
                         labels=(labels if labels is not None else torch.full((args.num,), -1)).numpy())
     atomic_write_bytes(prefix.with_suffix(".npz"), buf.getvalue())
+    if args.steering_figures:
+        for name, path in steering_figures(dit, flow, ae, prefix.parent, steps=args.steps, seed=args.seed).items():
+            print(f"{name}: {path}")
     print(f"wrote {len(images)} samples to {prefix.with_suffix('.npz')} and a grid to {prefix.with_suffix('.png')}")
 
 

@@ -161,7 +161,9 @@ def test_train_and_sample_scripts_end_to_end(tmp_path):
     train_image.main([a if a != "4" else "6" for a in args] + ["--resume"])
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert '"step": 6' in lines[-1]
-    sample_image.main(["--run", str(run), "--num", "8", "--steps", "4", "--cfg-scale", "1.5"])
+    sample_image.main(["--run", str(run), "--num", "8", "--steps", "4", "--cfg-scale", "1.5", "--steering-figures"])
+    for name in ("share_low_bands", "share_high_bands", "condition_kept_vs_dropped"):
+        assert (run / f"{name}.png").exists()
     data = np.load(run / "samples.npz")
     assert data["images"].shape == (8, 1, 8, 8) and (run / "samples.png").exists()
 

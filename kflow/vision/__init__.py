@@ -8,11 +8,12 @@ from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, clas
                                   frechet_distance, precision_recall)
 from kflow.vision.models import DiT, DiT_models
 from kflow.vision.pipeline import GuidedModel, ImageFlowLoss, build_decomposition, sample_latents
+from kflow.vision.steering import save_image_grid, steering_figures
 
 __all__ = [
     "DiT", "DiT_models", "ConvAutoencoder", "DiffusersVAE", "IdentityAutoencoder", "train_autoencoder",
     "load_autoencoder", "read_idx", "load_fashion_mnist", "load_digits", "load_image_folder", "load_image_dataset",
     "InceptionFeatures", "extract_features", "frechet_distance", "precision_recall", "class_conditional_fid",
     "class_dropping_ratio", "build_decomposition", "ImageFlowLoss", "GuidedModel", "sample_latents",
-    "band_energy_profile", "plot_band_energy", "pca_projection_ratio", "plot_projection_ratio",
+    "save_image_grid", "steering_figures", "band_energy_profile", "plot_band_energy", "pca_projection_ratio", "plot_projection_ratio",
 ]
