@@ -12,7 +12,7 @@ import os
 import pickle
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +29,22 @@ COD_HUB_DATASET = "chao1224/CrystalFlow"
 STORE_VERSION = 1
 
 
+class SerializedCluster(NamedTuple):
+    """A cluster already pickled (``Cluster.to_numpy()`` record) by a worker process, ready to store."""
+
+    blob: bytes
+    name: str
+    crystal: str
+
+
 def _key(i: int) -> bytes:
     return b"%08d" % i
 
 
 def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, meta: dict | None = None,
                         map_size: int = 1 << 34, progress: bool = False, total: int | None = None) -> Path:
-    """Write clusters (``Cluster`` objects or their ``to_numpy()`` records) into a new LMDB store at ``path``
-    (atomically: temp folder, then rename)."""
+    """Write clusters (``Cluster`` objects, their ``to_numpy()`` records or ``SerializedCluster``) into a new LMDB
+    store at ``path`` (atomically: temp folder, then rename; an exception mid-way leaves nothing behind)."""
     import lmdb
 
     path = Path(path)
@@ -50,11 +58,16 @@ def write_cluster_store(clusters: Iterable[Cluster], path: str | os.PathLike, me
 
                 iterator = tqdm(clusters, total=total, desc=f"writing {path.name}", unit="cluster")
             txn = env.begin(write=True)
-            for cluster in iterator:
-                record = cluster.to_numpy() if isinstance(cluster, Cluster) else cluster
-                txn.put(_key(n), pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
-                names.append(record["name"])
-                crystals.append(record["crystal"])
+            for item in iterator:
+                if isinstance(item, SerializedCluster):
+                    blob, name, crystal = item
+                else:
+                    record = item.to_numpy() if isinstance(item, Cluster) else item
+                    blob = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+                    name, crystal = record["name"], record["crystal"]
+                txn.put(_key(n), blob)
+                names.append(name)
+                crystals.append(crystal)
                 n += 1
                 if n % 1000 == 0:  # bounded transactions
                     txn.commit()
@@ -338,85 +351,71 @@ def _download_cod(root: Path):
         os.replace(hub, raw)
 
 
-def _read_one_cod(args):
-    """Worker: parse and validate one CSV pair (no rigidity check: that is batched in the main process)."""
-    from kflow.molecular.io import cod_cluster17_paths, read_cod_cluster17
+def _preprocess_cod_chunk(args):
+    """Worker: parse, validate and rigidity-check a chunk of CSV pairs (one batched SVD for the whole chunk) and
+    serialise the kept ones, so the main process only writes bytes. Returns ([(blob, name)], [(reason, msg)])."""
+    from kflow.molecular.io import cod_cluster17_paths, read_cod_cluster17_record, record_residuals
 
-    root, cid = args
-    initial, final = cod_cluster17_paths(root, cid)
-    try:
-        return read_cod_cluster17(initial, final, name=cid, rigid_tolerance=None).to_numpy(), None
-    except InvalidCrystal as err:
-        return None, (err.reason, str(err))
-    except Exception as err:
-        return None, ("error", f"{cid}: {type(err).__name__}: {err}")
-
-
-def _check_rigid_chunk(records: list[dict], tolerance: float, summary: RejectionSummary) -> list[dict]:
-    """Rigidity of many clusters (``Cluster.to_numpy()`` records) in one batched Kabsch call; drops and counts
-    the clusters that fail."""
-    from kflow.molecular.io import rigid_residuals
-
-    if not records:
-        return []
-    counts = [int(r["molecule_index"].max()) + 1 for r in records]
-    offsets = np.cumsum(counts) - counts
-    mol = torch.from_numpy(np.concatenate([r["molecule_index"].astype(np.int64) + o
-                                           for r, o in zip(records, offsets)]))
-    residual = rigid_residuals(torch.from_numpy(np.concatenate([r["initial_positions"] for r in records])),
-                               torch.from_numpy(np.concatenate([r["final_positions"] for r in records])), mol)
-    worst = torch.segment_reduce(residual, "max", lengths=torch.tensor(counts)).tolist()
+    root, ids, tolerance = args
+    records, rejected = [], []
+    for cid in ids:
+        initial, final = cod_cluster17_paths(root, cid)
+        try:
+            records.append(read_cod_cluster17_record(initial, final, name=cid))
+        except InvalidCrystal as err:
+            rejected.append((err.reason, str(err)))
+        except Exception as err:  # one bad file never stops a build of thousands
+            rejected.append(("error", f"{cid}: {type(err).__name__}: {err}"))
     kept = []
-    for r, w in zip(records, worst):
-        if w > tolerance:
-            summary.reject("not_rigid", f"cluster {r['name']!r}: initial and final molecules differ by more than a "
-                                        f"rigid motion (RMS residual {w:.3g} Å)")
+    for record, residual in zip(records, record_residuals(records)):
+        if residual.max() > tolerance:
+            m = int(residual.argmax())
+            rejected.append(("not_rigid", f"cluster {record['name']!r}, molecule {m}: initial and final atoms differ "
+                                          f"by more than a rigid motion (RMS residual {residual[m]:.3g} Å)"))
         else:
-            kept.append(r)
-    return kept
+            kept.append(SerializedCluster(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), record["name"],
+                                          record["crystal"]))
+    return kept, rejected
 
 
 def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, num_workers: int | None = None,
                              progress: bool = True, rigid_tolerance: float = 1e-3,
-                             chunk_size: int = 256) -> RejectionSummary:
-    """Parse raw CSV pairs in worker processes, check rigidity in batches, write the LMDB store; returns the
-    kept/rejected summary."""
+                             chunk_size: int = 64) -> RejectionSummary:
+    """Parse raw CSV pairs in worker processes (chunks of ``chunk_size`` clusters, rigidity checked per chunk in
+    one batched SVD), write the LMDB store atomically; returns the kept/rejected summary by reason."""
+    root, ids = Path(root), list(ids)
     summary = RejectionSummary()
     num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    chunks = [(root, ids[k:k + chunk_size], rigid_tolerance) for k in range(0, len(ids), chunk_size)]
 
     def clusters():
-        args = [(root, cid) for cid in ids]
-        if num_workers > 1:
-            pool = get_context("fork").Pool(num_workers)
-            results = pool.imap(_read_one_cod, args, chunksize=32)
+        if num_workers > 1 and len(chunks) > 1:
+            pool = get_context("fork").Pool(min(num_workers, len(chunks)))
+            results = pool.imap(_preprocess_cod_chunk, chunks)
         else:
-            pool, results = None, map(_read_one_cod, args)
-        try:
-            if progress:
-                from tqdm.auto import tqdm
+            pool, results = None, map(_preprocess_cod_chunk, chunks)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-                results = tqdm(results, total=len(args), desc="preprocessing COD-Cluster17", unit="cluster")
-            chunk = []
-            for record, rejection in results:
-                if rejection:
-                    summary.reject(*rejection)
-                    continue
-                chunk.append(record)
-                if len(chunk) == chunk_size:
-                    yield from _check_rigid_chunk(chunk, rigid_tolerance, summary)
-                    chunk = []
-            yield from _check_rigid_chunk(chunk, rigid_tolerance, summary)
+            bar = tqdm(total=len(ids), desc="preprocessing COD-Cluster17", unit="cluster")
+        try:
+            for kept, rejected in results:
+                for reason, message in rejected:
+                    summary.reject(reason, message)
+                summary.keep(len(kept))
+                if bar is not None:
+                    bar.update(len(kept) + len(rejected))
+                yield from kept
         finally:
+            if bar is not None:
+                bar.close()
             if pool is not None:
-                pool.close()
+                pool.terminate()
                 pool.join()
 
-    def counted():
-        for c in clusters():
-            summary.keep()
-            yield c
-
-    write_cluster_store(counted(), store_path, meta={"source": "COD-Cluster17", "root": str(root)})
+    write_cluster_store(clusters(), store_path, meta={"source": "COD-Cluster17", "root": str(root),
+                                                      "rigid_tolerance": rigid_tolerance})
     if progress:
         print(f"COD-Cluster17 preprocessing: {summary}")
     return summary

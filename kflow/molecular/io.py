@@ -8,6 +8,7 @@ Each file: one header line, then ``mol_idx,atom_type,x,y,z`` per atom (element s
 from __future__ import annotations
 
 import os
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,13 @@ from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster
 from kflow.molecular.frames import fit_rigid_motion, rigid_frames
 from kflow.utils.io import atomic_path
 
-__all__ = ["read_cluster_csv", "rigid_residuals", "read_cod_cluster17", "write_cod_cluster17", "cod_cluster17_paths",
-           "export_cluster", "check_rigid_consistency"]
+__all__ = ["read_cluster_csv", "rigid_residuals", "read_cod_cluster17", "read_cod_cluster17_record",
+           "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "check_rigid_consistency",
+           "kabsch_residuals", "record_residuals"]
 
 FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
-_SYMBOLS = {s.lower(): z for s, z in ASE_ATOMIC_NUMBERS.items()}
+# Element symbols as written (C, Cl) plus upper/lower-case variants seen in converted files (CL, cl).
+_SYMBOLS = {v: z for s, z in ASE_ATOMIC_NUMBERS.items() if z > 0 for v in (s, s.upper(), s.lower())}
 
 
 def cod_cluster17_paths(root: str | os.PathLike, cluster_id: str) -> tuple[Path, Path]:
@@ -32,62 +35,166 @@ def cod_cluster17_paths(root: str | os.PathLike, cluster_id: str) -> tuple[Path,
     return raw / INITIAL_DIR / f"{cluster_id}_cluster16_noised.csv", raw / FINAL_DIR / f"{cluster_id}_cluster16.csv"
 
 
-def read_cluster_csv(path: str | os.PathLike):
-    """Parse one raw CSV -> (mol_idx [N] int64, atomic_numbers [N] int64, positions [N, 3] float64).
-
-    The file is split into fields in one pass and converted column-wise (no per-line Python loop on the normal
-    path). Raises ``InvalidCluster`` naming the file and line for a missing file, wrong column count, unknown
-    element, non-numeric or non-finite values.
-    """
-    path = Path(path)
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
+        return path.read_text(encoding="utf-8", errors="strict")
     except FileNotFoundError:
         raise InvalidCluster("missing_file", f"{path} does not exist") from None
     except UnicodeDecodeError as err:
         raise InvalidCluster("malformed", f"{path}: not a UTF-8 text file ({err})") from None
+
+
+def _split_fields(path: Path) -> tuple[list[str], int]:
+    """All fields of the atom lines of a raw CSV (one flat list, 5 per atom) and the number of atom lines."""
+    text = _read_text(path)
     newline = text.find("\n")
-    body = text[newline + 1:].strip() if newline >= 0 else ""
+    body = text[newline + 1:].replace("\r", "").strip() if newline >= 0 else ""
     if not body:
         raise InvalidCluster("malformed", f"{path}: expected a header line and at least one atom line")
-    lines = body.splitlines()
-    fields = body.replace("\r", "").replace("\n", ",").split(",")
-    if len(fields) != 5 * len(lines):
+    n = body.count("\n") + 1
+    fields = body.replace("\n", ",").split(",")
+    if len(fields) != 5 * n:
+        lines = body.split("\n")
         bad = next(i for i, ln in enumerate(lines) if ln.count(",") != 4)
         raise InvalidCluster("malformed", f"{path}, line {bad + 2}: expected 5 columns mol_idx,atom_type,x,y,z, "
                              f"got {lines[bad].count(',') + 1}: {lines[bad]!r}")
+    return fields, n
+
+
+def _line(fields: list[str], i: int) -> str:
+    return ",".join(fields[5 * i: 5 * i + 5])
+
+
+def _parse_columns(path: Path, fields: list[str], n: int, labels: bool = True):
+    """Fields -> (mol_idx [N] int64, atomic_numbers [N] int64, positions [N, 3] float64), converted column-wise;
+    the offending line is searched for only on the error path. ``labels=False`` parses positions only (mol_idx and
+    atomic_numbers are then None)."""
     try:
-        mol = np.array(fields[0::5], dtype=np.float64)
-        xyz = np.array([fields[2::5], fields[3::5], fields[4::5]], dtype=np.float64).T
+        columns = [fields[0::5]] if labels else []
+        values = np.array(columns + [fields[2::5], fields[3::5], fields[4::5]], dtype=np.float64)  # [4 or 3, N]
     except ValueError:
-        for i, ln in enumerate(lines):  # locate the offending line only on the error path
-            r = ln.split(",")
+        for i in range(n):
             try:
-                float(r[0]), float(r[2]), float(r[3]), float(r[4])
+                float(fields[5 * i]), float(fields[5 * i + 2]), float(fields[5 * i + 3]), float(fields[5 * i + 4])
             except ValueError:
-                raise InvalidCluster("malformed", f"{path}, line {i + 2}: non-numeric value in {ln!r}") from None
+                raise InvalidCluster("malformed", f"{path}, line {i + 2}: non-numeric value in "
+                                     f"{_line(fields, i)!r}") from None
         raise
+    if not np.isfinite(values).all():
+        i = int(np.nonzero(~np.isfinite(values).all(0))[0][0])
+        raise InvalidCluster("nan", f"{path}, line {i + 2}: non-finite value in {_line(fields, i)!r}")
+    if not labels:
+        return None, None, values.T
+    mol, xyz = values[0], values[1:].T
     if (mol != np.round(mol)).any() or (mol < 0).any():
         i = int(np.nonzero((mol != np.round(mol)) | (mol < 0))[0][0])
         raise InvalidCluster("malformed", f"{path}, line {i + 2}: mol_idx must be a non-negative integer")
-    if not np.isfinite(xyz).all():
-        i = int(np.nonzero(~np.isfinite(xyz).all(1))[0][0])
-        raise InvalidCluster("nan", f"{path}, line {i + 2}: non-finite coordinate in {lines[i]!r}")
-    symbols, inverse = np.unique(np.array(fields[1::5]), return_inverse=True)
-    table = np.array([_SYMBOLS.get(s.strip().lower(), 0) for s in symbols], dtype=np.int64)
-    z = table[inverse]
-    if (z == 0).any():
-        i = int(np.nonzero(z == 0)[0][0])
-        raise InvalidCluster("unknown_element", f"{path}, line {i + 2}: unknown element {fields[5 * i + 1]!r}")
+    z = _atomic_numbers(path, fields[1::5])
     return mol.astype(np.int64), z, xyz
 
 
-def rigid_residuals(initial: torch.Tensor, final: torch.Tensor, molecule_index: torch.Tensor) -> torch.Tensor:
-    """RMS residual [M] (Å) of the best rigid motion taking each molecule's initial atoms onto its final atoms.
+def _atomic_numbers(path: Path, symbols: list[str]) -> np.ndarray:
+    z = np.fromiter(map(_SYMBOLS.get, symbols, repeat(0)), dtype=np.int64, count=len(symbols))
+    if (z == 0).any():  # second chance for padded symbols (" C")
+        z = np.fromiter((_SYMBOLS.get(s.strip(), 0) for s in symbols), dtype=np.int64, count=len(symbols))
+    if (z == 0).any():
+        i = int(np.nonzero(z == 0)[0][0])
+        raise InvalidCluster("unknown_element", f"{path}, line {i + 2}: unknown element {symbols[i]!r}")
+    return z
 
-    ``molecule_index`` may be global over several concatenated clusters, so many clusters are checked in one
-    batched Kabsch call.
+
+def read_cluster_csv(path: str | os.PathLike):
+    """Parse one raw CSV -> (mol_idx [N] int64, atomic_numbers [N] int64, positions [N, 3] float64).
+
+    Raises ``InvalidCluster`` naming the file and line for a missing file, wrong column count, unknown element,
+    non-numeric or non-finite values.
     """
+    path = Path(path)
+    fields, n = _split_fields(path)
+    return _parse_columns(path, fields, n)
+
+
+def kabsch_residuals(initial: np.ndarray, final: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """RMS residual [M] (Å) of the best rigid motion taking ``initial`` [M, P, 3] onto ``final`` [M, P, 3]
+    (padded molecules: ``mask`` [M, P], False = padding). Closed form from the singular values of the
+    cross-covariance (no rotation is built): msd = (Σ|x̃|² + Σ|ỹ|² − 2 (s1 + s2 ± s3)) / P."""
+    w = np.ones(initial.shape[:2]) if mask is None else mask.astype(np.float64)
+    count = w.sum(1)  # [M]
+    x = initial - (initial * w[..., None]).sum(1, keepdims=True) / count[:, None, None]
+    y = final - (final * w[..., None]).sum(1, keepdims=True) / count[:, None, None]
+    x, y = x * w[..., None], y * w[..., None]
+    h = np.einsum("mpi,mpj->mij", x, y)  # [M, 3, 3]
+    u, s, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(u) * np.linalg.det(vt))  # reflection -> take the proper rotation
+    s[:, 2] *= np.where(d == 0, 1.0, d)
+    msd = ((x ** 2).sum((1, 2)) + (y ** 2).sum((1, 2)) - 2 * s.sum(1)) / count
+    return np.sqrt(np.clip(msd, 0, None))
+
+
+def read_cod_cluster17_record(initial_csv: str | os.PathLike, final_csv: str | os.PathLike, name: str,
+                              num_molecules: int | None = NUM_MOLECULES) -> dict:
+    """Parse and validate one CSV pair into a ``Cluster.to_numpy()`` record (no torch; used by the workers).
+
+    Both files must list the same atoms (mol_idx and element) in the same order. Molecule ids are re-labelled
+    0..M-1 by sorting the file's ``mol_idx`` values (the central molecule keeps index 0); atoms keep file order
+    within each molecule.
+    """
+    initial_csv, final_csv = Path(initial_csv), Path(final_csv)
+    fields_f, n_f = _split_fields(final_csv)
+    fields_i, n_i = _split_fields(initial_csv)
+    if n_i != n_f:
+        raise InvalidCluster("atom_count_mismatch", f"{initial_csv} has {n_i} atoms but {final_csv} has {n_f}")
+    mol, z, x_f = _parse_columns(final_csv, fields_f, n_f)
+    if fields_i[0::5] == fields_f[0::5] and fields_i[1::5] == fields_f[1::5]:  # the common case: text-identical
+        _, _, x_i = _parse_columns(initial_csv, fields_i, n_i, labels=False)
+    else:
+        mol_i, z_i, x_i = _parse_columns(initial_csv, fields_i, n_i)
+        if (z_i != z).any() or (mol_i != mol).any():
+            i = int(np.nonzero((z_i != z) | (mol_i != mol))[0][0])
+            raise InvalidCluster("atom_order_mismatch", f"{initial_csv} and {final_csv} disagree at atom line "
+                                 f"{i + 2} (mol_idx/element differ)")
+    ids, mol = np.unique(mol, return_inverse=True)
+    counts = np.bincount(mol)
+    where = f"cluster {name!r} ({final_csv})"
+    if num_molecules is not None and len(ids) != num_molecules:
+        raise InvalidCluster("molecule_count", f"{where} has {len(ids)} molecules, expected {num_molecules}")
+    if (counts != counts[0]).any():
+        raise InvalidCluster("atom_count_mismatch", f"{where}: molecules have different atom counts "
+                             f"{counts.tolist()}")
+    order = np.argsort(mol, kind="stable")  # atoms of a molecule contiguous
+    zz = z[order].reshape(len(ids), -1)
+    if (zz != zz[0]).any():
+        m = int(np.nonzero((zz != zz[0]).any(1))[0][0])
+        raise InvalidCluster("composition_mismatch", f"{where}: molecule {m} lists different elements (or a "
+                             f"different atom order) than molecule 0")
+    return {"atomic_numbers": z[order].astype(np.uint8), "molecule_index": mol[order].astype(np.uint8),
+            "initial_positions": x_i[order].astype(np.float32), "final_positions": x_f[order].astype(np.float32),
+            "name": name, "crystal": name}
+
+
+def record_residuals(records: list[dict]) -> list[np.ndarray]:
+    """Rigid residual [M] per cluster for many records (equal-size molecules each) in one batched SVD."""
+    if not records:
+        return []
+    shapes = [(int(r["molecule_index"][-1]) + 1, len(r["molecule_index"])) for r in records]
+    p_max = max(n // m for m, n in shapes)
+    total = sum(m for m, _ in shapes)
+    x0, x1 = np.zeros((total, p_max, 3)), np.zeros((total, p_max, 3))
+    mask = np.zeros((total, p_max), dtype=bool)
+    start = 0
+    for r, (m, n) in zip(records, shapes):  # a loop over clusters; molecules and atoms are batched
+        p = n // m
+        x0[start:start + m, :p] = r["initial_positions"].reshape(m, p, 3)
+        x1[start:start + m, :p] = r["final_positions"].reshape(m, p, 3)
+        mask[start:start + m, :p] = True
+        start += m
+    residual = kabsch_residuals(x0, x1, mask)
+    return np.split(residual, np.cumsum([m for m, _ in shapes])[:-1])
+
+
+def rigid_residuals(initial: torch.Tensor, final: torch.Tensor, molecule_index: torch.Tensor) -> torch.Tensor:
+    """RMS residual [M] (Å) of the rigid frames: body coordinates from each molecule's initial atoms, the final
+    pose fitted to them by Kabsch. ``molecule_index`` may be global over several concatenated clusters."""
     _, _, body = rigid_frames(initial.double(), molecule_index)
     return fit_rigid_motion(body, final.double(), molecule_index)[2]
 
@@ -98,34 +205,27 @@ def check_rigid_consistency(cluster: Cluster, tolerance: float = 1e-3) -> torch.
     Raises ``InvalidCluster('not_rigid')`` naming the molecule when a residual exceeds ``tolerance`` Å.
     """
     residual = rigid_residuals(cluster.initial_positions, cluster.final_positions, cluster.molecule_index)
+    _raise_if_not_rigid(cluster.name, residual.numpy(), tolerance)
+    return residual
+
+
+def _raise_if_not_rigid(name: str, residual: np.ndarray, tolerance: float):
     if (residual > tolerance).any():
         m = int(residual.argmax())
-        raise InvalidCluster("not_rigid", f"cluster {cluster.name!r}, molecule {m}: initial and final atoms differ "
+        raise InvalidCluster("not_rigid", f"cluster {name!r}, molecule {m}: initial and final atoms differ "
                              f"by more than a rigid motion (RMS residual {residual[m]:.3g} Å > {tolerance} Å)")
-    return residual
 
 
 def read_cod_cluster17(initial_csv: str | os.PathLike, final_csv: str | os.PathLike, name: str | None = None,
                        num_molecules: int | None = NUM_MOLECULES, rigid_tolerance: float | None = 1e-3) -> Cluster:
     """Read one COD-Cluster17 sample from its initial and final CSV files into a validated ``Cluster``.
 
-    Molecule ids are re-labelled 0..M-1 by sorting the file's ``mol_idx`` values, so the central molecule keeps
-    index 0. Atoms are kept in file order within each molecule.
+    Checks: columns, elements, finite values, same atoms in both files, ``num_molecules`` molecules of equal
+    composition, and (unless ``rigid_tolerance`` is None) that every molecule moves rigidly between the two
+    arrangements (RMS residual < ``rigid_tolerance`` Å). Raises ``InvalidCluster`` with a reason and the file.
     """
-    mol_i, z_i, x_i = read_cluster_csv(initial_csv)
-    mol_f, z_f, x_f = read_cluster_csv(final_csv)
     name = name or Path(final_csv).name.replace("_cluster16.csv", "")
-    if len(z_i) != len(z_f):
-        raise InvalidCluster("atom_count_mismatch", f"{initial_csv} has {len(z_i)} atoms but {final_csv} has "
-                             f"{len(z_f)}")
-    if (z_i != z_f).any() or (mol_i != mol_f).any():
-        i = int(np.nonzero((z_i != z_f) | (mol_i != mol_f))[0][0])
-        raise InvalidCluster("atom_order_mismatch", f"{initial_csv} and {final_csv} disagree at atom line {i + 2} "
-                             f"(mol_idx/element differ)")
-    ids, mol = np.unique(mol_f, return_inverse=True)
-    order = np.argsort(mol, kind="stable")  # atoms of a molecule contiguous
-    cluster = Cluster(torch.from_numpy(z_f[order]), torch.from_numpy(mol[order]),
-                      torch.from_numpy(x_i[order]).float(), torch.from_numpy(x_f[order]).float(), name, name)
+    cluster = Cluster.from_numpy(read_cod_cluster17_record(initial_csv, final_csv, name, num_molecules))
     cluster.validate(num_molecules)
     if rigid_tolerance is not None:
         check_rigid_consistency(cluster, rigid_tolerance)
