@@ -22,11 +22,13 @@ from kflow.molecular.cluster import Cluster, InvalidCrystal, RejectionSummary
 from kflow.utils.io import atomic_path
 
 __all__ = ["write_cluster_store", "ClusterStore", "ClusterDataset", "CODCluster17Dataset", "split_indices",
-           "build_cluster_dataset", "build_demo_dataset", "pyxtal_crystal_sources", "COD_HUB_DATASET"]
+           "build_cluster_dataset", "build_clusters_from_files", "build_demo_dataset", "build_csd500_dataset",
+           "csd500_path", "pyxtal_crystal_sources", "SerializedCluster", "COD_HUB_DATASET"]
 
 META_KEY = b"__meta__"
 COD_HUB_DATASET = "chao1224/CrystalFlow"
 STORE_VERSION = 1
+BUILDER_VERSION = 2  # bump when build_cluster's output changes, so cached demo/CSD-500 stores are rebuilt
 
 
 class SerializedCluster(NamedTuple):
@@ -139,6 +141,10 @@ class ClusterStore:
     def crystals(self) -> list[str]:
         return self.meta["crystals"]
 
+    def splits(self, seed: int = 0) -> dict[str, "ClusterDataset"]:
+        """Train/valid/test ``ClusterDataset`` views, split 80/10/10 by crystal with ``seed``."""
+        return {name: ClusterDataset(self, split=name, seed=seed) for name in ("train", "valid", "test")}
+
     @property
     def names(self) -> list[str]:
         return self.meta["names"]
@@ -217,15 +223,26 @@ def _build_one(args):
 
 
 def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_crystal: int = 4, seed: int = 0,
-                          num_workers: int | None = None, progress: bool = True, **build_kwargs):
+                          num_workers: int | None = None, progress: bool = True, raw_root: str | os.PathLike | None = None,
+                          summary: RejectionSummary | None = None, **build_kwargs):
     """Build a cluster store from crystals (``(name, atoms)`` pairs), in parallel; returns (store, summary).
 
-    Each kept crystal gives ``draws_per_crystal`` clusters with independent noise. The summary counts kept and
-    rejected crystals by reason.
+    Each kept crystal gives ``draws_per_crystal`` clusters with independent noise (cluster ids
+    ``<crystal>_draw<k>``). The summary counts kept and rejected crystals by reason (a repeated crystal name is
+    rejected as ``duplicate``, since splits are by crystal) and is stored in the store's metadata. With
+    ``raw_root``, every cluster is also written in the COD-Cluster17 raw CSV layout under ``raw_root/raw``.
     """
-    items = [(name, atoms, draws_per_crystal, seed, build_kwargs) for name, atoms in sources]
-    summary = RejectionSummary()
+    summary = summary if summary is not None else RejectionSummary()
+    items, seen = [], set()
+    for name, atoms in sources:
+        if name in seen:
+            summary.reject("duplicate", f"{name}: a crystal of this name was already read; kept the first")
+            continue
+        seen.add(name)
+        items.append((name, atoms, draws_per_crystal, seed, build_kwargs))
     num_workers = min(num_workers if num_workers is not None else (os.cpu_count() or 1), max(len(items), 1))
+    meta = {"draws_per_crystal": draws_per_crystal, "seed": seed, "build_kwargs": _jsonable(build_kwargs),
+            "builder_version": BUILDER_VERSION}
 
     def results():
         if num_workers > 1:
@@ -235,6 +252,8 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
             yield from map(_build_one, items)
 
     def clusters():
+        from kflow.molecular.io import write_cod_cluster17
+
         iterator = results()
         if progress:
             from tqdm.auto import tqdm
@@ -243,14 +262,40 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
         for name, built, rejection in iterator:
             if rejection:
                 summary.reject(rejection[0], f"{name}: {rejection[1]}")
-            else:
-                summary.keep()
-                yield from built
+                continue
+            summary.keep()
+            for cluster in built:
+                if raw_root is not None:
+                    write_cod_cluster17(cluster, raw_root, cluster.name)
+                yield cluster
+        meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
 
-    store_path = write_cluster_store(clusters(), path, meta={"draws_per_crystal": draws_per_crystal,
-                                                             "seed": seed, "build_kwargs": _jsonable(build_kwargs)})
-    store = ClusterStore(store_path)
-    store.meta["summary"] = summary.as_dict()
+    store = ClusterStore(write_cluster_store(clusters(), path, meta=meta))
+    return store, summary
+
+
+def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, draws_per_crystal: int = 4,
+                              seed: int = 0, num_workers: int | None = None, write_raw: bool = True,
+                              progress: bool = True, **build_kwargs):
+    """Crystal files (CIF files/folders, ASE databases, extxyz) -> ``out/processed/clusters.lmdb`` and, with
+    ``write_raw``, the raw COD-Cluster17 CSV layout under ``out/raw``; a JSON summary of kept/rejected crystals
+    by reason goes to ``out/summary.json``. Unreadable files or entries are counted as ``unreadable``.
+    Returns (store, summary). This is what ``scripts/build_clusters.py`` runs."""
+    import json
+
+    from kflow.molecular.crystals import read_crystals
+    from kflow.utils.io import atomic_write_text
+
+    out = Path(out)
+    summary, errors = RejectionSummary(), []
+    sources = [item for p in paths for item in read_crystals(p, errors)]
+    for source, message in errors:
+        summary.reject("unreadable", f"{source}: {message}")
+    store, summary = build_cluster_dataset(sources, out / "processed" / "clusters.lmdb", draws_per_crystal, seed,
+                                           num_workers, progress, raw_root=out if write_raw else None,
+                                           summary=summary, **build_kwargs)
+    atomic_write_text(out / "summary.json", json.dumps({"inputs": [str(p) for p in paths], "clusters": len(store),
+                                                        **summary.as_dict()}, indent=1) + "\n")
     return store, summary
 
 
@@ -276,14 +321,16 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
                        num_workers: int | None = None, rebuild: bool = False, progress: bool = True):
     """The embedded benchmark: clusters from the single-component organic CSD crystals shipped with pyxtal.
 
-    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores). Returns a
-    ``ClusterStore``; wrap it in ``ClusterDataset(store, split=...)`` for crystal-level splits.
+    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when the
+    builder version changes. Returns a ``ClusterStore``; ``store.splits(seed)`` gives the crystal-level
+    train/valid/test ``ClusterDataset`` views (or ``ClusterDataset(store, split=...)``).
     """
     from kflow.molecular.crystals import read_crystals
 
     path = Path(root) / f"pyxtal_d{draws_per_crystal}_s{seed}.lmdb"
-    if path.exists() and not rebuild:
-        return ClusterStore(path)
+    cached = None if rebuild else _cached_store(path)
+    if cached is not None:
+        return cached
     seen, sources = set(), []
     for db in pyxtal_crystal_sources():
         for name, atoms in read_crystals(db):
@@ -293,6 +340,44 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
     store, summary = build_cluster_dataset(sources, path, draws_per_crystal, seed, num_workers, progress)
     if progress:
         print(f"demo data set: {summary}")
+    return store
+
+
+def _cached_store(path: Path) -> "ClusterStore | None":
+    """An existing store built by the current builder, else None (stale or unreadable caches are rebuilt)."""
+    try:
+        store = ClusterStore(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return store if store.meta.get("builder_version") == BUILDER_VERSION else None
+
+
+def csd500_path(path: str | os.PathLike | None = None) -> Path:
+    """The CSD-500 extxyz file: ``path``, else ``$KFLOW_CSD500``, else ../shared/data/csd500.extxyz next to the
+    project (developer machines and CI only; it is never shipped with kflow)."""
+    if path is None:
+        path = os.environ.get("KFLOW_CSD500") or Path(__file__).resolve().parents[3] / "shared" / "data" / "csd500.extxyz"
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CSD-500 file not found at {path}; set KFLOW_CSD500 to the csd500.extxyz file")
+    return path
+
+
+def build_csd500_dataset(root: str | os.PathLike = "data/csd500", path: str | os.PathLike | None = None,
+                         draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
+                         rebuild: bool = False, progress: bool = True) -> "ClusterStore":
+    """Clusters from the CSD-500 extxyz crystals (refcodes from ``NAME``), cached at
+    ``root/csd500_d{draws}_s{seed}.lmdb``; about 413 of the 500 crystals are kept (see BENCHMARKS.md)."""
+    from kflow.molecular.crystals import read_crystals
+
+    store_path = Path(root) / f"csd500_d{draws_per_crystal}_s{seed}.lmdb"
+    cached = None if rebuild else _cached_store(store_path)
+    if cached is not None:
+        return cached
+    store, summary = build_cluster_dataset(read_crystals(csd500_path(path)), store_path, draws_per_crystal, seed,
+                                           num_workers, progress)
+    if progress:
+        print(f"CSD-500: {summary}")
     return store
 
 
