@@ -1,0 +1,127 @@
+"""End-to-end data pipelines: crystal files -> raw layout + LMDB (scripts/build_clusters.py), COD preprocessing
+that skips bad files with reasons, and the cached embedded demo data set."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import pytest
+import torch
+
+from kflow.molecular import (CODCluster17Dataset, ClusterStore, build_cluster, build_demo_dataset, read_crystals,
+                             write_cod_cluster17)
+from kflow.molecular.datasets import preprocess_cod_cluster17, pyxtal_crystal_sources
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import build_clusters  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def crystals():
+    return list(read_crystals(pyxtal_crystal_sources()[0]))[:12]
+
+
+def test_cif_round_trip_builds_the_same_cluster(tmp_path, crystals):
+    """A crystal written as CIF and read back gives the same crystal cluster (up to the global rotation CIF's
+    cell convention applies): same atoms in the same order, same distance matrix."""
+    for name, atoms in crystals:
+        try:
+            ref = build_cluster(atoms, name=name)
+        except Exception:
+            continue
+        ase.io.write(tmp_path / f"{name}.cif", atoms, format="cif")
+        (read_name, back), = list(read_crystals(tmp_path / f"{name}.cif"))
+        again = build_cluster(back, name=read_name)
+        assert read_name == name and torch.equal(again.atomic_numbers, ref.atomic_numbers)
+        d_ref, d_back = torch.cdist(ref.final_positions, ref.final_positions), torch.cdist(
+            again.final_positions, again.final_positions)
+        assert (d_ref - d_back).abs().max() < 1e-2  # CIF stores ~5 significant digits
+        return
+    pytest.fail("no crystal of the sample could be built")
+
+
+def test_build_script_writes_raw_layout_lmdb_and_summary(tmp_path, crystals, capsys):
+    cif_dir = tmp_path / "cifs"
+    cif_dir.mkdir()
+    for name, atoms in crystals[:6]:
+        ase.io.write(cif_dir / f"{name}.cif", atoms, format="cif")
+    (cif_dir / "broken.cif").write_text("data_x\n_cell_length_a 5\nloop_\n_atom_site_label\nnonsense 1 2\n")
+    frames = []
+    for name, atoms in crystals[6:]:
+        atoms = atoms.copy()
+        atoms.info = {"NAME": name}
+        frames.append(atoms)
+    ase.io.write(tmp_path / "more.extxyz", frames, format="extxyz")
+    out = tmp_path / "built"
+    assert build_clusters.main([str(cif_dir), str(tmp_path / "more.extxyz"), "--out", str(out), "--draws", "2",
+                                "--workers", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected"]["unreadable"] == 1 and "broken.cif" in summary["examples"]["unreadable"][0]
+    assert summary["kept"] + sum(summary["rejected"].values()) == len(crystals) + 1
+    assert "kept" in capsys.readouterr().out
+    store = ClusterStore(out / "processed" / "clusters.lmdb")
+    assert len(store) == 2 * summary["kept"] == summary["clusters"]
+    raw = CODCluster17Dataset(out, subset="all", num_workers=1, progress=False, download=False)
+    assert len(raw) == len(store)  # the raw CSV layout reads back through the COD reader
+    by_name = {raw.cluster(i).name: raw.cluster(i) for i in range(len(raw))}
+    for i in range(len(store)):
+        c = store[i]
+        assert (by_name[c.name].final_positions - c.final_positions).abs().max() < 1e-5
+    # a missing input is a one-line error with a non-zero exit, and writes nothing
+    assert build_clusters.main([str(tmp_path / "nope.cif"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_cod_preprocessing_skips_bad_files_and_counts_reasons(tmp_path):
+    from test_moldata_io import make_cluster
+
+    ids = []
+    for i in range(6):
+        write_cod_cluster17(make_cluster(i, atoms=4), tmp_path, f"good{i}")
+        ids.append(f"good{i}")
+
+    def corrupt(cid, line_no, text):
+        initial, _ = write_cod_cluster17(make_cluster(10, atoms=4), tmp_path, cid)
+        lines = initial.read_text().splitlines()
+        lines[line_no] = text
+        initial.write_text("\n".join(lines) + "\n")
+        ids.append(cid)
+
+    corrupt("columns", 3, "0,C,1.0,2.0")
+    corrupt("element", 4, "0,Qq,1.0,2.0,3.0")
+    corrupt("nan", 5, "0,C,nan,2.0,3.0")
+    bent = make_cluster(11, atoms=4)
+    bent.final_positions[9] += 0.5
+    write_cod_cluster17(bent, tmp_path, "bent")
+    sixteen = make_cluster(12, atoms=4)
+    keep = sixteen.molecule_index < 16
+    from kflow.molecular import Cluster
+    write_cod_cluster17(Cluster(sixteen.atomic_numbers[keep], sixteen.molecule_index[keep],
+                                sixteen.initial_positions[keep], sixteen.final_positions[keep]), tmp_path, "sixteen")
+    ids += ["bent", "sixteen", "missing"]
+    summary = preprocess_cod_cluster17(tmp_path, ids, tmp_path / "s.lmdb", num_workers=2, progress=False,
+                                       chunk_size=3)
+    assert summary.kept == 6
+    assert dict(summary.rejected) == {"malformed": 1, "unknown_element": 1, "nan": 1, "not_rigid": 1,
+                                      "molecule_count": 1, "missing_file": 1}
+    assert "columns_cluster16_noised.csv, line 4" in summary.examples["malformed"][0]
+    assert "'Qq'" in summary.examples["unknown_element"][0]
+    store = ClusterStore(tmp_path / "s.lmdb")
+    assert sorted(store.names) == sorted(ids[:6])
+
+
+def test_demo_dataset_is_cached_and_split_by_crystal(tmp_path):
+    t0 = time.perf_counter()
+    store = build_demo_dataset(tmp_path, draws_per_crystal=1, num_workers=2, progress=False)
+    first = time.perf_counter() - t0
+    assert len(store) >= 80 and store.meta["summary"]["kept"] == len(store)
+    t0 = time.perf_counter()
+    again = build_demo_dataset(tmp_path, draws_per_crystal=1, progress=False)
+    assert len(again) == len(store) and time.perf_counter() - t0 < first / 5
+    splits = store.splits(seed=0)
+    crystals = {k: set(v.crystals) for k, v in splits.items()}
+    assert not (crystals["train"] & crystals["test"]) and not (crystals["train"] & crystals["valid"])
+    assert sum(len(v) for v in splits.values()) == len(store)
+    data = splits["train"][0]
+    assert data.num_molecules == 17 and data.initial_positions.dtype == torch.float32
