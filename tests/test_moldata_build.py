@@ -63,6 +63,26 @@ def test_rejections_carry_reasons(crystals):
         find_molecules(chain)
     assert err.value.reason == "polymeric"
     name, atoms = next(iter(crystals.items()))
+    broken = atoms.copy()
+    broken.positions[3, 1] = np.nan
+    with pytest.raises(InvalidCrystal, match="atom 3") as err:
+        build_cluster(broken)
+    assert err.value.reason == "nan"
+    dummy = atoms.copy()
+    dummy.numbers[2] = 0
+    with pytest.raises(InvalidCrystal, match="atom 2") as err:
+        build_cluster(dummy)
+    assert err.value.reason == "unknown_element"
+    flat = []
+    for n, a in crystals.items():
+        try:
+            build_cluster(a)
+        except InvalidCrystal as e:
+            if e.reason == "flat":
+                flat.append((a, str(e)))
+                break
+    assert flat and "planar or linear" in flat[0][1]
+    assert build_cluster(flat[0][0], drop_flat=False).num_molecules == 17  # kept when asked to
     doubled = atoms + atoms
     doubled.positions[len(atoms):] += 0.1
     with pytest.raises(InvalidCrystal) as err:

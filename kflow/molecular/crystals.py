@@ -90,12 +90,19 @@ class Molecules:
 
 def find_molecules(atoms, bond_factor: float = 1.2, min_distance: float = 0.5) -> Molecules:
     """Split a periodic crystal into whole molecules. Raises ``InvalidCrystal`` with reasons
-    ``no_lattice``, ``disordered``, ``polymeric``, ``multi_component``, ``not_organic``."""
+    ``no_lattice``, ``nan``, ``unknown_element``, ``disordered``, ``polymeric``, ``multi_component``,
+    ``not_organic``, ``too_small``."""
     from ase.data import covalent_radii
     from ase.neighborlist import neighbor_list
 
     if not np.all(atoms.pbc) or atoms.cell.rank != 3:
         raise InvalidCrystal("no_lattice", "the structure has no 3-D periodic cell")
+    if not (np.isfinite(atoms.positions).all() and np.isfinite(atoms.cell.array).all()):
+        bad = np.nonzero(~np.isfinite(atoms.positions).all(1))[0]
+        raise InvalidCrystal("nan", f"non-finite coordinates (atom {bad[0]})" if len(bad) else "non-finite cell")
+    if (atoms.numbers < 1).any() or (atoms.numbers > 118).any():
+        bad = int(np.nonzero((atoms.numbers < 1) | (atoms.numbers > 118))[0][0])
+        raise InvalidCrystal("unknown_element", f"atom {bad} has atomic number {atoms.numbers[bad]} (dummy/unknown)")
     if "occupancy" in atoms.info and any(
             any(v < 0.999 for v in occ.values()) for occ in atoms.info["occupancy"].values()):
         raise InvalidCrystal("disordered", "partial site occupancies")

@@ -423,17 +423,21 @@ def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[st
 
 
 def _download_cod(root: Path):
+    """Fetch the hub folder ``COD/`` into ``root/hub`` and move the folder that holds ``FinalPositions/`` (its exact
+    depth in the hub layout is not assumed) to ``root/raw``. Failures (offline, no huggingface_hub) are reported
+    and left to the caller, which raises with instructions."""
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=["COD/*"], local_dir=str(root / "hub"))
-    except Exception as err:  # offline or hub unavailable: the caller raises with instructions
+        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=["COD/*", "COD/**"],
+                          local_dir=str(root / "hub"))
+    except Exception as err:
         print(f"COD-Cluster17 download from {COD_HUB_DATASET} failed ({type(err).__name__}); working offline")
         return
-    hub = root / "hub" / "COD"
+    found = sorted((root / "hub").rglob("FinalPositions"), key=lambda p: len(p.parts))
     raw = root / "raw"
-    if hub.is_dir() and not raw.exists():
-        os.replace(hub, raw)
+    if found and not raw.exists():
+        os.replace(found[0].parent, raw)
 
 
 def _preprocess_cod_chunk(args):
