@@ -44,8 +44,9 @@ class ConvAutoencoder(nn.Module):
     """Small convolutional autoencoder: [C, S, S] images -> [latent_channels, S/2^d, S/2^d] latents.
 
     Images must be square with S divisible by 2^downsample (pad 28×28 to 32×32 with ``kflow.vision.data.pad_to``).
-    Latents are scaled by ``latent_scale`` (set after training to 1/std of the training latents), so the flow sees
-    roughly unit-variance data, as with Stable Diffusion's 0.18215.
+    Latents are normalised per channel, z = (encoder(x) − latent_mean) / latent_std (buffers [latent_channels, 1, 1]
+    set by ``fit_latent_normalisation`` after training), so the flow sees zero-mean, unit-variance channels, the
+    role Stable Diffusion's 0.18215 plays for its VAE.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 32, latent_channels: int = 4, width: int = 32,
@@ -63,15 +64,26 @@ class ConvAutoencoder(nn.Module):
         dec += [_block(chans[i + 1], chans[i], False) for i in reversed(range(downsample))]
         dec += [nn.Conv2d(chans[0], in_channels, 3, 1, 1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
-        self.register_buffer("latent_scale", torch.ones(()))
+        self.register_buffer("latent_mean", torch.zeros(latent_channels, 1, 1))
+        self.register_buffer("latent_std", torch.ones(latent_channels, 1, 1))
         s = image_size // 2 ** downsample
         self.latent_shape = (latent_channels, s, s)
 
     def encode(self, x):
-        return self.encoder(2 * x - 1) * self.latent_scale
+        """x [N, C, S, S] in [0, 1] -> z [N, *latent_shape], normalised per channel."""
+        return (self.encoder(2 * x - 1) - self.latent_mean) / self.latent_std
 
     def decode(self, z):
-        return ((torch.tanh(self.decoder(z / self.latent_scale)) + 1) / 2)
+        """z [N, *latent_shape] -> x [N, C, S, S] in [0, 1]."""
+        return (torch.tanh(self.decoder(z * self.latent_std + self.latent_mean)) + 1) / 2
+
+    @torch.no_grad()
+    def fit_latent_normalisation(self, images: torch.Tensor, batch_size: int = 512):
+        """Set latent_mean / latent_std to the per-channel statistics of the raw latents of images [N, C, S, S]."""
+        raw = torch.cat([self.encoder(2 * images[i:i + batch_size] - 1) for i in range(0, len(images), batch_size)])
+        self.latent_mean.copy_(raw.mean(dim=(0, 2, 3)).reshape(-1, 1, 1))
+        self.latent_std.copy_(raw.std(dim=(0, 2, 3)).clamp_min(1e-6).reshape(-1, 1, 1))
+        return self
 
     def forward(self, x):
         return self.decode(self.encode(x))
@@ -97,12 +109,18 @@ class DiffusersVAE(nn.Module):
         self.image_size = image_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs):
+    def from_pretrained(cls, name_or_path: str, subfolder: str | None = None, **kwargs):
+        """E.g. ``DiffusersVAE.from_pretrained("stabilityai/sd-vae-ft-ema")`` or a local folder with config.json and
+        weights (``subfolder="vae"`` for a full Stable Diffusion pipeline folder)."""
         from diffusers import AutoencoderKL
 
-        return cls(AutoencoderKL.from_pretrained(name_or_path), **kwargs)
+        extra = {"subfolder": subfolder} if subfolder else {}
+        return cls(AutoencoderKL.from_pretrained(name_or_path, **extra), **kwargs)
 
     def encode(self, x):
+        """x [N, C, H, W] in [0, 1] (grey images are repeated to the VAE's channels) -> z [N, 4, H/8, W/8]·scale."""
+        if x.shape[1] == 1 and self.vae.config.in_channels != 1:
+            x = x.expand(-1, self.vae.config.in_channels, -1, -1)
         dist = self.vae.encode(2 * x - 1).latent_dist
         z = dist.sample() if self.sample_posterior else dist.mean
         return z * self.scale_factor
@@ -117,7 +135,8 @@ class DiffusersVAE(nn.Module):
 def train_autoencoder(images: torch.Tensor, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3,
                       seed: int = 0, progress: bool = True, **model_kwargs) -> ConvAutoencoder:
     """Train a ``ConvAutoencoder`` on images [N, C, S, S] in [0, 1] with an L1 + L2 reconstruction loss, then set
-    its latent scale to 1/std of the latents."""
+    normalises its latents per channel on (up to) the first 4096 images. ``model_kwargs`` go to ``ConvAutoencoder``
+    (latent_channels, width, downsample)."""
     torch.manual_seed(seed)
     model = ConvAutoencoder(in_channels=images.shape[1], image_size=images.shape[-1], **model_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -138,18 +157,26 @@ def train_autoencoder(images: torch.Tensor, steps: int = 2000, batch_size: int =
         opt.step()
         sched.step()
     model.eval()
-    with torch.no_grad():
-        z = torch.cat([model.encode(images[i:i + 512]) for i in range(0, min(len(images), 4096), 512)])
-        model.latent_scale.fill_(1.0 / z.std().clamp_min(1e-6))
-    return model
+    return model.fit_latent_normalisation(images[:4096])
 
 
 def load_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
+    """A ``ConvAutoencoder`` saved with ``.save(path)``, in eval mode. Raises ``FileNotFoundError`` or a
+    ``ValueError`` naming the file when it is not a complete kflow autoencoder file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such autoencoder file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle errors, ...
+        raise ValueError(f"{path}: cannot be read as a kflow autoencoder file ({err})") from err
     if not isinstance(state, dict) or state.get("kind") != "kflow-autoencoder":
         raise ValueError(f"{path}: not a kflow autoencoder file")
     cfg = dict(state["config"])
     cfg.pop("kind")
     model = ConvAutoencoder(**cfg)
-    model.load_state_dict(state["state"])
+    try:
+        model.load_state_dict(state["state"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match the stored configuration ({err})") from err
     return model.eval()

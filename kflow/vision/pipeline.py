@@ -2,29 +2,51 @@
 ``Trainer``, latent caching, guided and steerable sampling."""
 from __future__ import annotations
 
-import os
-import pickle
-from pathlib import Path
-
-import numpy as np
 import torch
 from torch import nn
 
 from kflow.core import (BandSchedule, ConditionDropping, FourierDecomposition, IdentityDecomposition, KFlow,
                         PCADecomposition, WaveletDecomposition, share_bands)
 from kflow.core.distributed import sample_batch_times
-from kflow.utils.io import atomic_path
 
-__all__ = ["DECOMPOSITIONS", "build_decomposition", "ImageFlowLoss", "GuidedModel", "sample_latents",
-           "encode_dataset", "write_latent_cache", "read_latent_cache"]
+__all__ = ["DECOMPOSITIONS", "build_decomposition", "choose_wavelet", "wavelet_levels", "ImageFlowLoss", "GuidedModel", "sample_latents",
+           "encode_dataset"]
 
 DECOMPOSITIONS = ("none", "fourier", "wavelet", "pca")
 
 
+WAVELET_PREFERENCE = ("db6", "db4", "db2", "haar")  # longest filter first: db6 is the paper's default
+
+
+def wavelet_levels(size: int, wavelet: str) -> int:
+    """How many levels of the boundary-wavelet matrix DWT a signal of ``size`` samples admits: level l (1-based)
+    needs its input, of size size / 2^(l-1), at least as long as the filter."""
+    import pywt
+
+    length, levels = pywt.Wavelet(wavelet).dec_len, 0
+    while size % 2 == 0 and size >= length:
+        size, levels = size // 2, levels + 1
+    return levels
+
+
+def choose_wavelet(size: int, num_bands: int) -> str:
+    """The longest wavelet of ``WAVELET_PREFERENCE`` with num_bands − 1 levels on a size × size grid."""
+    for name in WAVELET_PREFERENCE:
+        if wavelet_levels(size, name) >= num_bands - 1:
+            return name
+    raise ValueError(f"a {size}x{size} grid admits fewer than {num_bands - 1} wavelet levels even with haar; "
+                     f"use fewer bands")
+
+
 def build_decomposition(name: str, latent_shape, num_bands: int, fit_data: torch.Tensor | None = None,
-                        wavelet: str = "haar", pca_patch_size: int | None = None):
-    """A decomposition of latents [C, H, W] by name. "none" is the one-band flow-matching baseline; "fourier" and
-    "wavelet" act on the spatial axes (channels broadcast); "pca" is fitted on ``fit_data`` [N, C, H, W]."""
+                        wavelet: str | None = None, pca_patch_size: int | None = None):
+    """A decomposition of latents [C, H, W] by name.
+
+    "none" is the one-band flow-matching baseline; "fourier" (radial frequency bands) and "wavelet" (band = DWT
+    level) act on the spatial axes, channels broadcast; "pca" is fitted on ``fit_data`` [N, C, H, W] (first 4096).
+    ``wavelet=None`` picks db6 when the grid admits num_bands − 1 levels of it, else the next shorter of
+    db4, db2, haar (``choose_wavelet``); a named wavelet that does not fit raises ``ValueError``.
+    """
     c, h, w = latent_shape
     if name == "none":
         if num_bands != 1:
@@ -33,6 +55,11 @@ def build_decomposition(name: str, latent_shape, num_bands: int, fit_data: torch
     if name == "fourier":
         return FourierDecomposition((h, w), num_bands)
     if name == "wavelet":
+        wavelet = wavelet or choose_wavelet(min(h, w), num_bands)
+        if wavelet_levels(min(h, w), wavelet) < num_bands - 1:
+            raise ValueError(f"wavelet {wavelet!r} admits {wavelet_levels(min(h, w), wavelet)} levels on a {h}x{w} "
+                             f"latent grid, {num_bands} bands need {num_bands - 1}; choose a shorter wavelet "
+                             f"(db2, haar) or fewer bands")
         return WaveletDecomposition((h, w), num_bands, wavelet=wavelet)
     if name == "pca":
         if fit_data is None:
@@ -49,7 +76,8 @@ class ImageFlowLoss:
         self.flow, self.conditional = flow, conditional
 
     def __call__(self, model, batch):
-        z, y = batch
+        z, y = batch  # [N, C, H, W], [N]
+        self.flow.decomposition.to(z.device)  # no-op after the first batch
         x0 = torch.randn_like(z)
         t = sample_batch_times(z.shape[0], device=z.device, dtype=z.dtype)
         kwargs = {"y": y} if self.conditional else {}
@@ -88,6 +116,7 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
     if noise is None:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     noise = noise.to(next(dit.parameters()).device)
+    flow.decomposition.to(noise.device)
     if share_noise_bands is not None:
         noise = share_bands(noise, flow.decomposition, share_noise_bands)
     model = GuidedModel(dit, cfg_scale)
@@ -103,36 +132,6 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
 
 @torch.no_grad()
 def encode_dataset(autoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images [N, C, H, W] in [0, 1] -> latents [N, *autoencoder.latent_shape], in batches, eval mode."""
     autoencoder.eval()
     return torch.cat([autoencoder.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
-def write_latent_cache(path: str | os.PathLike, latents: torch.Tensor, labels: torch.Tensor, meta: dict,
-                       chunk: int = 1024) -> Path:
-    """Store latents once in an LMDB (chunks of ``chunk`` samples), written atomically."""
-    import lmdb
-
-    path = Path(path)
-    with atomic_path(path, is_dir=True) as tmp:
-        env = lmdb.open(str(tmp), map_size=1 << 33, subdir=True, lock=False)
-        with env.begin(write=True) as txn:
-            for i, s in enumerate(range(0, len(latents), chunk)):
-                txn.put(b"%06d" % i, pickle.dumps((latents[s:s + chunk].numpy(), labels[s:s + chunk].numpy())))
-            txn.put(b"__meta__", pickle.dumps({**meta, "count": len(latents), "chunks": i + 1}))
-        env.close()
-    return path
-
-
-def read_latent_cache(path: str | os.PathLike):
-    """(latents [N, C, H, W], labels [N], meta) from a latent cache."""
-    import lmdb
-
-    env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
-    try:
-        with env.begin() as txn:
-            meta = pickle.loads(txn.get(b"__meta__"))
-            parts = [pickle.loads(txn.get(b"%06d" % i)) for i in range(meta["chunks"])]
-    finally:
-        env.close()
-    return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
-            torch.from_numpy(np.concatenate([p[1] for p in parts])), meta)
