@@ -119,11 +119,15 @@ def kabsch_residuals(initial: np.ndarray, final: np.ndarray, mask: np.ndarray | 
     (padded molecules: ``mask`` [M, P], False = padding). Closed form from the singular values of the
     cross-covariance (no rotation is built): msd = (Σ|x̃|² + Σ|ỹ|² − 2 (s1 + s2 ± s3)) / P. The subtraction
     limits precision to ~1e-7 Å, far below rigidity tolerances (1e-3 Å)."""
-    w = np.ones(initial.shape[:2]) if mask is None else mask.astype(np.float64)
-    count = w.sum(1)  # [M]
-    x = initial - (initial * w[..., None]).sum(1, keepdims=True) / count[:, None, None]
-    y = final - (final * w[..., None]).sum(1, keepdims=True) / count[:, None, None]
-    x, y = x * w[..., None], y * w[..., None]
+    if mask is None:
+        count = np.full(initial.shape[0], float(initial.shape[1]))  # [M]
+        x = initial - initial.mean(1, keepdims=True)
+        y = final - final.mean(1, keepdims=True)
+    else:
+        w = mask.astype(np.float64)[..., None]  # [M, P, 1]
+        count = w.sum((1, 2))
+        x = (initial - (initial * w).sum(1, keepdims=True) / count[:, None, None]) * w
+        y = (final - (final * w).sum(1, keepdims=True) / count[:, None, None]) * w
     h = np.einsum("mpi,mpj->mij", x, y)  # [M, 3, 3]
     u, s, vt = np.linalg.svd(h)
     d = np.sign(np.linalg.det(u) * np.linalg.det(vt))  # reflection -> take the proper rotation
@@ -174,23 +178,20 @@ def read_cod_cluster17_record(initial_csv: str | os.PathLike, final_csv: str | o
 
 
 def record_residuals(records: list[dict]) -> list[np.ndarray]:
-    """Rigid residual [M] per cluster for many records (equal-size molecules each) in one batched SVD."""
-    if not records:
-        return []
+    """Rigid residual [M] per cluster for many records (equal-size molecules within each cluster). Clusters
+    with the same molecule size are stacked and checked in one batched SVD (no padding)."""
     shapes = [(int(r["molecule_index"][-1]) + 1, len(r["molecule_index"])) for r in records]
-    p_max = max(n // m for m, n in shapes)
-    total = sum(m for m, _ in shapes)
-    x0, x1 = np.zeros((total, p_max, 3)), np.zeros((total, p_max, 3))
-    mask = np.zeros((total, p_max), dtype=bool)
-    start = 0
-    for r, (m, n) in zip(records, shapes):  # a loop over clusters; molecules and atoms are batched
-        p = n // m
-        x0[start:start + m, :p] = r["initial_positions"].reshape(m, p, 3)
-        x1[start:start + m, :p] = r["final_positions"].reshape(m, p, 3)
-        mask[start:start + m, :p] = True
-        start += m
-    residual = kabsch_residuals(x0, x1, mask)
-    return np.split(residual, np.cumsum([m for m, _ in shapes])[:-1])
+    out: list = [None] * len(records)
+    groups: dict[int, list[int]] = {}
+    for k, (m, n) in enumerate(shapes):
+        groups.setdefault(n // m, []).append(k)
+    for p, members in groups.items():  # a loop over distinct molecule sizes; molecules and atoms are batched
+        x0 = np.concatenate([records[k]["initial_positions"].reshape(-1, p, 3) for k in members]).astype(np.float64)
+        x1 = np.concatenate([records[k]["final_positions"].reshape(-1, p, 3) for k in members]).astype(np.float64)
+        residual = kabsch_residuals(x0, x1)  # [sum of M over the group]
+        for k, part in zip(members, np.split(residual, np.cumsum([shapes[k][0] for k in members])[:-1])):
+            out[k] = part
+    return out
 
 
 def rigid_residuals(initial: torch.Tensor, final: torch.Tensor, molecule_index: torch.Tensor) -> torch.Tensor:
