@@ -30,8 +30,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             data = f.read()
     except (OSError, EOFError) as err:
         raise ValueError(f"{path}: cannot be decompressed ({err}); the file is truncated or not gzip") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-        raise ValueError(f"{path}: bad IDX magic number {data[:4].hex() if len(data) >= 4 else data.hex()!r}")
+    if len(data) < 4:
+        raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX file (truncated or empty)")
+    if data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (expected 0x0000, a type code among "
+                         f"{', '.join(f'{c:02x}' for c in _IDX_TYPES)}, then the number of dimensions)")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
