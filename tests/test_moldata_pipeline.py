@@ -125,3 +125,21 @@ def test_demo_dataset_is_cached_and_split_by_crystal(tmp_path):
     assert sum(len(v) for v in splits.values()) == len(store)
     data = splits["train"][0]
     assert data.num_molecules == 17 and data.initial_positions.dtype == torch.float32
+
+
+def test_store_feeds_a_pyg_dataloader_with_worker_processes(tmp_path):
+    from torch_geometric.loader import DataLoader
+
+    from test_moldata_io import make_cluster
+    from kflow.molecular import ClusterDataset, write_cluster_store
+
+    clusters = [make_cluster(i, atoms=3 + i % 3, name=f"c{i}") for i in range(12)]
+    store = ClusterStore(write_cluster_store(clusters, tmp_path / "s.lmdb"))
+    loader = DataLoader(ClusterDataset(store), batch_size=5, num_workers=2, shuffle=False)
+    batches = list(loader)
+    assert sum(b.num_graphs for b in batches) == 12
+    b = batches[0]
+    assert b.molecule_index.max() == 16  # per-cluster molecule ids are not offset by batching
+    assert b.name == ["c0", "c1", "c2", "c3", "c4"] and b.batch.max() == 4
+    expected = torch.cat([c.final_positions for c in clusters[:5]])
+    assert torch.equal(b.final_positions, expected)

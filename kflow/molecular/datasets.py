@@ -95,6 +95,10 @@ def _open_readonly(path: Path):
 
     key = (str(path.resolve()), os.getpid())
     if key not in _OPEN_ENVS:
+        # A forked child (DataLoader worker) inherits the parent's handle, which LMDB forbids using or re-opening
+        # alongside: close the inherited copy here (this unmaps it in the child only).
+        for old in [k for k in _OPEN_ENVS if k[0] == key[0] and k[1] != key[1]]:
+            _OPEN_ENVS.pop(old).close()
         _OPEN_ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True,
                                     max_readers=256)
     return _OPEN_ENVS[key]
