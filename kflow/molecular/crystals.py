@@ -261,10 +261,12 @@ def build_cluster(atoms, num_neighbors: int = NUM_MOLECULES - 1, seed: int = 0, 
     m, p, _ = final.shape
     mol_id = torch.arange(m).repeat_interleave(p)
     flat_final = final.reshape(-1, 3)
-    d = torch.cdist(flat_final, flat_final)
-    inter = mol_id[:, None] != mol_id[None, :]
-    if (d[inter] < min_contact).any():
-        raise InvalidCrystal("overlap", f"atoms of different molecules closer than {min_contact} Å")
+    closest = torch.cdist(flat_final, flat_final).view(m, p, m, p).amin((1, 3))  # [M, M] closest atom pairs
+    closest.fill_diagonal_(float("inf"))
+    if closest.min() < min_contact:
+        i, j = divmod(int(closest.argmin()), m)
+        raise InvalidCrystal("overlap", f"molecules {i} and {j} have atoms {closest.min():.2f} Å apart "
+                             f"(< {min_contact} Å)")
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw))
     initial = (noise or NoiseModel()).apply(final, gen)
     shift = initial.reshape(-1, 3).mean(0)
