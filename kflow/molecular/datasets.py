@@ -420,10 +420,17 @@ def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[st
             f"{raw}/subset_10k.txt).")
     if subset == "all":
         return sorted(p.name[: -len("_cluster16.csv")] for p in final_dir.glob("*_cluster16.csv"))
-    list_path = raw / f"subset_{subset}.txt" if subset in ("5k", "10k") else Path(subset)
+    if subset in ("5k", "10k"):
+        candidates = [raw / f"subset_{subset}.txt", root / f"subset_{subset}.txt"]
+        list_path = next((p for p in candidates if p.exists()), candidates[0])
+    else:
+        list_path = Path(subset)
     if not list_path.exists():
-        raise FileNotFoundError(f"subset id list {list_path} not found (one cluster id per line)")
-    return [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
+        raise FileNotFoundError(f"subset id list {list_path} not found: put the {subset} cluster ids there, one per "
+                                f"line (or pass subset='all' or the path of an id list)")
+    # one id per line; a trailing file suffix or a CSV-style "id,..." line is tolerated
+    ids = [ln.split(",")[0].strip() for ln in list_path.read_text().splitlines() if ln.strip()]
+    return [i.removesuffix("_cluster16.csv").removesuffix("_cluster16") for i in ids]
 
 
 def _download_cod(root: Path):
