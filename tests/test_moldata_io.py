@@ -71,6 +71,14 @@ def test_inconsistent_clusters_are_rejected(tmp_path):
     _write(tmp_path / "a.csv", sixteen)
     with pytest.raises(InvalidCluster, match="16 molecules"):
         read_cod_cluster17(tmp_path / "a.csv", tmp_path / "a.csv")
+    swapped = cluster.atomic_numbers.clone()
+    swapped[[10, 11]] = swapped[[11, 10]]  # molecule 2 lists its atoms in another order
+    odd = Cluster(swapped, cluster.molecule_index, cluster.initial_positions, cluster.final_positions, "odd")
+    with pytest.raises(InvalidCluster, match="molecule 2 lists different elements") as err:
+        read_cod_cluster17(*write_cod_cluster17(odd, tmp_path, "odd"))
+    assert err.value.reason == "composition_mismatch"
+    with pytest.raises(InvalidCluster, match="molecule 2"):
+        odd.validate()
     moved = cluster.final_positions.clone()
     moved[12] += 1.0  # atom 12 is in molecule 2: not a rigid copy any more
     broken = Cluster(cluster.atomic_numbers, cluster.molecule_index, cluster.initial_positions, moved, "bent")

@@ -85,6 +85,12 @@ class Cluster:
         if (counts != counts[0]).any():
             raise InvalidCluster("atom_count_mismatch", f"{where}: molecules have different atom counts "
                                  f"{counts.tolist()}")
+        order = torch.argsort(self.molecule_index, stable=True)
+        z = self.atomic_numbers[order].view(counts.numel(), -1)  # [M, P]: copies of one molecule, same atom order
+        if (z != z[0]).any():
+            m = int((z != z[0]).any(1).nonzero()[0])
+            raise InvalidCluster("composition_mismatch", f"{where}: molecule {m} lists different elements (or a "
+                                 f"different atom order) than molecule 0")
         return self
 
     def to_data(self):
