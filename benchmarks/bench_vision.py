@@ -16,13 +16,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.vision.data import load_fashion_mnist, pad_to  # noqa: E402
+from kflow.utils.io import atomic_write_text  # noqa: E402
+from kflow.vision.data import load_fashion_mnist  # noqa: E402
 from kflow.vision.metrics import InceptionFeatures, extract_features, frechet_distance, precision_recall  # noqa: E402
 from kflow.vision.pipeline import sample_latents  # noqa: E402
 from kflow.vision.workflow import load_image_model, train_image_model  # noqa: E402
 
 VARIANTS = [("flow matching (1 band)", "none", 1), ("K-Flow Fourier (2 bands)", "fourier", 2),
-            ("K-Flow Wavelet haar (2 bands)", "wavelet", 2), ("K-Flow PCA (2 bands)", "pca", 2)]
+            ("K-Flow Wavelet (2 bands)", "wavelet", 2), ("K-Flow PCA (2 bands)", "pca", 2)]
 
 
 def kflow_overhead(trainer, flow, batch_size):
@@ -50,7 +51,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="DiT-T/2")
-    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--samples", type=int, default=500, help="generated images per model for FID / recall")
+    p.add_argument("--ref-samples", type=int, default=1000, help="test images for the reference statistics")
     p.add_argument("--nfe-steps", type=int, default=10, help="Heun steps (2 model calls each)")
     p.add_argument("--ae-steps", type=int, default=400)
     p.add_argument("--ae-width", type=int, default=16)
@@ -61,11 +63,13 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
+    torch.set_num_threads(2)
     test_images, _ = load_fashion_mnist("test", args.data_root)
     net = InceptionFeatures()
     t0 = time.perf_counter()
-    f_ref = extract_features(net, test_images[:args.samples])
-    feature_rate = args.samples / (time.perf_counter() - t0)
+    f_ref = extract_features(net, test_images[:args.ref_samples])
+    feature_rate = args.ref_samples / (time.perf_counter() - t0)
+    print(f"reference features: {args.ref_samples} test images at {feature_rate:.1f} images/s", flush=True)
     rows, raw = [], {}
     for label, decomposition, bands in VARIANTS:
         run = out / decomposition
@@ -89,9 +93,12 @@ def main(argv=None):
         precision, recall = precision_recall(f_ref, f_gen)
         metrics = trainer.out_dir / "metrics.jsonl"
         last = json.loads(metrics.read_text().splitlines()[-1])
+        if decomposition == "wavelet":
+            label = label.replace("Wavelet", f"Wavelet {config['wavelet']}")
         rows.append([label, f"{fid:.1f}", f"{precision:.3f}", f"{recall:.3f}", f"{sample_rate:.0f}",
                      f"{last['samples_per_s'] / args.batch_size:.1f}", f"{100 * overhead:.1f}%"])
-        raw[label] = {"fid": fid, "precision": precision, "recall": recall, "train_s": train_time}
+        raw[label] = {"fid": fid, "precision": precision, "recall": recall, "train_s": train_time,
+                      "sampling_images_per_s": sample_rate, "kflow_overhead": overhead}
         print(rows[-1], flush=True)
     body = (
         "## Latent image generation (`benchmarks/bench_vision.py`)\n\n"
@@ -100,14 +107,17 @@ def main(argv=None):
         f"{args.model}, class-conditional, {args.steps} steps of batch {args.batch_size}, "
         f"seed {args.seed}, identical for every row. Sampling: Heun, {args.nfe_steps} steps "
         f"({2 * args.nfe_steps} NFE), no guidance. FID / precision / recall (k=3) with the offline Inception-v3 on "
-        f"{args.samples} generated vs {args.samples} test images: with so few samples FID is strongly biased upwards "
-        "(compare rows, not with published numbers). Overhead = time of the K-Flow interpolant per step / time "
+        f"{args.samples} generated images per model vs {args.ref_samples} test images — not the 5k+ a proper FID "
+        f"needs: Inception-v3 runs at only {feature_rate:.1f} images/s on this shared 2-core CPU, so FID here is "
+        "strongly biased upwards and noisy (compare rows, not with published numbers). Overhead = time of the K-Flow interpolant per step / time "
         "of a full training step (forward + backward), same batch.\n\n"
         + markdown_table(["model", "FID ↓", "precision ↑", "recall ↑", "sampling images/s", "training steps/s",
                           "K-Flow overhead"], rows)
-        + f"\n\nInception feature extraction runs at {feature_rate:.0f} images/s on this CPU.")
+        + "\n\nSampling images/s includes decoding; training steps/s is the Trainer's windowed rate at the end of "
+        "training. Timings are wall-clock on a machine shared with other jobs (load average > 2), so they are "
+        "indicative only.")
     print(body)
-    (out / "raw.json").write_text(json.dumps(raw, indent=1))
+    atomic_write_text(out / "raw.json", json.dumps(raw, indent=1))
     if not args.no_write:
         write_section("vision", body)
 
