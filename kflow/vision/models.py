@@ -184,8 +184,9 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float = 1.0):
-        """Classifier-free guidance: v = v(x, t, ∅) + s · (v(x, t, y) − v(x, t, ∅)); s = 1 is the conditional model."""
-        if self.y_embedder is None or cfg_scale == 1.0:
+        """Classifier-free guidance: v = v(x, t, ∅) + s · (v(x, t, y) − v(x, t, ∅)); s = 1 is the conditional model.
+        One batched forward pass over [cond; uncond] (2N samples); unconditional models and y=None ignore s."""
+        if self.y_embedder is None or y is None or cfg_scale == 1.0:
             return self.forward(x, t, y)
         both = self.forward(torch.cat([x, x]), torch.cat([t, t]) if t.dim() else t,
                             torch.cat([y, torch.full_like(y, self.num_classes)]))
