@@ -87,6 +87,7 @@ def train_image_model(dataset: str, out_dir: str | os.PathLike, decomposition: s
     """
     out = Path(out_dir)
     latent_dir = Path(latent_dir or out)
+    dist_utils.setup_distributed()  # under torchrun: join the process group first, so only rank 0 prepares latents
     ae, latents, labels = prepare_latents(dataset, latent_dir, autoencoder, ae_steps, seed, data_root, progress,
                                           max_images, ae_width)
     latent_shape = tuple(latents.shape[1:])
