@@ -162,3 +162,16 @@ def test_sampler_shards_global_batches_and_schedule_shape():
 def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         Trainer(nn.Linear(1, 1), mse, [], batch_size=1, lr=1e-3, max_steps=1, out_dir=tmp_path, device="cpu")
+
+
+def test_resume_after_torn_log_line_and_checkpoint_records_data_position(tmp_path):
+    make_trainer(tmp_path, max_steps=10).fit()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a crash after step 10 left a later record and a torn line
+        f.write(json.dumps({"step": 12, "loss": 1.0}) + "\n" + '{"step": 13, "lo')
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)  # 64 items / batch 8 = 8 steps per epoch
+    make_trainer(tmp_path, max_steps=14).fit(resume=True)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12, 14]
+    csv_steps = [int(ln.split(",")[0]) for ln in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_steps == steps

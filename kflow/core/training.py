@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -192,7 +193,8 @@ class Trainer:
                  eval_every: int | None = None):
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty (check the split and the data path)")
-        self.device = torch.device(device) if device is not None else dist_utils.setup_distributed()
+        default_device = dist_utils.setup_distributed()  # joins the torchrun group even when device is given
+        self.device = torch.device(device) if device is not None else default_device
         self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
         self.model = model.to(self.device)
         if self.world_size > 1:
@@ -229,6 +231,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps, "config": self.config, "seed": self.seed,
                 "world_size": self.world_size, "batch_size": self.batch_size,
+                # Data position (derivable from step; stored so a checkpoint can be inspected on its own).
+                "epoch": self.step // self.sampler.steps_per_epoch,
+                "batch_in_epoch": self.step % self.sampler.steps_per_epoch,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
 
     def save_checkpoint(self) -> Path | None:
@@ -277,9 +282,15 @@ class Trainer:
             return
         jsonl = self.out_dir / "metrics.jsonl"
         if jsonl.exists():
-            kept = [ln for ln in jsonl.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            atomic_write_text(jsonl, "".join(ln + "\n" for ln in kept))
-            self._rewrite_csv([json.loads(ln) for ln in kept])
+            records = []
+            for ln in jsonl.read_text().splitlines():
+                try:
+                    records.append(json.loads(ln))
+                except json.JSONDecodeError:  # a line torn by the crash that made us resume
+                    continue
+            kept = [r for r in records if isinstance(r, dict) and r.get("step", step + 1) <= step]
+            atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+            self._rewrite_csv([r for r in kept if "loss" in r])
             self._csv_keys = None
 
     def _rewrite_csv(self, records: list[dict]):
@@ -391,7 +402,10 @@ class Trainer:
                 if self.ema:
                     self.ema.update(_unwrap(model))
                 last_loss = float(loss.detach())
-            self.scheduler.step()
+            with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*optimizer.step.*", category=UserWarning)
+                self.scheduler.step()
             self.step += 1
             n = self.batch_size * self.world_size
             samples += n
