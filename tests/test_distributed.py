@@ -11,7 +11,7 @@ WORKER = textwrap.dedent('''
     import sys, torch
     from torch import nn
     from kflow.core.training import Trainer
-    from kflow.core.distributed import get_world_size, sample_batch_times, cleanup_distributed
+    from kflow.core.distributed import get_rank, get_world_size, sample_batch_times, cleanup_distributed
 
     class Data(torch.utils.data.Dataset):
         def __init__(self):
@@ -26,10 +26,16 @@ WORKER = textwrap.dedent('''
     def collate(items):
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
+    calls = [0]
+
     def loss_fn(model, batch):
         x, y = batch
         t = sample_batch_times(len(x))  # global-batch times, sliced per rank
-        return ((model(x) - y).pow(2).squeeze(-1) * (1 + t)).mean(), {}
+        loss = ((model(x) - y).pow(2).squeeze(-1) * (1 + t)).mean()
+        calls[0] += 1
+        if calls[0] == 4 and get_rank() == get_world_size() - 1:  # only the last rank sees a NaN: all must skip
+            loss = loss * float("nan")
+        return loss, {}
 
     out, per_rank = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
@@ -62,6 +68,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     a = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=False)
     assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["skipped_steps"] == b["skipped_steps"] == 1
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
     la = [float(ln.split(",")[1]) for ln in (tmp_path / "single" / "metrics.csv").read_text().splitlines()[1:]]

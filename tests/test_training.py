@@ -121,8 +121,12 @@ def test_resume_with_other_config_is_refused(tmp_path):
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     calls = {"n": 0}
 
+    snapshots = {}
+
     def flaky(model, batch):
         calls["n"] += 1
+        if calls["n"] in (3, 5):  # weights before the two bad steps and after them
+            snapshots[calls["n"]] = [p.detach().clone() for p in model.parameters()]
         loss, m = mse(model, batch)
         return (loss * float("nan") if calls["n"] in (3, 4) else loss), m
 
@@ -137,6 +141,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     trainer.optimizer.step = spy
     summary = trainer.fit()
     assert summary["skipped_steps"] == 2 and params == [0, 1, 4, 5]
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[5]))
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
     trainer2 = make_trainer(tmp_path / "b", max_steps=30, loss_fn=lambda m, b: (mse(m, b)[0] * float("inf"), {}),
