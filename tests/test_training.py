@@ -50,7 +50,9 @@ def test_loss_decreases_and_logs_are_written(tmp_path):
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"step", "loss", "lr", "grad_norm", "abs_err"} <= set(header)
     assert (tmp_path / "checkpoints" / "last.pt").exists()
-    assert len(list((tmp_path / "checkpoints").glob("step_*.pt"))) == 3  # keep_checkpoints
+    kept = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in kept] == ["step_0000050.pt", "step_0000055.pt", "step_0000060.pt"]  # keep_checkpoints
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == kept[-1].read_bytes()
 
 
 def test_resume_is_bit_for_bit(tmp_path):

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from kflow.core import distributed as dist_utils
-from kflow.utils.io import atomic_save, atomic_write_text
+from kflow.utils.io import atomic_path, atomic_save, atomic_write_text
 
 __all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "load_checkpoint",
            "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
@@ -108,6 +109,17 @@ class EpochBatchSampler:
             chunk = order[s * g:(s + 1) * g]
             out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist())
         return out
+
+
+def _atomic_link(src: Path, dst: Path):
+    """Make ``dst`` a complete copy of ``src`` atomically: a hard link (no second write of a large checkpoint),
+    or a byte copy where the filesystem has no hard links. ``dst`` survives if ``src`` is later rotated away."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -243,7 +255,7 @@ class Trainer:
         state = self.state_dict()
         path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
         atomic_save(state, path)
-        atomic_save(state, self.checkpoint_dir / "last.pt")
+        _atomic_link(path, self.checkpoint_dir / "last.pt")
         old = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-self.keep_checkpoints]
         for p in old:
             p.unlink(missing_ok=True)
