@@ -61,9 +61,10 @@ def main(argv=None):
     p.add_argument("--out", default="runs/bench_vision")
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args(argv)
     out = Path(args.out)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)  # 1 is far faster than 2 when other jobs share the 2 cores
     test_images, _ = load_fashion_mnist("test", args.data_root)
     net = InceptionFeatures()
     t0 = time.perf_counter()
