@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import markdown_table, write_section  # noqa: E402
 from kflow.utils.io import atomic_write_text  # noqa: E402
 from kflow.vision.data import load_fashion_mnist  # noqa: E402
-from kflow.vision.metrics import InceptionFeatures, extract_features, frechet_distance, precision_recall  # noqa: E402
+from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, class_dropping_ratio,  # noqa: E402
+                                 extract_features, frechet_distance, precision_recall)
 from kflow.vision.pipeline import sample_latents  # noqa: E402
 from kflow.vision.workflow import load_image_model, train_image_model  # noqa: E402
 
@@ -46,13 +47,42 @@ def kflow_overhead(trainer, flow, batch_size):
     return interp / step
 
 
+def cached_features(path, net, make_images):
+    """Inception features, cached on disk (feature extraction is the slow part on CPU: ~10 images/s)."""
+    path = Path(path)
+    if path.exists():
+        return torch.load(path)
+    features = extract_features(net, make_images(), progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(features, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return features
+
+
+@torch.no_grad()
+def generate_images(dit, flow, ae, labels, steps, seed, condition_tau=None, batch_size=500):
+    """Images [N, 1, 28, 28] in [0, 1] for ``labels``, in batches (batch i uses seed + i)."""
+    out = []
+    for i, start in enumerate(range(0, len(labels), batch_size)):
+        y = labels[start:start + batch_size]
+        z = sample_latents(dit, flow, len(y), y, steps=steps, method="heun", seed=seed + i,
+                           condition_tau=condition_tau)
+        out.append(ae.decode(z)[:, :, 2:30, 2:30].clamp(0, 1))  # undo the 28 -> 32 padding
+    return torch.cat(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="DiT-T/2")
-    p.add_argument("--samples", type=int, default=500, help="generated images per model for FID / recall")
-    p.add_argument("--ref-samples", type=int, default=1000, help="test images for the reference statistics")
+    p.add_argument("--samples", type=int, default=5000, help="generated images per model for FID / recall")
+    p.add_argument("--ref-samples", type=int, default=5000, help="test images for the reference statistics")
+    p.add_argument("--cdr-variants", nargs="*", default=["none", "fourier"],
+                   help="decompositions for which the Class-Dropping-Ratio is measured")
+    p.add_argument("--cdr-samples", type=int, default=2000,
+                   help="images per CDR setting (the first N of the main samples are the condition-kept ones)")
+    p.add_argument("--tau", type=float, default=0.3, help="condition kept for t < tau in the CDR samples")
     p.add_argument("--nfe-steps", type=int, default=10, help="Heun steps (2 model calls each)")
     p.add_argument("--ae-steps", type=int, default=400)
     p.add_argument("--ae-width", type=int, default=16)
@@ -65,12 +95,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     torch.set_num_threads(args.threads)  # 1 is far faster than 2 when other jobs share the 2 cores
-    test_images, _ = load_fashion_mnist("test", args.data_root)
+    test_images, test_labels = load_fashion_mnist("test", args.data_root)
+    test_images, test_labels = test_images[:args.ref_samples], test_labels[:args.ref_samples]
     net = InceptionFeatures()
     t0 = time.perf_counter()
-    f_ref = extract_features(net, test_images[:args.ref_samples])
-    feature_rate = args.ref_samples / (time.perf_counter() - t0)
-    print(f"reference features: {args.ref_samples} test images at {feature_rate:.1f} images/s", flush=True)
+    f_ref = cached_features(out / f"features_test_{args.ref_samples}.pt", net, lambda: test_images)
+    feature_rate = args.ref_samples / max(time.perf_counter() - t0, 1e-9)
+    print(f"reference features: {args.ref_samples} test images ({feature_rate:.1f} images/s if not cached)",
+          flush=True)
     rows, raw = [], {}
     for label, decomposition, bands in VARIANTS:
         run = out / decomposition
@@ -85,21 +117,34 @@ def main(argv=None):
         dit, flow, ae, config = load_image_model(run)
         labels = torch.arange(args.samples) % config["num_classes"]
         t0 = time.perf_counter()
-        with torch.no_grad():
-            z = sample_latents(dit, flow, args.samples, labels, steps=args.nfe_steps, method="heun", seed=args.seed)
-            images = ae.decode(z)[:, :, 2:30, 2:30]  # undo the 28 -> 32 padding
+        images = generate_images(dit, flow, ae, labels, args.nfe_steps, args.seed)
         sample_rate = args.samples / (time.perf_counter() - t0)
-        f_gen = extract_features(net, images)
+        f_gen = cached_features(run / f"features_gen_{args.samples}_s{args.seed}.pt", net, lambda: images)
         fid = frechet_distance(f_ref, f_gen)
         precision, recall = precision_recall(f_ref, f_gen)
+        cdr = None
+        if decomposition in args.cdr_variants:
+            n = min(args.cdr_samples, args.samples)
+            n -= n % 500 if n >= 500 else 0  # whole generation batches, so the source noise matches exactly
+            # Same labels and, batch for batch, the same seeds as the first n main samples: only tau differs.
+            dropped = cached_features(run / f"features_drop{args.tau}_{n}_s{args.seed}.pt", net,
+                                      lambda: generate_images(dit, flow, ae, labels[:n], args.nfe_steps, args.seed,
+                                                              condition_tau=args.tau))
+            fid_full = class_conditional_fid(f_ref, test_labels, f_gen[:n], labels[:n])
+            fid_drop = class_conditional_fid(f_ref, test_labels, dropped, labels[:n])
+            cdr = class_dropping_ratio(fid_full, fid_drop)
+            raw_cdr = {"fid_full_per_class": fid_full, "fid_dropped_per_class": fid_drop, "cdr": cdr,
+                       "fid_dropped": frechet_distance(f_ref, dropped)}
         metrics = trainer.out_dir / "metrics.jsonl"
         last = json.loads(metrics.read_text().splitlines()[-1])
         if decomposition == "wavelet":
             label = label.replace("Wavelet", f"Wavelet {config['wavelet']}")
-        rows.append([label, f"{fid:.1f}", f"{precision:.3f}", f"{recall:.3f}", f"{sample_rate:.0f}",
+        rows.append([label, f"{fid:.1f}", f"{precision:.3f}", f"{recall:.3f}",
+                     "–" if cdr is None else f"{cdr:.2f} ({raw_cdr['fid_dropped']:.1f})", f"{sample_rate:.0f}",
                      f"{last['samples_per_s'] / args.batch_size:.1f}", f"{100 * overhead:.1f}%"])
         raw[label] = {"fid": fid, "precision": precision, "recall": recall, "train_s": train_time,
-                      "sampling_images_per_s": sample_rate, "kflow_overhead": overhead}
+                      "sampling_images_per_s": sample_rate, "kflow_overhead": overhead,
+                      **({"cdr": raw_cdr} if cdr is not None else {})}
         print(rows[-1], flush=True)
     body = (
         "## Latent image generation (`benchmarks/bench_vision.py`)\n\n"
@@ -107,16 +152,20 @@ def main(argv=None):
         f"convolutional autoencoder trained here ({args.ae_steps} steps, width {args.ae_width}; latents 4×8×8); "
         f"{args.model}, class-conditional, {args.steps} steps of batch {args.batch_size}, "
         f"seed {args.seed}, identical for every row. Sampling: Heun, {args.nfe_steps} steps "
-        f"({2 * args.nfe_steps} NFE), no guidance. FID / precision / recall (k=3) with the offline Inception-v3 on "
-        f"{args.samples} generated images per model vs {args.ref_samples} test images — not the 5k+ a proper FID "
-        f"needs: Inception-v3 runs at only {feature_rate:.1f} images/s on this shared 2-core CPU, so FID here is "
-        "strongly biased upwards and noisy (compare rows, not with published numbers). Overhead = time of the K-Flow interpolant per step / time "
-        "of a full training step (forward + backward), same batch.\n\n"
-        + markdown_table(["model", "FID ↓", "precision ↑", "recall ↑", "sampling images/s", "training steps/s",
-                          "K-Flow overhead"], rows)
+        f"({2 * args.nfe_steps} NFE), no guidance. FID / precision / recall (k=3) with the offline Inception-v3 "
+        f"(pool3) on {args.samples} generated images per model (classes balanced) vs the first {args.ref_samples} "
+        "test images. CDR (paper eq. 17–18, as DESIGN.md defines it) = mean over the 10 classes of FID(c) with the "
+        f"condition for the whole path / FID(c) with the condition kept only for t < {args.tau} (null class after), "
+        f"same noise; {min(args.cdr_samples, args.samples) // 10} generated vs ~{args.ref_samples // 10} test images "
+        "per class, so per-class FIDs are biased upwards (the ratio is what matters); the bracket gives the FID of "
+        "the condition-dropped samples against the whole reference set. A CDR near 1 "
+        "means the class is fixed early in the path. Overhead = time of the K-Flow interpolant per step / time of a "
+        "full training step (forward + backward), same batch.\n\n"
+        + markdown_table(["model", "FID ↓", "precision ↑", "recall ↑", "CDR (FID dropped)", "sampling images/s",
+                          "training steps/s", "K-Flow overhead"], rows)
         + "\n\nSampling images/s includes decoding; training steps/s is the Trainer's windowed rate at the end of "
-        "training. Timings are wall-clock on a machine shared with other jobs (load average > 2), so they are "
-        "indicative only.")
+        f"training; {args.threads} torch thread(s). Wall-clock timings on a shared 2-core machine are indicative "
+        "only.")
     print(body)
     atomic_write_text(out / "raw.json", json.dumps(raw, indent=1))
     if not args.no_write:
