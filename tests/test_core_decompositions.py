@@ -104,6 +104,10 @@ def test_wavelet_rejects_impossible_configuration():
         WaveletDecomposition((32, 32), 4, wavelet="db6", level=2)
     with pytest.raises(ValueError):
         WaveletDecomposition((32,), 2)
+    # db6 (filter length 12) has no level on an 8x8 grid; ptwt would silently return the identity (one band).
+    with pytest.raises(ValueError, match="db6.*8x8"):
+        WaveletDecomposition((8, 8), 2, wavelet="db6")
+    assert WaveletDecomposition((8, 8), 2, wavelet="db4").band_index.unique().numel() == 2
 
 
 def test_pca_orders_bands_by_variance_and_saves(tmp_path):

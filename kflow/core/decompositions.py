@@ -202,7 +202,7 @@ class WaveletDecomposition(Decomposition):
     Args:
         shape: (H, W) spatial shape. Leading dims broadcast.
         num_bands: K <= level + 1.
-        wavelet: pywt wavelet name; "db6" (default) allows 2 levels on 32×32, "haar" up to 5.
+        wavelet: pywt wavelet name; "db6" (default) allows 1 level (2 scales) on 32×32, "haar" up to 5.
         level: number of DWT levels; default: the largest ptwt accepts for this size, but at least K - 1.
     """
 
@@ -248,6 +248,11 @@ class WaveletDecomposition(Decomposition):
             for d in details:
                 parts.append(d.reshape(h * w, -1))
                 levels.append(torch.full((d[0].numel(),), lvl, dtype=torch.long))
+        got = len(coeffs) - 1
+        if got < level:  # ptwt silently stops early when the filter is longer than the coarser grids
+            raise ValueError(f"wavelet {wavelet!r} admits only {got} of the {level} requested levels on a {h}x{w} "
+                             f"grid (filter length {pywt.Wavelet(wavelet).dec_len}), so it cannot form {num_bands} "
+                             "bands; use a shorter wavelet (e.g. 'db4', 'db2' or 'haar') or a larger grid")
         matrix = torch.cat(parts, dim=1).T.contiguous()  # [D_coeff, D_data]
         if matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"wavelet {wavelet!r} at {level} levels is not size-preserving on {h}x{w} "

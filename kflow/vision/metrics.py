@@ -153,9 +153,11 @@ def class_conditional_fid(real_features, real_labels, fake_features, fake_labels
 
 
 def class_dropping_ratio(fid_full: dict[int, float], fid_dropped: dict[int, float]) -> float:
-    """CDR = E_c[ FID_full(c) / FID_dropped(c) ] (paper eq. 17–18): class-aware FID of samples generated with the
-    condition kept for the whole path, over that with the condition dropped after τ, averaged over classes.
-    CDR > 1 means dropping the condition late does not hurt (the class is decided early, at the coarse scales)."""
+    """CDR = E_c[ FID_full(c) / FID_dropped(c) ] (paper eq. 17–18, as DESIGN.md fixes the garbled equation): the
+    class-aware FID of samples generated with the condition for the whole path, over that of samples whose condition
+    is kept only for t < τ, averaged over classes. CDR = 1 means dropping the condition late changes nothing (the
+    class is decided early, at the coarse scales); the paper reports 1.49 for K-Flow vs 3.25 for LFM on ImageNet,
+    i.e. closer to 1 is better."""
     classes = sorted(set(fid_full) & set(fid_dropped))
     if not classes:
         raise ValueError("no common classes between the two FID dictionaries")
