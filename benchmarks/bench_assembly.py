@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -21,7 +20,8 @@ from benchmarks.report import markdown_table, write_section  # noqa: E402
 from kflow.molecular.datasets import ClusterDataset  # noqa: E402
 from kflow.molecular.metrics import compute_packing_matching  # noqa: E402
 from kflow.molecular.training import AssemblyModelConfig  # noqa: E402
-from kflow.molecular.workflow import (CSD500_DEFAULT, METRICS, evaluate_assembly, load_assembly_dataset,  # noqa: E402
+from kflow.molecular.datasets import csd500_path  # noqa: E402
+from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset,  # noqa: E402
                                       predict_assembly, train_assembly)
 
 
@@ -97,9 +97,12 @@ def main(argv=None):
     sections, raw = [], {}
     speed = {}
     for name in args.datasets:
-        if name == "csd500" and not Path(os.environ.get("KFLOW_CSD500", CSD500_DEFAULT)).exists():
-            print("CSD-500 not found; skipping")
-            continue
+        if name == "csd500":
+            try:
+                csd500_path()
+            except FileNotFoundError as err:
+                print(f"{err}; skipping CSD-500")
+                continue
         store = load_assembly_dataset(name, "data", draws_per_crystal=2 if name == "csd500" else 4, progress=False)
         test = ClusterDataset(store, split="test", seed=0)
         train_size = len(ClusterDataset(store, split="train", seed=0))

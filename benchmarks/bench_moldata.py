@@ -23,7 +23,7 @@ from benchmarks.report import markdown_table, write_section  # noqa: E402
 from kflow.molecular import RejectionSummary, build_clusters, read_crystals, write_cod_cluster17  # noqa: E402
 from kflow.molecular.datasets import (ClusterStore, build_demo_dataset, preprocess_cod_cluster17,  # noqa: E402
                                       pyxtal_crystal_sources)
-from kflow.molecular.workflow import CSD500_DEFAULT  # noqa: E402
+from kflow.molecular.datasets import csd500_path  # noqa: E402
 
 SYMBOL_TO_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "S": 16, "Cl": 17, "Br": 35, "I": 53, "P": 15, "B": 5}
 
@@ -168,9 +168,10 @@ def main(argv=None):
     rows, build_rows, reason_rows = [], [], []
     all_clusters = []
     sets = [("pyxtal (test.db + mech.db)", pyxtal_crystal_sources())]
-    csd = Path(os.environ.get("KFLOW_CSD500", CSD500_DEFAULT))
-    if csd.exists():
-        sets.append(("CSD-500", [csd]))
+    try:
+        sets.append(("CSD-500", [csd500_path()]))
+    except FileNotFoundError as err:
+        print(f"{err}; skipping CSD-500")
     for name, sources in sets:
         clusters, rate, rate_par, summary, n = bench_building(name, sources, args.workers)
         all_clusters += clusters

@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data split seed (must match training)")
     p.add_argument("--steps", type=int, default=20, help="integration steps (NFE for euler/band)")
     p.add_argument("--method", default="band", choices=["band", "euler", "heun", "dopri5"])
+    p.add_argument("--steps-per-band", type=int, nargs="+", default=None,
+                   help="steps inside each band's window (one count per band; replaces --steps)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--repeat-noise", type=float, default=0.1, help="Å; perturbation of the start for repeats > 0")
     p.add_argument("--batch-size", type=int, default=8)
@@ -50,7 +52,7 @@ def main(argv=None):
     if len(dataset) == 0:
         raise SystemExit(f"the {args.split} split of {args.dataset} is empty")
     preds = predict_assembly(model, rigid, dataset, args.steps, args.method, args.repeats, args.repeat_noise,
-                             args.batch_size, progress=True)
+                             args.batch_size, progress=True, steps_per_band=args.steps_per_band)
     save_predictions(args.out, dataset, preds)
     if args.extxyz_dir:
         for i, pred in enumerate(preds):

@@ -26,6 +26,8 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--method", default="heun", choices=["euler", "heun", "band", "dopri5"])
+    p.add_argument("--steps-per-band", type=int, nargs="+", default=None,
+                   help="steps inside each band's window (one count per band; replaces --steps)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--condition-tau", type=float, default=None)
     p.add_argument("--share-bands", type=int, nargs="*", default=None)
@@ -46,7 +48,7 @@ def main(argv=None):
         n = min(args.batch_size, args.num - s)
         z = sample_latents(dit, flow, n, None if labels is None else labels[s:s + n], args.steps, args.method,
                            args.cfg_scale, args.condition_tau, share_noise_bands=args.share_bands,
-                           seed=args.seed + s)
+                           seed=args.seed + s, steps_per_band=args.steps_per_band)
         with torch.no_grad():
             images.append(ae.decode(z).clamp(0, 1))
     images = torch.cat(images)

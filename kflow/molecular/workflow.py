@@ -17,7 +17,7 @@ import torch
 
 from kflow.core.training import Trainer, load_checkpoint
 from kflow.molecular.datasets import (ClusterDataset, ClusterStore, CODCluster17Dataset, build_cluster_dataset,
-                                      build_demo_dataset)
+                                      build_demo_dataset, csd500_path)
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
                                      separation_rate)
@@ -25,9 +25,8 @@ from kflow.molecular.sampling import sample_assembly
 from kflow.molecular.training import AssemblyLoss, AssemblyModelConfig, build_assembly_model
 
 __all__ = ["load_assembly_dataset", "train_assembly", "load_assembly_model", "predict_assembly",
-           "evaluate_assembly", "format_results_table", "CSD500_DEFAULT", "METRICS"]
+           "evaluate_assembly", "format_results_table", "METRICS"]
 
-CSD500_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "csd500.extxyz"
 METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
 
 
@@ -47,9 +46,7 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
         return CODCluster17Dataset(root / "COD-Cluster17", subset=subset, num_workers=num_workers,
                                    progress=progress).store
     if name == "csd500":
-        path = Path(os.environ.get("KFLOW_CSD500", CSD500_DEFAULT))
-        if not path.exists():
-            raise FileNotFoundError(f"CSD-500 file not found at {path}; set KFLOW_CSD500 to csd500.extxyz")
+        path = csd500_path()
     else:
         path = Path(name)
         if (path / "data.mdb").exists():
@@ -110,7 +107,8 @@ def load_assembly_model(checkpoint: str | os.PathLike, use_ema: bool = True):
 
 @torch.no_grad()
 def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band", repeats: int = 1,
-                     repeat_noise: float = 0.1, batch_size: int = 8, seed: int = 0, progress: bool = False):
+                     repeat_noise: float = 0.1, batch_size: int = 8, seed: int = 0, progress: bool = False,
+                     steps_per_band=None):
     """Predicted final positions for every cluster of ``dataset``: a list of [R, N_i, 3] tensors (atom order of
     the cluster's ``Data``)."""
     model.eval()
@@ -123,7 +121,8 @@ def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band
     for start in indices:
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collate_clusters(items)
-        pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start)  # [R,B,M,P,3]
+        pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start,
+                              steps_per_band)  # [R, B, M, P, 3]
         for b, item in enumerate(items):
             order = torch.argsort(item.molecule_index, stable=True)
             flat = pos[:, b][:, batch.mask[b]]  # [R, N, 3] in molecule-sorted order

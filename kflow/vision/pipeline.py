@@ -102,7 +102,7 @@ class GuidedModel(nn.Module):
 def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | None = None, steps: int = 50,
                    method: str = "heun", cfg_scale: float = 1.0, condition_tau: float | None = None,
                    noise: torch.Tensor | None = None, share_noise_bands=None, seed: int = 0,
-                   return_trajectory: bool = False):
+                   return_trajectory: bool = False, steps_per_band=None):
     """Generate latents [N, C, H, W].
 
     Args:
@@ -111,6 +111,7 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
         condition_tau: keep the class condition only for t < τ and use the null class afterwards (paper §5.4).
         noise: source noise to use (e.g. from ``share_bands``); default i.i.d. Gaussian from ``seed``.
         share_noise_bands: band id(s) whose source noise is shared by the whole batch (noise splitting).
+        steps_per_band: steps inside each band's window (one count per band), instead of ``steps`` uniform steps.
     """
     shape = (num_samples, dit.in_channels, dit.input_size, dit.input_size)
     if noise is None:
@@ -127,7 +128,7 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
             model = ConditionDropping(model, condition_tau, null_condition=dit.num_classes)
     dit.eval()
     return flow.sample(model, noise, steps=steps, method=method, model_kwargs=kwargs,
-                       return_trajectory=return_trajectory)
+                       return_trajectory=return_trajectory, steps_per_band=steps_per_band)
 
 
 @torch.no_grad()
