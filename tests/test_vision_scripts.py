@@ -52,6 +52,25 @@ def test_train_resume_and_sample_through_the_scripts(tmp_path):
     for name in ("s.png", "share_low_bands.png", "share_high_bands.png", "condition_kept_vs_dropped.png"):
         assert (tmp_path / name).stat().st_size > 100, name
 
+    sample_image.main(["--run", str(run), "--num", "4", "--method", "euler", "--steps-per-band", "2", "1",
+                       "--out", str(tmp_path / "per_band")])
+    assert np.load(tmp_path / "per_band.npz")["images"].shape == (4, 1, 8, 8)
+    with pytest.raises(ValueError, match="steps_per_band"):
+        sample_image.main(["--run", str(run), "--num", "2", "--steps-per-band", "2", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x.npz").exists()
+
+    import analyze_image
+
+    analyze_image.main(["--runs", str(run), "--out", str(tmp_path / "analysis"), "--num-bands", "2",
+                        "--trajectories", "4", "--steps", "4"])
+    result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    for name in ("Fourier", "Wavelet", "PCA"):
+        assert sum(result["band_energy"][name]["energy_share"]) == pytest.approx(1.0)
+    curve = next(iter(result["pca_projection_ratio"].values()))
+    assert len(curve) == len(result["times"]) and all(0 <= v <= 1 for v in curve)
+    for name in ("fig3_band_energy.png", "fig4_pca_projection.png"):
+        assert (tmp_path / "analysis" / name).stat().st_size > 1000, name
+
 
 def test_scripts_reject_bad_runs_and_options(tmp_path):
     import sample_image
