@@ -63,6 +63,29 @@ def test_packing_matching_equals_loop_reference_on_batches_of_different_sizes():
         assert torch.allclose(single.pm_atom, pm.pm_atom[b:b + 1])
 
 
+def test_packing_matching_across_chunk_boundaries():
+    """Large and small clusters mixed, so the cache-sized chunks (padded per chunk) split the batch."""
+    from kflow.molecular.metrics import _cluster_chunks
+
+    trues, preds, mols, batch = [], [], [], []
+    for b, apm in enumerate([40, 3, 40, 3, 41]):
+        true, mol, _ = _lattice_cluster(apm, seed=b)
+        trues.append(true)
+        preds.append(true + torch.randn_like(true))
+        mols.append(mol)
+        batch.append(torch.full((len(true),), b))
+    batch_all = torch.cat(batch)
+    chunks = list(_cluster_chunks(batch_all, budget=1_000_000))
+    assert len(chunks) > 1
+    assert [i for s, e, *_ in chunks for i in range(s, e)] == list(range(5))  # every cluster exactly once
+    pm = compute_packing_matching(torch.cat(trues), torch.cat(preds), torch.cat(mols), batch_all)
+    for b in range(5):
+        t, p = trues[b].numpy(), preds[b].numpy()
+        dt = np.linalg.norm(t[:, None] - t[None], axis=-1)
+        dp = np.linalg.norm(p[:, None] - p[None], axis=-1)
+        assert abs(pm.pm_atom[b].item() - np.sqrt(((dt - dp) ** 2).mean())) < 1e-9
+
+
 def test_packing_matching_zero_and_invariances():
     true, mol, _ = _lattice_cluster()
     pm = compute_packing_matching(true, true.clone(), mol)
