@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from kflow.core import (BandSchedule, ConditionDropping, FourierDecomposition, IdentityDecomposition, KFlow,
+from kflow.core import (BandSchedule, ConditionDropping, FourierDecomposition, KFlow,
                         LaplacianDecomposition, WaveletDecomposition, share_bands)
 
 F64 = torch.float64

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -25,11 +25,14 @@ import torch
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCrystal
 from kflow.molecular.so3 import random_rotations
 
+if TYPE_CHECKING:  # ase is imported lazily at run time
+    from ase import Atoms
+
 __all__ = ["read_crystals", "build_cluster", "build_clusters", "find_molecules", "NoiseModel"]
 
 
 # --------------------------------------------------------------------------------------------------- reading
-def read_crystals(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[str, "ase.Atoms"]]:
+def read_crystals(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[str, "Atoms"]]:
     """Yield ``(name, ase.Atoms)`` from a CIF file, a folder of CIFs, an ASE database (.db/.json) or an extxyz file.
 
     Names come from the CSD refcode where the source has one (ASE db key ``csd_code``, extxyz ``NAME``), else

@@ -9,8 +9,6 @@ Shapes: x [N, C, H, W], t [N], y [N] (class ids; ``num_classes`` is the null / d
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kflow.core import (BandSchedule, ConditionDropping, FourierDecomposition, IdentityDecomposition, KFlow,
+from kflow.core import (ConditionDropping, FourierDecomposition, IdentityDecomposition, KFlow,
                         PCADecomposition, WaveletDecomposition, share_bands)
 from kflow.core.distributed import sample_batch_times
 
