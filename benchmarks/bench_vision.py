@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.utils.io import atomic_write_text  # noqa: E402
+from kflow.utils.io import atomic_save, atomic_write_text  # noqa: E402
 from kflow.vision.data import load_fashion_mnist  # noqa: E402
 from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, class_dropping_ratio,  # noqa: E402
                                  extract_features, frechet_distance, precision_recall)
@@ -53,9 +53,7 @@ def cached_features(path, net, make_images):
     if path.exists():
         return torch.load(path)
     features = extract_features(net, make_images(), progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(features, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_save(features, path)
     return features
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "get_rank", "get_world_size", "is_main_process", "setup_distributed",
-           "cleanup_distributed", "setup", "cleanup", "barrier", "all_reduce_max", "sample_batch_times"]
+           "cleanup_distributed", "barrier", "all_reduce_max", "sample_batch_times"]
 
 
 def is_distributed() -> bool:
@@ -69,8 +69,3 @@ def sample_batch_times(local_batch_size: int, device=None, dtype=None) -> torch.
     world, rank = get_world_size(), get_rank()
     t = torch.rand(local_batch_size * world, dtype=torch.float64)
     return t[rank * local_batch_size:(rank + 1) * local_batch_size].to(device=device, dtype=dtype or torch.float32)
-
-
-# Short names used in the issue text.
-setup = setup_distributed
-cleanup = cleanup_distributed

@@ -7,7 +7,8 @@ from kflow.vision.data import load_digits, load_fashion_mnist, load_image_datase
 from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, class_dropping_ratio, extract_features,
                                   frechet_distance, precision_recall)
 from kflow.vision.models import DiT, DiT_models
-from kflow.vision.latent_cache import LatentCacheError, load_or_build_latent_cache, read_latent_cache, write_latent_cache
+from kflow.vision.latent_cache import (LatentCacheError, load_or_build_latent_cache, read_latent_cache,
+                                       write_latent_cache)
 from kflow.vision.pipeline import (GuidedModel, ImageFlowLoss, build_decomposition, choose_wavelet, encode_dataset,
                                    sample_latents)
 from kflow.vision.steering import grouped_noise, sample_kept_and_dropped, save_image_grid, steering_figures
@@ -18,5 +19,6 @@ __all__ = [
     "InceptionFeatures", "extract_features", "frechet_distance", "precision_recall", "class_conditional_fid",
     "class_dropping_ratio", "build_decomposition", "ImageFlowLoss", "GuidedModel", "sample_latents",
     "choose_wavelet", "encode_dataset", "write_latent_cache", "read_latent_cache", "load_or_build_latent_cache",
-    "LatentCacheError", "grouped_noise", "sample_kept_and_dropped", "save_image_grid", "steering_figures", "band_energy_profile", "plot_band_energy", "pca_projection_ratio", "plot_projection_ratio",
+    "LatentCacheError", "grouped_noise", "sample_kept_and_dropped", "save_image_grid", "steering_figures",
+    "band_energy_profile", "plot_band_energy", "pca_projection_ratio", "plot_projection_ratio",
 ]

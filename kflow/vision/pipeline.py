@@ -9,8 +9,8 @@ from kflow.core import (ConditionDropping, FourierDecomposition, IdentityDecompo
                         PCADecomposition, WaveletDecomposition, share_bands)
 from kflow.core.distributed import sample_batch_times
 
-__all__ = ["DECOMPOSITIONS", "build_decomposition", "choose_wavelet", "wavelet_levels", "ImageFlowLoss", "GuidedModel", "sample_latents",
-           "encode_dataset"]
+__all__ = ["DECOMPOSITIONS", "build_decomposition", "choose_wavelet", "wavelet_levels", "ImageFlowLoss",
+           "GuidedModel", "sample_latents", "encode_dataset"]
 
 DECOMPOSITIONS = ("none", "fourier", "wavelet", "pca")
 
@@ -55,12 +55,8 @@ def build_decomposition(name: str, latent_shape, num_bands: int, fit_data: torch
     if name == "fourier":
         return FourierDecomposition((h, w), num_bands)
     if name == "wavelet":
-        wavelet = wavelet or choose_wavelet(min(h, w), num_bands)
-        if wavelet_levels(min(h, w), wavelet) < num_bands - 1:
-            raise ValueError(f"wavelet {wavelet!r} admits {wavelet_levels(min(h, w), wavelet)} levels on a {h}x{w} "
-                             f"latent grid, {num_bands} bands need {num_bands - 1}; choose a shorter wavelet "
-                             f"(db2, haar) or fewer bands")
-        return WaveletDecomposition((h, w), num_bands, wavelet=wavelet)
+        # A named wavelet too long for the grid: WaveletDecomposition raises, naming a shorter one to use.
+        return WaveletDecomposition((h, w), num_bands, wavelet=wavelet or choose_wavelet(min(h, w), num_bands))
     if name == "pca":
         if fit_data is None:
             raise ValueError("the PCA decomposition needs fit_data (training latents)")
