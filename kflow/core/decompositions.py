@@ -5,7 +5,8 @@ Every decomposition acts on the trailing data dimensions of its input and broadc
 dimensions; band 0 is the lowest scale (most energy), band ``num_bands - 1`` the highest.
 
 Orthonormality matters: white Gaussian noise stays white in coefficient space, so "noise padding" of bands that
-the flow has not reached yet has the same statistics whichever decomposition is used.
+the flow has not reached yet has the same statistics whichever decomposition is used. The band definitions of
+each decomposition are written out in docs/MATH.md §3.
 """
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Time embeddings for K-Flow velocity networks (shared by the molecular and the vision models)."""
+"""Time embeddings for K-Flow velocity networks.
+
+``sinusoidal_embedding`` is shared by both domains (DiT's ``TimestepEmbedder`` builds on it). ``BandTimeEmbedding``,
+which also feeds the band progress S(t) to the network, is used by the molecular network only: DiT keeps its own
+embedder of t alone, and switching it would change the parameters and results of trained image models.
+"""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""K-Flow: conditional flow matching along the K-amplitude (DESIGN.md §2, paper eq. 10–12).
+"""K-Flow: conditional flow matching along the K-amplitude (docs/MATH.md §1, paper eq. 10–12).
 
     x_t = F⁻¹( S(t) ⊙ F x1 + (1 − S(t)) ⊙ F x0 ) = x0 + F⁻¹( S(t) ⊙ F(x1 − x0) )
     u_t = F⁻¹( S′(t) ⊙ F(x1 − x0) )
@@ -16,9 +16,10 @@ import torch
 from kflow.core.decompositions import Decomposition, IdentityDecomposition
 from kflow.core.schedule import BandSchedule
 
-__all__ = ["KFlow", "SAMPLING_METHODS"]
+__all__ = ["KFlow", "SAMPLING_METHODS", "PREDICTIONS"]
 
-SAMPLING_METHODS = ("euler", "heun", "band", "dopri5")
+SAMPLING_METHODS = ("euler", "heun", "band", "dopri5")  # the integrators of ``KFlow.sample`` (scripts' choices)
+PREDICTIONS = ("velocity", "x1")  # what a model may output: the velocity, or the endpoint x1
 Model = Callable[..., torch.Tensor]
 
 
@@ -40,8 +41,8 @@ class KFlow:
         if schedule.num_bands != decomposition.num_bands:
             raise ValueError(f"schedule has {schedule.num_bands} bands but the decomposition has "
                              f"{decomposition.num_bands}")
-        if prediction not in ("velocity", "x1"):
-            raise ValueError(f"prediction must be 'velocity' or 'x1', got {prediction!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.decomposition, self.schedule, self.prediction = decomposition, schedule, prediction
 
     @classmethod
@@ -96,10 +97,6 @@ class KFlow:
         inv = self.decomposition.inverse
         return x0 + inv(self._per_coeff(s, d) * d), inv(self._per_coeff(ds, d) * d)
 
-    def velocity_from_x1(self, x0: torch.Tensor, x1_hat: torch.Tensor, t) -> torch.Tensor:
-        """The velocity implied by a predicted endpoint: F⁻¹(S′(t) ⊙ F(x̂1 − x0))."""
-        return self.target_velocity(x0, x1_hat, t)
-
     # ------------------------------------------------------------------ training
     def sample_time(self, batch_size: int, device=None, dtype=None, generator: torch.Generator | None = None):
         """t ~ U(0, 1), [B]. Equal windows give every band the same share of training time."""
@@ -144,11 +141,12 @@ class KFlow:
     # ------------------------------------------------------------------ sampling
     def velocity(self, model: Model, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
                  prediction: str | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
-        """The model's velocity at (x, t); converts an x1-prediction with the schedule."""
+        """The model's velocity at (x, t). An x1-prediction x̂1 is converted with the schedule: the velocity of the
+        path from x0 to x̂1, F⁻¹(S′(t) ⊙ F(x̂1 − x0)) (eq. 11 with x̂1 for x1)."""
         out = model(x, t, **(model_kwargs or {}))
         if (prediction or self.prediction) == "velocity":
             return out
-        return self.velocity_from_x1(x0, out, t)
+        return self.target_velocity(x0, out, t)
 
     @torch.no_grad()
     def sample(self, model: Model, x0: torch.Tensor, steps: int = 50, method: str = "euler",

@@ -1,7 +1,8 @@
 """Band schedules: when each band travels from source to data along t ∈ [0, 1].
 
 Band b is active on a window [a_b, c_b]; its progress is s_b(t) = ρ(clip((t − a_b) / (c_b − a_b), 0, 1)) with a
-ramp ρ(0) = 0, ρ(1) = 1. The vector S(t) = (s_b(t))_b multiplies the coefficients of band b in the interpolant.
+ramp ρ(0) = 0, ρ(1) = 1. The vector S(t) = (s_b(t))_b multiplies the coefficients of band b in the interpolant
+(docs/MATH.md §2).
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["BandSchedule", "RAMPS"]
+__all__ = ["BandSchedule", "RAMPS", "ORDERS"]
+
+ORDERS = ("low_to_high", "high_to_low")  # band 0 (coarsest) first, or the reverse
 
 
 def _linear(u):
@@ -60,7 +63,7 @@ class BandSchedule:
             raise ValueError(f"num_bands must be >= 1, got {num_bands}")
         if ramp not in RAMPS:
             raise ValueError(f"unknown ramp {ramp!r}; choose from {sorted(RAMPS)}")
-        if order not in ("low_to_high", "high_to_low"):
+        if order not in ORDERS:
             raise ValueError(f"order must be 'low_to_high' or 'high_to_low', got {order!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -111,11 +114,6 @@ class BandSchedule:
         t, a, c, u = self._u(t)
         active = (t >= a) & ((t < c) | ((c >= 1) & (t <= c)))
         return torch.where(active, RAMPS[self.ramp](u)[1] / (c - a), torch.zeros_like(u))
-
-    def active_bands(self, t: float) -> list[int]:
-        """Bands whose window contains t (half-open, as for ``ds``)."""
-        return [b for b, (a, c) in enumerate(zip(self.starts.tolist(), self.ends.tolist()))
-                if a <= t < c or (c >= 1 and t == c)]
 
     def edges(self) -> torch.Tensor:
         """Sorted unique window edges including 0 and 1, float64: the points where the active set changes."""

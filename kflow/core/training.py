@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,13 @@ __all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMism
            "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
 
 CHECKPOINT_KIND = "kflow-checkpoint"
+# Seeds derived from (seed, epoch) and (seed, step): primes larger than any realistic epoch or step count, so
+# different runs' seeds do not collide for nearby ``seed`` values.
+EPOCH_SEED_STRIDE = 100_003
+STEP_SEED_STRIDE = 1_000_003
+EMA_WARMUP = 10  # the EMA decay starts at 1/EMA_WARMUP and rises towards ``decay`` as (1 + n) / (EMA_WARMUP + n)
+PROGRESS_REFRESH_S = 0.5  # progress-bar redraw interval on a terminal ...
+PROGRESS_REFRESH_S_LOG_FILE = 15.0  # ... and when stderr goes to a log file
 NON_STRUCTURAL_KEYS = {"max_steps", "steps", "epochs", "out_dir", "out", "checkpoint_every", "log_every",
                        "progress", "resume", "num_workers", "eval_every", "keep_checkpoints", "device"}
 
@@ -66,7 +73,7 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def update(self, model: nn.Module):
         self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        d = min(self.decay, (1 + self.num_updates) / (EMA_WARMUP + self.num_updates))
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
@@ -100,7 +107,8 @@ class EpochBatchSampler:
 
     def batches(self, epoch: int) -> list[list[int]]:
         if self.shuffle:
-            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            seed = self.seed * EPOCH_SEED_STRIDE + epoch
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(self.num_items)
         g = self.batch_size * self.world_size
@@ -366,6 +374,26 @@ class Trainer:
     def fit(self, resume: bool | str | os.PathLike = False) -> dict:
         """Train until ``max_steps``; ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` if present,
         ``resume=path`` from that file. Returns a summary dict."""
+        self._begin(resume)
+        bar = self._progress_bar()
+        speed = _Throughput()
+        batches = self._batches()
+        last_loss = float("nan")
+        self.model.train()
+        while self.step < self.max_steps:
+            result = self._train_step(self._to_device(next(batches)))
+            speed.add(self.batch_size * self.world_size)
+            last_loss = last_loss if result.skipped else result.loss
+            self._report(result, bar, speed)
+            self._evaluate_if_due()
+            self._checkpoint_if_due()
+        if bar is not None:
+            bar.close()
+        return {"step": self.step, "loss": last_loss, "skipped_steps": self.skipped_steps,
+                "wall_time_s": speed.elapsed(), "samples_per_s": speed.overall_rate()}
+
+    def _begin(self, resume):
+        """Restore the checkpoint to resume from (if any) and record the run configuration."""
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is not None:
@@ -373,75 +401,83 @@ class Trainer:
         if dist_utils.is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.json", json.dumps(self.config, indent=2, default=str))
-        bar = None
-        if self.progress and dist_utils.is_main_process():
-            from tqdm.auto import tqdm
 
-            # Redraw rarely when the output is a log file rather than a terminal.
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step",
-                       mininterval=0.5 if sys.stderr.isatty() else 15.0)
-        model = self.model
-        model.train()
-        start, samples, last_loss = time.perf_counter(), 0, float("nan")
-        window_start, window_samples = start, 0
-        batches = self._batches()
-        while self.step < self.max_steps:
-            batch = self._to_device(next(batches))
-            torch.manual_seed(self.seed * 1_000_003 + self.step)  # same randomness on every rank and on resume
-            loss, metrics = self.loss_fn(model, batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-            # Every rank must agree before backward: under DDP a rank that skipped backward would hang the others.
-            bad = dist_utils.all_reduce_max(0.0 if bool(torch.isfinite(loss)) else 1.0, self.device) > 0
-            if not bad:
-                loss.backward()
-                params = [p for p in model.parameters() if p.grad is not None]
-                if self.grad_clip is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-                bad = dist_utils.all_reduce_max(0.0 if math.isfinite(grad_norm) else 1.0, self.device) > 0
-            if bad:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                self.bad_in_a_row += 1
-                if self.bad_in_a_row >= self.max_bad_steps:
-                    raise FloatingPointError(f"{self.bad_in_a_row} consecutive non-finite steps at step {self.step}; "
-                                             "lower the learning rate or check the data")
-            else:
-                self.optimizer.step()
-                self.bad_in_a_row = 0
-                if self.ema:
-                    self.ema.update(_unwrap(model))
-                last_loss = float(loss.detach())
-            with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
-                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
-                warnings.filterwarnings("ignore", message=".*optimizer.step.*", category=UserWarning)
-                self.scheduler.step()
-            self.step += 1
-            n = self.batch_size * self.world_size
-            samples += n
-            window_samples += n
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", skipped=self.skipped_steps)
-            if self.step % self.log_every == 0 or self.step == self.max_steps or bad:
-                now = time.perf_counter()
-                record = {"step": self.step, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                          "skipped": self.skipped_steps, **{k: float(v) for k, v in metrics.items()}}
-                window_start, window_samples = now, 0
-                self._log(record)
-            if self.eval_fn and self.eval_every and self.step % self.eval_every == 0 and dist_utils.is_main_process():
-                self._log({"step": self.step, **self.evaluate()})
-            if self.step % self.checkpoint_every == 0 or self.step == self.max_steps:
-                self.save_checkpoint()
-                dist_utils.barrier()
+    def _progress_bar(self):
+        if not (self.progress and dist_utils.is_main_process()):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step",
+                    mininterval=PROGRESS_REFRESH_S if sys.stderr.isatty() else PROGRESS_REFRESH_S_LOG_FILE)
+
+    def _train_step(self, batch) -> "_StepResult":
+        """One optimizer step on ``batch``; skipped (weights untouched) when the loss or the gradient is not finite.
+        The LR schedule advances either way."""
+        torch.manual_seed(self.seed * STEP_SEED_STRIDE + self.step)  # same randomness on every rank and on resume
+        loss, metrics = self.loss_fn(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float("nan")
+        # Every rank must agree before backward: under DDP a rank that skipped backward would hang the others.
+        finite = self._finite_on_all_ranks(float(loss.detach()))
+        if finite:
+            loss.backward()
+            grad_norm = self._clip_gradients()
+            finite = self._finite_on_all_ranks(grad_norm)
+        if finite:
+            self._apply_update()
+        else:
+            self._skip_update()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, by design
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*optimizer.step.*", category=UserWarning)
+            self.scheduler.step()
+        self.step += 1
+        return _StepResult(float(loss.detach()), metrics, grad_norm, skipped=not finite)
+
+    def _finite_on_all_ranks(self, value: float) -> bool:
+        """The NaN guard: True when ``value`` is finite on every rank."""
+        return dist_utils.all_reduce_max(0.0 if math.isfinite(value) else 1.0, self.device) == 0
+
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``grad_clip`` (if set); returns the norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+    def _apply_update(self):
+        self.optimizer.step()
+        self.bad_in_a_row = 0
+        if self.ema:
+            self.ema.update(_unwrap(self.model))
+
+    def _skip_update(self):
+        """Drop the gradients of a non-finite step; abort after ``max_bad_steps`` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(f"{self.bad_in_a_row} consecutive non-finite steps at step {self.step}; "
+                                     "lower the learning rate or check the data")
+
+    def _report(self, result: "_StepResult", bar, speed: "_Throughput"):
+        """Progress bar every step; a log record every ``log_every`` steps, at the end and after a skipped step."""
         if bar is not None:
-            bar.close()
-        wall = time.perf_counter() - start
-        return {"step": self.step, "loss": last_loss, "skipped_steps": self.skipped_steps, "wall_time_s": wall,
-                "samples_per_s": samples / max(wall, 1e-9)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4g}", skipped=self.skipped_steps)
+        if self.step % self.log_every == 0 or self.step == self.max_steps or result.skipped:
+            self._log({"step": self.step, "loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": result.grad_norm, "samples_per_s": speed.window_rate(),
+                       "skipped": self.skipped_steps, **{k: float(v) for k, v in result.metrics.items()}})
+
+    def _evaluate_if_due(self):
+        if self.eval_fn and self.eval_every and self.step % self.eval_every == 0 and dist_utils.is_main_process():
+            self._log({"step": self.step, **self.evaluate()})
+
+    def _checkpoint_if_due(self):
+        if self.step % self.checkpoint_every == 0 or self.step == self.max_steps:
+            self.save_checkpoint()
+            dist_utils.barrier()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -456,3 +492,35 @@ class Trainer:
         if self.ema:
             self.ema.copy_to(model)
         return model.eval()
+
+
+class _StepResult(NamedTuple):
+    loss: float
+    metrics: dict
+    grad_norm: float
+    skipped: bool
+
+
+class _Throughput:
+    """Samples per second over the whole run and over the window since the last log record."""
+
+    def __init__(self):
+        self.start = self.window_start = time.perf_counter()
+        self.samples = self.window_samples = 0
+
+    def add(self, samples: int):
+        self.samples += samples
+        self.window_samples += samples
+
+    def window_rate(self) -> float:
+        """Rate since the previous call (or the start); starts a new window."""
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_samples = now, 0
+        return rate
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def overall_rate(self) -> float:
+        return self.samples / max(self.elapsed(), 1e-9)
