@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import markdown_table, write_section  # noqa: E402
 from kflow.molecular.datasets import ClusterDataset  # noqa: E402
 from kflow.molecular.metrics import compute_packing_matching  # noqa: E402
-from kflow.molecular.training import AssemblyModelConfig  # noqa: E402
+from kflow.molecular.flow import collate_clusters  # noqa: E402
+from kflow.molecular.training import AssemblyLoss, AssemblyModelConfig, build_assembly_model  # noqa: E402
+from kflow.utils.io import atomic_write_text  # noqa: E402
 from kflow.molecular.datasets import csd500_path  # noqa: E402
 from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset,  # noqa: E402
                                       predict_assembly, train_assembly)
@@ -81,6 +83,120 @@ def metric_speed_section(store, n_clusters=1000) -> str:
             + f"\n\n1-min load average at the end of the run: {load:.1f} on {os.cpu_count()} cores.")
 
 
+# The network of kflow 0.2 (fully connected tensor products, graph rebuilt at every sampling step) next to the
+# levers of the faster default, one at a time: label -> (AssemblyModelConfig overrides, reuse the graph when sampling)
+NETWORK_VARIANTS = {
+    "kflow 0.2: fctp, graph rebuilt every step": ({"conv": "fctp"}, False),
+    "fctp, fixed graph reused": ({"conv": "fctp"}, True),
+    "uvu, fixed graph reused (default)": ({"conv": "uvu"}, True),
+    "uvu, heavy atoms only": ({"conv": "uvu", "heavy_atoms_only": True}, True),
+}
+OLD_NETWORK = "kflow 0.2: fctp, graph rebuilt every step"
+
+
+def _timed_rounds(variants: dict, run_once, rounds: int) -> dict:
+    """Seconds per variant, summed over ``rounds`` rounds that visit the variants in turn, so a change in machine
+    load during the run affects every variant alike."""
+    seconds = dict.fromkeys(variants, 0.0)
+    for _ in range(rounds):
+        for label, setup in variants.items():
+            t0 = time.perf_counter()
+            run_once(setup)
+            seconds[label] += time.perf_counter() - t0
+    return seconds
+
+
+def bench_network_speed(store, batch_size=4, num_batches=10, rounds=3, nfe=50, sample_clusters=16, threads=2):
+    """Training and sampling clusters/s of every ``NETWORK_VARIANTS`` entry on the same batches in one run.
+
+    Training: forward + backward + AdamW step of the K-Flow loss on ``num_batches`` fixed training batches.
+    Sampling: ``predict_assembly`` at ``nfe`` Euler steps on the first ``sample_clusters`` test clusters (batches
+    of 8). Untrained weights cost the same as trained ones. Returns rows of (label, train/s, sample/s, params)."""
+    torch.set_num_threads(threads)
+    train = ClusterDataset(store, split="train", seed=0)
+    test = torch.utils.data.Subset(ClusterDataset(store, split="test", seed=0), range(sample_clusters))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [collate_clusters([train[order[i * batch_size + j]] for j in range(batch_size)])
+               for i in range(num_batches)]
+    setups = {}
+    for label, (overrides, reuse) in NETWORK_VARIANTS.items():
+        torch.manual_seed(0)
+        model, rigid = build_assembly_model(AssemblyModelConfig(**overrides))
+        setups[label] = (model, rigid, AssemblyLoss(rigid), torch.optim.AdamW(model.parameters(), 1e-3), reuse)
+
+    def train_pass(setup, batch_list=batches):
+        model, _, loss_fn, opt, _ = setup
+        model.train()
+        for batch in batch_list:
+            loss, _ = loss_fn(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def sample_pass(setup):
+        model, rigid, _, _, reuse = setup
+        predict_assembly(model, rigid, test, steps=nfe, method="euler", reuse_graph=reuse)
+
+    for setup in setups.values():  # warm-up: e3nn code generation, allocator
+        train_pass(setup, batches[:2])
+    train_s = _timed_rounds(setups, train_pass, rounds)
+    sample_s = _timed_rounds(setups, sample_pass, max(1, rounds - 1))
+    atoms = float(np.mean([b.mask.sum().item() / b.num_clusters for b in batches]))
+    rows = []
+    for label, (model, *_rest) in setups.items():
+        rows.append((label, rounds * num_batches * batch_size / train_s[label],
+                     max(1, rounds - 1) * sample_clusters / sample_s[label], sum(p.numel() for p in model.parameters())))
+    return rows, atoms
+
+
+def network_section(store, out: Path, steps=150, sample_steps=10, seeds=(0, 1, 2), batch_size=4) -> str:
+    """Side-by-side speed of the network variants, then their quality at equal steps over ``seeds`` (K=2).
+
+    Quality runs are resumable: each seed's metrics are saved to out/network/<variant>_s<seed>/result.json as soon
+    as they exist, and a rerun reuses them."""
+    speed, atoms = bench_network_speed(store, batch_size=batch_size)
+    base_train, base_sample = speed[0][1], speed[0][2]
+    speed_rows = [[label, f"{tr:.1f}", f"{tr / base_train:.2f}×", f"{sa:.2f}", f"{sa / base_sample:.2f}×", f"{n:,}"]
+                  for label, tr, sa, n in speed]
+    test = ClusterDataset(store, split="test", seed=0)
+    quality_rows = []
+    for label, (overrides, _) in NETWORK_VARIANTS.items():
+        if label == "fctp, fixed graph reused":  # same weights and results as kflow 0.2: no separate quality run
+            continue
+        per_seed = []
+        for seed in seeds:
+            run = out / "network" / f"{overrides['conv']}{'_heavy' if overrides.get('heavy_atoms_only') else ''}_s{seed}"
+            result_file = run / "result.json"
+            if not result_file.exists():
+                model, rigid, _ = train_assembly(store, run, AssemblyModelConfig(**overrides), steps=steps,
+                                                 batch_size=batch_size, seed=seed, split_seed=0, progress=False,
+                                                 resume=True)
+                preds = predict_assembly(model, rigid, test, steps=sample_steps, seed=seed)
+                res = evaluate_assembly(test, preds)
+                atomic_write_text(result_file, json.dumps({m: res[m]["mean"] for m in METRICS}))
+            per_seed.append(json.loads(result_file.read_text()))
+            print("network", label, seed, per_seed[-1], flush=True)
+        cells = []
+        for m in ("pm_atom", "pm_center", "rmsd15"):
+            v = np.array([r[m] for r in per_seed])
+            cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
+        quality_rows.append([label] + cells)
+    return ("## Assembly network speed (`benchmarks/bench_assembly.py --network-only`)\n\n"
+            f"All variants in one run on the same 10 training batches of {batch_size} embedded-benchmark clusters "
+            f"({atoms:.0f} atoms per cluster on average) and the same 16 test clusters, 2 torch threads, rounds "
+            "interleaved across variants. Training = forward + backward + AdamW step of the K=2 loss; sampling = "
+            "`predict_assembly` at 50 NFE (Euler, batches of 8). Ratios are against the network of kflow 0.2 "
+            "measured in the same run.\n\n"
+            + markdown_table(["network", "training clusters/s", "ratio", "sampling clusters/s (50 NFE)", "ratio",
+                              "parameters"], speed_rows)
+            + f"\n\n1-min load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
+            + f"\n\n**Quality at equal steps** (K=2, {steps} steps of batch {batch_size}, {sample_steps}-step band "
+            f"sampler, seeds {list(seeds)}, fixed crystal-level split; mean ± std over seeds of the per-cluster "
+            f"mean, {len(test)} test clusters; lower is better)\n\n"
+            + markdown_table(["network", "PM-atom (Å)", "PM-center (Å)", "RMSD_15 (Å)"], quality_rows)
+            + "\n\nNo GPU row: no accelerator was measured for this table.")
+
+
 def bench_model_speed(store, test, num_bands, batch_size, out_dir, train_steps=30, nfe=50, num_clusters=16):
     """(training clusters/s, sampling clusters/s at ``nfe``) from a fresh run (never a resumed one), timed after a
     few warm-up steps so one-off set-up cost is not counted."""
@@ -117,7 +233,17 @@ def main(argv=None):
     p.add_argument("--out", default="runs/bench_assembly")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--metric-speed-only", action="store_true", help="only the packing-matching speed section")
+    p.add_argument("--network-only", action="store_true",
+                   help="only the network section: kflow 0.2's network vs the faster levers, speed and quality")
     args = p.parse_args(argv)
+    if args.network_only:
+        body = network_section(load_assembly_dataset("demo", "data", progress=False), Path(args.out),
+                               steps=args.steps, sample_steps=args.sample_steps, seeds=tuple(args.seeds),
+                               batch_size=args.batch_size)
+        print(body)
+        if not args.no_write:
+            write_section("assembly-network", body)
+        return
     if args.metric_speed_only or args.datasets:
         body = metric_speed_section(load_assembly_dataset("demo", "data", progress=False))
         print(body)

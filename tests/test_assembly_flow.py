@@ -81,17 +81,22 @@ def test_non_rigid_cluster_is_rejected_with_location():
         collate_clusters([item])
 
 
-def _small_model(num_bands=2):
+def _small_model(num_bands=2, **network_kwargs):
     torch.manual_seed(0)
-    net = AssemblyNetwork("8x0e + 4x1o + 4x1e", num_atom_layers=1, num_molecule_layers=1,
-                          schedule=BandSchedule(num_bands)).double()
+    net = AssemblyNetwork("8x0e + 4x1o + 4x1e", num_molecule_layers=1, schedule=BandSchedule(num_bands),
+                          **{"num_atom_layers": 1, **network_kwargs}).double()
     for p in net.head.parameters():  # the head is small at init; make outputs O(1) so the test is sensitive
         torch.nn.init.normal_(p)
     return AssemblyFlowModel(net)
 
 
-def test_network_is_se3_equivariant_and_parity_correct():
-    model = _small_model()
+NETWORK_VARIANTS = [dict(conv="uvu"), dict(conv="fctp"), dict(conv="uvu", heavy_atoms_only=True, num_atom_layers=2),
+                    dict(conv="fctp", num_atom_layers=2)]
+
+
+@pytest.mark.parametrize("variant", NETWORK_VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_network_is_se3_equivariant_and_parity_correct(variant):
+    model = _small_model(**variant)
     items = [synthetic_cluster(5), synthetic_cluster(6, atoms=3)]
     t = torch.tensor([0.2, 0.7], dtype=F64)
     a = collate_clusters(items, dtype=F64)
@@ -106,6 +111,42 @@ def test_network_is_se3_equivariant_and_parity_correct():
         assert (out_b[..., :3] - out_a[..., :3] @ rot.T).abs().max() < 1e-4
         assert (out_b[..., 3:] - det * out_a[..., 3:] @ rot.T).abs().max() < 1e-4
     assert out_a.abs().max() > 0.1  # not trivially zero
+
+
+def test_fixed_graph_is_the_rebuilt_graph():
+    """The intra-molecular edges built once from body coordinates are the ones a rebuild at any pose finds, so a
+    sampler that reuses them integrates exactly the same flow."""
+    model = _small_model(num_atom_layers=2)
+    batch = collate_clusters([synthetic_cluster(3), synthetic_cluster(4, atoms=4)], dtype=F64)
+    flow = RigidKFlow(2).for_batch(batch)
+    graph = model.preprocess(batch)
+    z = flow.interpolate(batch.initial_chart(), batch.final_chart(), torch.tensor([0.4, 0.9], dtype=F64))
+    assert torch.equal(model(z, torch.tensor([0.4, 0.9], dtype=F64), batch=batch, graph=graph),
+                       model(z, torch.tensor([0.4, 0.9], dtype=F64), batch=batch))
+    kwargs = [{"batch": batch, "graph": graph}, {"batch": batch}]
+    z1 = [flow.sample(model, batch.initial_chart(), steps=4, method="band", model_kwargs=kw) for kw in kwargs]
+    assert torch.equal(z1[0], z1[1])
+    assert graph.intra_src.numel() > 0 and (z1[0] - batch.initial_chart()).abs().max() > 1e-3
+
+
+def test_heavy_atom_graph_has_no_hydrogen_edges():
+    model = _small_model(heavy_atoms_only=True)
+    batch = collate_clusters([synthetic_cluster(3)], dtype=F64)
+    graph = model.preprocess(batch)
+    hydrogen = graph.atom_types == 1
+    assert hydrogen.any() and not hydrogen[graph.intra_src].any() and not hydrogen[graph.intra_dst].any()
+    assert not graph.inter_pairs.reshape(-1, graph.inter_pairs.shape[-1])[hydrogen].any()
+
+
+def test_configs_saved_before_conv_existed_load_the_fctp_network():
+    from kflow.molecular.training import AssemblyModelConfig
+
+    old = AssemblyModelConfig().to_dict()
+    del old["conv"], old["heavy_atoms_only"]
+    assert AssemblyModelConfig.from_dict(old).conv == "fctp"
+    assert AssemblyModelConfig().conv == "uvu"
+    with pytest.raises(ValueError, match="conv must be one of"):
+        AssemblyNetwork(conv="dense")
 
 
 def test_sampler_is_se3_equivariant():

@@ -3,19 +3,31 @@
 Two levels of message passing, both with tensor-product convolutions on spherical harmonics of edge vectors:
 
 1. atoms: edges within a molecule (r < ``intra_cutoff``) and between molecules (r < ``inter_cutoff``) of the same
-   cluster; a flag tells the two apart. Neighbour lists are computed densely in plain torch per cluster.
+   cluster; a flag tells the two apart. Molecules are rigid, so the intra-molecular edges, their lengths and radial
+   features never change along a path: ``AssemblyNetwork.preprocess`` builds them once per batch (from the body
+   coordinates) and the sampler reuses them at every step. Inter-molecular edges are found densely in plain torch
+   at every call.
 2. molecules: atom features are mean-pooled per molecule and exchanged over the complete graph of the M
    molecules of a cluster (edges between centroids), so every molecule sees the whole cluster.
+
+Two convolutions (``conv``):
+- ``"uvu"`` (default): depthwise tensor product, one learned radial weight per channel and path, channels mixed
+  by node-level linear layers before and after the edge sum (the NequIP/MACE pattern). The per-edge weights are
+  small ([E, Σ mul_in]), which is what makes it fast on CPU.
+- ``"fctp"``: fully connected tensor product with per-edge weights ([E, mul_in · mul_out] per path), the
+  network of kflow ≤ 0.2, kept so old checkpoints load and the speed-up is measured side by side.
 
 The head predicts, per molecule, the remaining displacement to the final pose in the rigid-body chart: a
 translation ΔT (irrep 1o, a vector) and a rotation-coordinate change (irrep 1e, a pseudovector). Everything is
 built from relative vectors, so the output rotates with the input and ignores global translations.
 
-Shapes: B clusters, M molecules, P atoms per molecule (padded), A = M·P atoms per cluster.
+Shapes: B clusters, M molecules, P atoms per molecule (padded), A = M·P atoms per cluster, V = B·A atom nodes,
+E atom edges, N = B·M molecule nodes.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from e3nn import o3
@@ -25,11 +37,17 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from kflow.core import BandSchedule, BandTimeEmbedding
-from kflow.molecular.flow import AssemblyBatch, poses_from_chart
+from kflow.molecular.flow import AssemblyBatch, atoms_from_poses, poses_from_chart
 
-__all__ = ["EquivariantConvolution", "AssemblyNetwork", "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]
+__all__ = ["FullyConnectedConvolution", "DepthwiseConvolution", "CONVOLUTIONS", "AssemblyGraph", "AssemblyNetwork",
+           "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]
 
 MAX_ATOMIC_NUMBER = 100
+# Message sums are divided by √num_neighbors. Typical atom degree of the demo clusters at the default cutoffs
+# (intra 2 Å, inter 4 Å); the molecule graph is complete over 17 molecules, so every molecule has 16 neighbours.
+ATOM_NUM_NEIGHBORS = 20.0
+MOLECULE_NUM_NEIGHBORS = 16.0
+CHART_IRREPS = o3.Irreps("1x1o + 1x1e")  # per molecule: translation (vector), rotation coordinates (pseudovector)
 
 
 def _gated_irreps(hidden: o3.Irreps):
@@ -40,51 +58,112 @@ def _gated_irreps(hidden: o3.Irreps):
     return scalars, gates, gated
 
 
-class EquivariantConvolution(nn.Module):
-    """h_i' = Linear(h_i) + Gate( Σ_j TP(h_j, Y(r_ij); w(edge scalars)) / √n̄ ).
+def _gate(irreps_out: o3.Irreps) -> Gate:
+    scalars, gates, gated = _gated_irreps(irreps_out)
+    return Gate(scalars, [torch.nn.functional.silu] * len(scalars), gates, [torch.sigmoid] * len(gates), gated)
+
+
+def _radial_embedding(length: torch.Tensor, cutoff: float, num_basis: int) -> torch.Tensor:
+    """Smooth radial basis vanishing at ``cutoff``: [E] -> [E, num_basis]."""
+    return soft_one_hot_linspace(length, 0.0, cutoff, num_basis, basis="smooth_finite",
+                                 cutoff=True) * math.sqrt(num_basis)
+
+
+class FullyConnectedConvolution(nn.Module):
+    """h_i' = Linear(h_i) + Gate( Σ_j TP(h_j, Y(r_ij); w(edge scalars)) / √num_neighbors ), fully connected TP.
 
     Args:
         irreps_in, irreps_out: node feature irreps.
         irreps_sh: spherical-harmonics irreps of the edge direction.
         num_edge_scalars: size of the invariant edge features (radial basis, flags).
-        avg_neighbors: normalisation of the summed messages.
+        num_neighbors: typical number of messages a node receives (normalises the sum).
     """
 
     def __init__(self, irreps_in, irreps_out, irreps_sh, num_edge_scalars: int, radial_hidden: int = 32,
-                 avg_neighbors: float = 10.0):
+                 num_neighbors: float = 10.0):
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-        scalars, gates, gated = _gated_irreps(self.irreps_out)
-        self.gate = Gate(scalars, [torch.nn.functional.silu] * len(scalars), gates,
-                         [torch.sigmoid] * len(gates), gated)
+        self.gate = _gate(self.irreps_out)
         self.tp = o3.FullyConnectedTensorProduct(self.irreps_in, irreps_sh, self.gate.irreps_in,
                                                  shared_weights=False)
         self.radial = FullyConnectedNet([num_edge_scalars, radial_hidden, self.tp.weight_numel],
                                         torch.nn.functional.silu)
         self.self_interaction = o3.Linear(self.irreps_in, self.irreps_out)
-        self.norm = 1.0 / math.sqrt(avg_neighbors)
+        self.norm = 1.0 / math.sqrt(num_neighbors)
 
     def forward(self, h, edge_src, edge_dst, edge_sh, edge_scalars):
         """h [V, irreps_in], edges [E], edge_sh [E, sh], edge_scalars [E, S] -> [V, irreps_out]."""
-        messages = self.tp(h[edge_src], edge_sh, self.radial(edge_scalars))
-        agg = scatter(messages, edge_dst, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm
-        return self.self_interaction(h) + self.gate(agg)
+        messages = self.tp(h[edge_src], edge_sh, self.radial(edge_scalars))  # [E, gate_in]
+        agg = scatter(messages, edge_dst, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm  # [V, gate_in]
+        return self.self_interaction(h) + self.gate(agg)  # [V, irreps_out]
 
 
-def _radius_edges(pos: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, intra_cutoff: float,
-                  inter_cutoff: float):
-    """Dense neighbour search per cluster in plain torch.
+class DepthwiseConvolution(nn.Module):
+    """h_i' = Linear(h_i) + Gate( Linear_out( Σ_j TP_uvu(Linear_in(h_j), Y(r_ij); w(edge scalars)) / √n ) ).
 
-    pos [B, A, 3], mask [B, A], group [B, A] (molecule id). Returns flat (src, dst, same_group) over B·A nodes,
-    keeping pairs i ≠ j with r < intra_cutoff inside a molecule or r < inter_cutoff between molecules.
+    The tensor product keeps channels separate ("uvu": channel u of h_j times Y, weighted by one radial scalar per
+    channel and path); channel mixing happens on nodes, after the edge sum, where it is V instead of E rows.
+    Only paths whose output irrep exists in the gate input are built. Same arguments as
+    ``FullyConnectedConvolution``.
     """
-    b, a, _ = pos.shape
-    dist = torch.cdist(pos, pos)  # [B, A, A]
-    same = group[:, :, None] == group[:, None, :]
-    valid = mask[:, :, None] & mask[:, None, :] & ~torch.eye(a, dtype=torch.bool, device=pos.device)
-    keep = valid & torch.where(same, dist < intra_cutoff, dist < inter_cutoff)
-    cb, ci, cj = keep.nonzero(as_tuple=True)
-    return cb * a + cj, cb * a + ci, same[cb, ci, cj]  # messages flow j -> i
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, num_edge_scalars: int, radial_hidden: int = 32,
+                 num_neighbors: float = 10.0):
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        irreps_sh = o3.Irreps(irreps_sh)
+        self.gate = _gate(self.irreps_out)
+        wanted = {ir for _, ir in self.gate.irreps_in}
+        irreps_mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(self.irreps_in):
+            for j, (_, ir_sh) in enumerate(irreps_sh):
+                for ir_out in ir_in * ir_sh:
+                    if ir_out in wanted:
+                        instructions.append((i, j, len(irreps_mid), "uvu", True))
+                        irreps_mid.append((mul, ir_out))
+        self.linear_in = o3.Linear(self.irreps_in, self.irreps_in)
+        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, o3.Irreps(irreps_mid), instructions,
+                                   shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([num_edge_scalars, radial_hidden, self.tp.weight_numel],
+                                        torch.nn.functional.silu)
+        self.linear_out = o3.Linear(self.tp.irreps_out, self.gate.irreps_in)
+        self.self_interaction = o3.Linear(self.irreps_in, self.irreps_out)
+        self.norm = 1.0 / math.sqrt(num_neighbors)
+
+    def forward(self, h, edge_src, edge_dst, edge_sh, edge_scalars):
+        """h [V, irreps_in], edges [E], edge_sh [E, sh], edge_scalars [E, S] -> [V, irreps_out]."""
+        messages = self.tp(self.linear_in(h)[edge_src], edge_sh, self.radial(edge_scalars))  # [E, mid]
+        agg = scatter(messages, edge_dst, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm  # [V, mid]
+        return self.self_interaction(h) + self.gate(self.linear_out(agg))  # [V, irreps_out]
+
+
+CONVOLUTIONS = {"uvu": DepthwiseConvolution, "fctp": FullyConnectedConvolution}
+
+
+@dataclass
+class AssemblyGraph:
+    """What does not change while the molecules of a batch move rigidly (built once by ``preprocess``).
+
+    V = B·A atom nodes (padding included; padding and, with ``heavy_atoms_only``, hydrogens have no edges).
+    """
+
+    atom_types: torch.Tensor  # [V] long, 0 = padding
+    atom_mask: torch.Tensor  # [B, A] bool: atoms that take part in message passing
+    inter_pairs: torch.Tensor  # [B, A, A] bool: candidate inter-molecular pairs (both atoms real, other molecule)
+    intra_src: torch.Tensor  # [E_intra] flat atom index (messages flow src -> dst)
+    intra_dst: torch.Tensor  # [E_intra]
+    intra_scalars: torch.Tensor  # [E_intra, num_basis + 1] radial features of the fixed bond lengths + intra flag
+    molecule_src: torch.Tensor  # [B·M·(M-1)] complete molecule graph
+    molecule_dst: torch.Tensor
+    mask: torch.Tensor  # [B, M, P] bool, every real atom (centroids use all of them)
+
+
+def _complete_graph(num_clusters: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed edges j -> i, i ≠ j, of the complete graph on each cluster's M molecules (flat ids)."""
+    ii, jj = torch.meshgrid(torch.arange(m, device=device), torch.arange(m, device=device), indexing="ij")
+    off = ii != jj
+    base = (torch.arange(num_clusters, device=device) * m)[:, None]
+    return (base + jj[off][None]).reshape(-1), (base + ii[off][None]).reshape(-1)
 
 
 class AssemblyNetwork(nn.Module):
@@ -98,90 +177,118 @@ class AssemblyNetwork(nn.Module):
         lmax: spherical-harmonics degree of edge directions.
         num_basis: radial basis size.
         schedule: the band schedule, for the band-aware time embedding (None: time only).
+        conv: "uvu" (depthwise, default) or "fctp" (fully connected, the previous network).
+        heavy_atoms_only: atom-level message passing over non-hydrogen atoms only (hydrogens ride along rigidly).
+        atom_num_neighbors, molecule_num_neighbors: normalisation of the message sums at each level.
     """
 
     def __init__(self, hidden_irreps: str = "32x0e + 8x1o + 8x1e", num_atom_layers: int = 1,
                  num_molecule_layers: int = 2, intra_cutoff: float = 2.0, inter_cutoff: float = 4.0,
                  molecule_cutoff: float = 20.0, lmax: int = 2, num_basis: int = 10,
-                 schedule: BandSchedule | None = None, time_dim: int = 32):
+                 schedule: BandSchedule | None = None, time_dim: int = 32, conv: str = "uvu",
+                 heavy_atoms_only: bool = False, atom_num_neighbors: float = ATOM_NUM_NEIGHBORS,
+                 molecule_num_neighbors: float = MOLECULE_NUM_NEIGHBORS):
         super().__init__()
+        if conv not in CONVOLUTIONS:
+            raise ValueError(f"conv must be one of {sorted(CONVOLUTIONS)}, got {conv!r}")
+        convolution = CONVOLUTIONS[conv]
         self.hidden_irreps = o3.Irreps(hidden_irreps).sort().irreps.simplify()  # scalars first
         self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
         self.intra_cutoff, self.inter_cutoff, self.molecule_cutoff = intra_cutoff, inter_cutoff, molecule_cutoff
-        self.num_basis = num_basis
+        self.num_basis, self.heavy_atoms_only = num_basis, heavy_atoms_only
         num_scalars = self.hidden_irreps.count(o3.Irrep("0e"))
         self.atom_embedding = nn.Embedding(MAX_ATOMIC_NUMBER + 1, num_scalars)
         self.time_embedding = BandTimeEmbedding(time_dim, schedule)
         self.time_to_atoms = nn.Linear(time_dim, num_scalars)
         self.time_to_molecules = nn.Linear(time_dim, num_scalars)
-        scalar_irreps = o3.Irreps(f"{num_scalars}x0e")
-        atom_layers, irreps = [], scalar_irreps
+        atom_layers, irreps = [], o3.Irreps(f"{num_scalars}x0e")
         for _ in range(num_atom_layers):
-            atom_layers.append(EquivariantConvolution(irreps, self.hidden_irreps, self.irreps_sh, num_basis + 1,
-                                                      avg_neighbors=20.0))
+            atom_layers.append(convolution(irreps, self.hidden_irreps, self.irreps_sh, num_basis + 1,
+                                           num_neighbors=atom_num_neighbors))
             irreps = self.hidden_irreps
         self.atom_layers = nn.ModuleList(atom_layers)
         # Molecule inputs: pooled atom features + the current chart offset (z_T: 1o, z_R: 1e).
-        self.molecule_input = o3.Linear(irreps + o3.Irreps("1x1o + 1x1e"), self.hidden_irreps)
+        self.molecule_input = o3.Linear(irreps + CHART_IRREPS, self.hidden_irreps)
         self.molecule_layers = nn.ModuleList([
-            EquivariantConvolution(self.hidden_irreps, self.hidden_irreps, self.irreps_sh, num_basis,
-                                   avg_neighbors=16.0) for _ in range(num_molecule_layers)])
-        self.head = o3.Linear(self.hidden_irreps, o3.Irreps("1x1o + 1x1e"))
-        self.irreps_in_molecule = irreps
+            convolution(self.hidden_irreps, self.hidden_irreps, self.irreps_sh, num_basis,
+                        num_neighbors=molecule_num_neighbors) for _ in range(num_molecule_layers)])
+        self.head = o3.Linear(self.hidden_irreps, CHART_IRREPS)
 
-    def forward(self, positions: torch.Tensor, atomic_numbers: torch.Tensor, mask: torch.Tensor,
-                chart: torch.Tensor, t: torch.Tensor):
-        """positions [B, M, P, 3], atomic_numbers [B, M, P], mask [B, M, P], chart z_t [B, M, 6], t [B]
-        -> (ΔT [B, M, 3], Δω [B, M, 3])."""
-        b, m, p, _ = positions.shape
-        a = m * p
+    @torch.no_grad()
+    def preprocess(self, atomic_numbers: torch.Tensor, mask: torch.Tensor, body: torch.Tensor) -> AssemblyGraph:
+        """The rigid parts of the graph from atomic_numbers [B, M, P], mask [B, M, P], body coordinates
+        [B, M, P, 3] (any rigid copy of each molecule: only intra-molecular distances are used)."""
         if atomic_numbers.max() > MAX_ATOMIC_NUMBER or atomic_numbers.min() < 0:
             raise ValueError(f"atomic numbers must be in 1..{MAX_ATOMIC_NUMBER} (0 = padding), got "
                              f"{int(atomic_numbers.min())}..{int(atomic_numbers.max())}")
-        dtype = positions.dtype
-        pos = positions.reshape(b, a, 3)
-        amask = mask.reshape(b, a)
-        group = torch.arange(m, device=pos.device).repeat_interleave(p)[None].expand(b, a)
+        b, m, p = mask.shape
+        a, device = m * p, mask.device
+        active = mask & (atomic_numbers > 1) if self.heavy_atoms_only else mask  # [B, M, P]
+        # Intra-molecular edges from the (fixed) bond geometry of each molecule.
+        bond = torch.cdist(body, body)  # [B, M, P, P]
+        keep = (active[..., :, None] & active[..., None, :] & (bond < self.intra_cutoff)
+                & ~torch.eye(p, dtype=torch.bool, device=device))
+        cb, cm, ci, cj = keep.nonzero(as_tuple=True)
+        length = bond[cb, cm, ci, cj]
+        radial = _radial_embedding(length, self.inter_cutoff, self.num_basis)  # [E_intra, num_basis]
+        intra_scalars = torch.cat([radial, torch.ones_like(radial[:, :1])], -1)
+        # Inter-molecular candidates: real atoms of different molecules.
+        group = torch.arange(m, device=device).repeat_interleave(p)  # [A]
+        amask = active.reshape(b, a)
+        inter_pairs = amask[:, :, None] & amask[:, None, :] & (group[:, None] != group[None, :])[None]
+        msrc, mdst = _complete_graph(b, m, device)
+        return AssemblyGraph(atomic_numbers.reshape(b * a), amask, inter_pairs, cb * a + cm * p + cj,
+                             cb * a + cm * p + ci, intra_scalars.to(body.dtype), msrc, mdst, mask)
+
+    def _atom_edges(self, pos: torch.Tensor, graph: AssemblyGraph):
+        """Edge list of the current positions pos [B, A, 3]: fixed intra edges + inter edges within the cutoff.
+        Returns (src [E], dst [E], sh [E, sh], edge_scalars [E, num_basis + 1])."""
+        b, a, _ = pos.shape
+        keep = graph.inter_pairs & (torch.cdist(pos, pos) < self.inter_cutoff)  # [B, A, A]
+        cb, ci, cj = keep.nonzero(as_tuple=True)
+        src = torch.cat([graph.intra_src, cb * a + cj])
+        dst = torch.cat([graph.intra_dst, cb * a + ci])
+        flat = pos.reshape(b * a, 3)
+        vec = flat[dst] - flat[src]  # [E, 3]
+        n_intra = graph.intra_src.shape[0]
+        radial = _radial_embedding(vec[n_intra:].norm(dim=-1), self.inter_cutoff, self.num_basis)
+        inter_scalars = torch.cat([radial, torch.zeros_like(radial[:, :1])], -1)
+        edge_scalars = torch.cat([graph.intra_scalars.to(pos.dtype), inter_scalars])  # [E, num_basis + 1]
+        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+        return src, dst, sh, edge_scalars
+
+    def forward(self, positions: torch.Tensor, graph: AssemblyGraph, chart: torch.Tensor, t: torch.Tensor):
+        """positions [B, M, P, 3], graph from ``preprocess``, chart z_t [B, M, 6], t [B]
+        -> (ΔT [B, M, 3], Δω [B, M, 3])."""
+        b, m, p, _ = positions.shape
+        a, dtype = m * p, positions.dtype
         temb = self.time_embedding(t).to(dtype)  # [B, time_dim]
 
         # ---- atom level
-        src, dst, same = _radius_edges(pos, amask, group, self.intra_cutoff, self.inter_cutoff)
-        flat = pos.reshape(b * a, 3)
-        vec = flat[dst] - flat[src]
-        length = vec.norm(dim=-1)
-        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
-        radial = soft_one_hot_linspace(length, 0.0, self.inter_cutoff, self.num_basis, basis="smooth_finite",
-                                       cutoff=True) * math.sqrt(self.num_basis)
-        edge_scalars = torch.cat([radial, same.to(dtype)[:, None]], -1)
-        h = self.atom_embedding(atomic_numbers.reshape(b * a)).to(dtype)
-        h = h + self.time_to_atoms(temb).repeat_interleave(a, 0)
+        src, dst, sh, edge_scalars = self._atom_edges(positions.reshape(b, a, 3), graph)  # E edges
+        h = self.atom_embedding(graph.atom_types).to(dtype)  # [V, scalars]
+        h = h + self.time_to_atoms(temb).repeat_interleave(a, 0)  # [V, scalars]
         for layer in self.atom_layers:
-            h = layer(h, src, dst, sh, edge_scalars)
+            h = layer(h, src, dst, sh, edge_scalars)  # [V, hidden]
 
-        # ---- pool to molecules: mean over real atoms
-        w = amask.reshape(b * m, p, 1).to(dtype)
-        pooled = (h.reshape(b * m, p, -1) * w).sum(1) / w.sum(1).clamp_min(1)
-        hm = self.molecule_input(torch.cat([pooled, chart.reshape(b * m, 6)], -1))
+        # ---- pool to molecules: mean over the atoms that took part
+        w = graph.atom_mask.reshape(b * m, p, 1).to(dtype)  # [N, P, 1]
+        pooled = (h.reshape(b * m, p, -1) * w).sum(1) / w.sum(1).clamp_min(1)  # [N, hidden]
+        hm = self.molecule_input(torch.cat([pooled, chart.reshape(b * m, 6)], -1))  # [N, hidden]
         num_scalars = self.time_to_molecules.out_features
         hm = torch.cat([hm[:, :num_scalars] + self.time_to_molecules(temb).repeat_interleave(m, 0),
-                        hm[:, num_scalars:]], -1)
+                        hm[:, num_scalars:]], -1)  # [N, hidden]
 
         # ---- molecule level: complete graph over the M molecules of each cluster
-        centroids = (positions * mask[..., None]).sum(2) / mask.sum(2, keepdim=True).clamp_min(1)  # [B, M, 3]
-        ii, jj = torch.meshgrid(torch.arange(m, device=pos.device), torch.arange(m, device=pos.device),
-                                indexing="ij")
-        off = ii != jj
-        ii, jj = ii[off], jj[off]
-        base = (torch.arange(b, device=pos.device) * m)[:, None]
-        msrc, mdst = (base + jj[None]).reshape(-1), (base + ii[None]).reshape(-1)
+        mask = graph.mask[..., None].to(dtype)
+        centroids = (positions * mask).sum(2) / mask.sum(2).clamp_min(1)  # [B, M, 3]
         cflat = centroids.reshape(b * m, 3)
-        mvec = cflat[mdst] - cflat[msrc]
+        mvec = cflat[graph.molecule_dst] - cflat[graph.molecule_src]  # [B·M·(M-1), 3]
         msh = o3.spherical_harmonics(self.irreps_sh, mvec, normalize=True, normalization="component")
-        mrad = soft_one_hot_linspace(mvec.norm(dim=-1), 0.0, self.molecule_cutoff, self.num_basis,
-                                     basis="smooth_finite", cutoff=True) * math.sqrt(self.num_basis)
+        mrad = _radial_embedding(mvec.norm(dim=-1), self.molecule_cutoff, self.num_basis)
         for layer in self.molecule_layers:
-            hm = layer(hm, msrc, mdst, msh, mrad)
-        out = self.head(hm).reshape(b, m, 6)
+            hm = layer(hm, graph.molecule_src, graph.molecule_dst, msh, mrad)  # [N, hidden]
+        out = self.head(hm).reshape(b, m, 6)  # [B, M, 6]
         return out[..., :3], out[..., 3:]
 
 
@@ -192,14 +299,22 @@ class AssemblyFlowModel(nn.Module):
     per molecule, ẑ¹ = z_t + (ΔT, Δz_R): ΔT is a vector (1o) in Å and Δz_R a pseudovector (1e) in the scaled
     rotation coordinates (Å). Predicting the displacement in the chart, rather than a relative rotation that is
     then mapped back with log, keeps the output continuous: log jumps where rotation angles cross π.
+
+    ``graph`` (from ``preprocess(batch)``) is what stays fixed along a path; a sampler builds it once and passes
+    it to every step, training builds it per batch.
     """
 
     def __init__(self, network: AssemblyNetwork):
         super().__init__()
         self.network = network
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, batch: AssemblyBatch) -> torch.Tensor:
+    def preprocess(self, batch: AssemblyBatch) -> AssemblyGraph:
+        return self.network.preprocess(batch.atomic_numbers, batch.mask, batch.body)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, batch: AssemblyBatch,
+                graph: AssemblyGraph | None = None) -> torch.Tensor:
+        graph = self.preprocess(batch) if graph is None else graph
         trans, rot = poses_from_chart(batch.initial_translations, z_t, batch.rotation_scale)
-        positions = trans[:, :, None] + torch.einsum("bmij,bmpj->bmpi", rot, batch.body)
-        d_trans, d_rot = self.network(positions, batch.atomic_numbers, batch.mask, z_t, t)
-        return z_t + torch.cat([d_trans, d_rot], -1)
+        positions = atoms_from_poses(trans, rot, batch.body)  # [B, M, P, 3]
+        d_trans, d_rot = self.network(positions, graph, z_t, t)
+        return z_t + torch.cat([d_trans, d_rot], -1)  # [B, M, 6]

@@ -34,6 +34,8 @@ class AssemblyModelConfig:
     molecule_cutoff: float = 20.0
     lmax: int = 2
     num_basis: int = 10
+    conv: str = "uvu"  # "uvu" depthwise convolutions; "fctp" the fully connected network of kflow <= 0.2
+    heavy_atoms_only: bool = False  # atom-level message passing without hydrogens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +43,7 @@ class AssemblyModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AssemblyModelConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known.setdefault("conv", "fctp")  # configurations saved before `conv` existed describe the fctp network
         return cls(**known)
 
 
@@ -49,7 +52,8 @@ def build_assembly_model(config: AssemblyModelConfig) -> tuple[AssemblyFlowModel
     rigid = RigidKFlow(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap)
     net = AssemblyNetwork(config.hidden_irreps, config.num_atom_layers, config.num_molecule_layers,
                           config.intra_cutoff, config.inter_cutoff, config.molecule_cutoff, config.lmax,
-                          config.num_basis, schedule=rigid.schedule)
+                          config.num_basis, schedule=rigid.schedule, conv=config.conv,
+                          heavy_atoms_only=config.heavy_atoms_only)
     return AssemblyFlowModel(net), rigid
 
 

@@ -107,9 +107,9 @@ def load_assembly_model(checkpoint: str | os.PathLike, use_ema: bool = True):
 @torch.no_grad()
 def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band", repeats: int = 1,
                      repeat_noise: float = 0.1, batch_size: int = 8, seed: int = 0, progress: bool = False,
-                     steps_per_band=None):
+                     steps_per_band=None, reuse_graph: bool = True):
     """Predicted final positions for every cluster of ``dataset``: a list of [R, N_i, 3] tensors (atom order of
-    the cluster's ``Data``)."""
+    the cluster's ``Data``). See ``sample_assembly`` for the sampling arguments."""
     model.eval()
     out = []
     indices = range(0, len(dataset), batch_size)
@@ -121,7 +121,7 @@ def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collate_clusters(items)
         pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start,
-                              steps_per_band)  # [R, B, M, P, 3]
+                              steps_per_band, reuse_graph)  # [R, B, M, P, 3]
         for b, item in enumerate(items):
             order = torch.argsort(item.molecule_index, stable=True)
             flat = pos[:, b][:, batch.mask[b]]  # [R, N, 3] in molecule-sorted order
