@@ -27,10 +27,10 @@ demo: install
 	$(PY) scripts/demo.py
 
 bench: install
-	$(PY) benchmarks/bench_core.py
+	$(PY) -m benchmarks.bench_core
 	-$(PY) benchmarks/bench_moldata.py
 	-$(PY) benchmarks/bench_assembly.py
-	-$(PY) benchmarks/bench_vision.py
+	-$(PY) -m benchmarks.bench_vision
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

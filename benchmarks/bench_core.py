@@ -1,20 +1,17 @@
 """Core engine throughput: decomposition round trips and the K-Flow overhead over plain rectified flow.
 
-Run: python benchmarks/bench_core.py   (writes the "core" section of BENCHMARKS.md)
+Run: python -m benchmarks.bench_core   (writes the "core" section of BENCHMARKS.md)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.core import (BandSchedule, FourierDecomposition, IdentityDecomposition, KFlow,  # noqa: E402
-                        LaplacianDecomposition, PCADecomposition, WaveletDecomposition)
+from benchmarks.report import markdown_table, write_section
+from kflow.core import (BandSchedule, FourierDecomposition, IdentityDecomposition, KFlow, LaplacianDecomposition,
+                        PCADecomposition, WaveletDecomposition)
 
 
 def timeit(fn, repeats: int = 10, warmup: int = 2) -> float:

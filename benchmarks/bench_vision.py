@@ -1,28 +1,31 @@
 """Latent image K-Flow on Fashion-MNIST: one-band flow-matching baseline vs K-Flow Fourier / Wavelet / PCA
 (2 bands), same DiT, steps and seed; FID / precision / recall against the test set, speed, K-Flow overhead.
 
-Run: python benchmarks/bench_vision.py [--steps 1500 --samples 500]   (writes the "vision" section)
+Run: python -m benchmarks.bench_vision [--steps 1500 --samples 500]   (writes the "vision" section)
 Needs the Debian package dataset-fashion-mnist (or --data-root with the IDX files).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.utils.io import atomic_save, atomic_write_text  # noqa: E402
-from kflow.vision.data import load_fashion_mnist  # noqa: E402
-from kflow.vision.metrics import (InceptionFeatures, class_conditional_fid, class_dropping_ratio,  # noqa: E402
-                                 extract_features, frechet_distance, precision_recall)
-from kflow.vision.pipeline import sample_latents  # noqa: E402
-from kflow.vision.workflow import load_image_model, train_image_model  # noqa: E402
+from benchmarks.report import markdown_table, write_section
+from kflow.utils.io import atomic_save, atomic_write_text
+from kflow.vision.artifacts import load_image_model
+from kflow.vision.config import ImageDataConfig, ImageModelConfig
+from kflow.vision.data import crop_to, load_fashion_mnist
+from kflow.vision.metrics import (InceptionFeatures, condition_dropping_scores, extract_features, frechet_distance,
+                                  precision_recall)
+from kflow.vision.models import DiT_models
+from kflow.vision.sampling import SamplingConfig, generate_images
+from kflow.vision.workflow import train_image_model
 
+GENERATION_BATCH = 500  # images sampled per batch (batch i of a run starts at sample 500·i)
+FASHION_MNIST_SIZE = 28  # generated 32×32 images are cropped back to this
 VARIANTS = [("flow matching (1 band)", "none", 1), ("K-Flow Fourier (2 bands)", "fourier", 2),
             ("K-Flow Wavelet (2 bands)", "wavelet", 2), ("K-Flow PCA (2 bands)", "pca", 2)]
 
@@ -57,23 +60,18 @@ def cached_features(path, net, make_images):
     return features
 
 
-@torch.no_grad()
-def generate_images(dit, flow, ae, labels, steps, seed, condition_tau=None, batch_size=500):
-    """Images [N, 1, 28, 28] in [0, 1] for ``labels``, in batches (batch i uses seed + i)."""
-    out = []
-    for i, start in enumerate(range(0, len(labels), batch_size)):
-        y = labels[start:start + batch_size]
-        z = sample_latents(dit, flow, len(y), y, steps=steps, method="heun", seed=seed + i,
-                           condition_tau=condition_tau)
-        out.append(ae.decode(z)[:, :, 2:30, 2:30].clamp(0, 1))  # undo the 28 -> 32 padding
-    return torch.cat(out)
+def fashion_images(dit, flow, ae, labels, steps, seed, condition_tau=None):
+    """Images [N, 1, 28, 28] in [0, 1] for ``labels`` (Heun, no guidance), the 28 -> 32 padding undone."""
+    sampling = SamplingConfig(steps=steps, method="heun", condition_tau=condition_tau, seed=seed,
+                              batch_size=GENERATION_BATCH)
+    return crop_to(generate_images(dit, flow, ae, labels, sampling=sampling), FASHION_MNIST_SIZE)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--model", default="DiT-T/2")
+    p.add_argument("--model", default="DiT-T/2", choices=sorted(DiT_models))
     p.add_argument("--samples", type=int, default=5000, help="generated images per model for FID / recall")
     p.add_argument("--ref-samples", type=int, default=5000, help="test images for the reference statistics")
     p.add_argument("--cdr-variants", nargs="*", default=["none", "fourier"],
@@ -102,20 +100,20 @@ def main(argv=None):
     print(f"reference features: {args.ref_samples} test images ({feature_rate:.1f} images/s if not cached)",
           flush=True)
     rows, raw = [], {}
+    data = ImageDataConfig("fashion-mnist", ae_steps=args.ae_steps, ae_width=args.ae_width,
+                           max_images=args.train_images, seed=args.seed, data_root=args.data_root)
     for label, decomposition, bands in VARIANTS:
         run = out / decomposition
         t0 = time.perf_counter()
-        trainer, flow = train_image_model("fashion-mnist", run, decomposition, bands, args.model, args.steps,
-                                          args.batch_size, seed=args.seed, latent_dir=out / "latents",
-                                          progress=False, data_root=args.data_root, resume=True,
-                                          ae_steps=args.ae_steps, max_images=args.train_images,
-                                          ae_width=args.ae_width)
+        config = ImageModelConfig(model=args.model, decomposition=decomposition, num_bands=bands)
+        trainer, flow = train_image_model(data, run, config, latent_dir=out / "latents", steps=args.steps,
+                                          batch_size=args.batch_size, seed=args.seed, resume=True, progress=False)
         train_time = time.perf_counter() - t0
         overhead = kflow_overhead(trainer, flow, args.batch_size)
-        dit, flow, ae, config = load_image_model(run)
-        labels = torch.arange(args.samples) % config["num_classes"]
+        dit, flow, ae, record = load_image_model(run)
+        labels = torch.arange(args.samples) % record["num_classes"]
         t0 = time.perf_counter()
-        images = generate_images(dit, flow, ae, labels, args.nfe_steps, args.seed)
+        images = fashion_images(dit, flow, ae, labels, args.nfe_steps, args.seed)
         sample_rate = args.samples / (time.perf_counter() - t0)
         f_gen = cached_features(run / f"features_gen_{args.samples}_s{args.seed}.pt", net, lambda: images)
         fid = frechet_distance(f_ref, f_gen)
@@ -123,20 +121,20 @@ def main(argv=None):
         cdr = None
         if decomposition in args.cdr_variants:
             n = min(args.cdr_samples, args.samples)
-            n -= n % 500 if n >= 500 else 0  # whole generation batches, so the source noise matches exactly
+            n -= n % GENERATION_BATCH if n >= GENERATION_BATCH else 0  # whole batches: the noise matches exactly
             # Same labels and, batch for batch, the same seeds as the first n main samples: only tau differs.
             dropped = cached_features(run / f"features_drop{args.tau}_{n}_s{args.seed}.pt", net,
-                                      lambda: generate_images(dit, flow, ae, labels[:n], args.nfe_steps, args.seed,
-                                                              condition_tau=args.tau))
-            fid_full = class_conditional_fid(f_ref, test_labels, f_gen[:n], labels[:n])
-            fid_drop = class_conditional_fid(f_ref, test_labels, dropped, labels[:n])
-            cdr = class_dropping_ratio(fid_full, fid_drop)
-            raw_cdr = {"fid_full_per_class": fid_full, "fid_dropped_per_class": fid_drop, "cdr": cdr,
+                                      lambda: fashion_images(dit, flow, ae, labels[:n], args.nfe_steps, args.seed,
+                                                             condition_tau=args.tau))
+            scores = condition_dropping_scores(f_ref, test_labels, f_gen[:n], labels[:n], dropped, labels[:n])
+            cdr = scores["cdr"]
+            raw_cdr = {"fid_full_per_class": scores["class_fid_full"],
+                       "fid_dropped_per_class": scores["class_fid_dropped"], "cdr": cdr,
                        "fid_dropped": frechet_distance(f_ref, dropped)}
         metrics = trainer.out_dir / "metrics.jsonl"
         last = json.loads(metrics.read_text().splitlines()[-1])
         if decomposition == "wavelet":
-            label = label.replace("Wavelet", f"Wavelet {config['wavelet']}")
+            label = label.replace("Wavelet", f"Wavelet {record['wavelet']}")
         rows.append([label, f"{fid:.1f}", f"{precision:.3f}", f"{recall:.3f}",
                      "–" if cdr is None else f"{cdr:.2f} ({raw_cdr['fid_dropped']:.1f})", f"{sample_rate:.0f}",
                      f"{last['samples_per_s'] / args.batch_size:.1f}", f"{100 * overhead:.1f}%"])
@@ -152,7 +150,7 @@ def main(argv=None):
         f"seed {args.seed}, identical for every row. Sampling: Heun, {args.nfe_steps} steps "
         f"({2 * args.nfe_steps} NFE), no guidance. FID / precision / recall (k=3) with the offline Inception-v3 "
         f"(pool3) on {args.samples} generated images per model (classes balanced) vs the first {args.ref_samples} "
-        "test images. CDR (paper eq. 17–18, as DESIGN.md defines it) = mean over the 10 classes of FID(c) with the "
+        "test images. CDR (paper eq. 17–18, defined in docs/MATH.md) = mean over the 10 classes of FID(c) with the "
         f"condition for the whole path / FID(c) with the condition kept only for t < {args.tau} (null class after), "
         f"same noise; {min(args.cdr_samples, args.samples) // 10} generated vs ~{args.ref_samples // 10} test images "
         "per class, so per-class FIDs are biased upwards (the ratio is what matters); the bracket gives the FID of "

@@ -6,10 +6,8 @@ PCA-projection ratio along sampled trajectories (Fig. 4), as PNGs and analysis.j
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kflow.vision.analysis import analyze_runs  # noqa: E402
+from kflow.vision.workflow import analyze_runs
 
 
 def main(argv=None):

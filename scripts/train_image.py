@@ -7,12 +7,13 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kflow.vision.models import DiT_models  # noqa: E402
-from kflow.vision.pipeline import DECOMPOSITIONS  # noqa: E402
-from kflow.vision.workflow import train_image_model  # noqa: E402
+from kflow.core import ORDERS, PREDICTIONS, RAMPS
+from kflow.core.training import CheckpointError
+from kflow.vision.artifacts import default_run_dir
+from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
+from kflow.vision.models import DiT_models
+from kflow.vision.workflow import train_image_model
 
 
 def main(argv=None):
@@ -28,7 +29,10 @@ def main(argv=None):
     p.add_argument("--decomposition", default="fourier", choices=DECOMPOSITIONS)
     p.add_argument("--wavelet", default=None, help="default: the longest of db6/db4/db2/haar the latent grid admits")
     p.add_argument("--num-bands", type=int, default=2)
-    p.add_argument("--order", default="low_to_high", choices=["low_to_high", "high_to_low"])
+    p.add_argument("--order", default="low_to_high", choices=ORDERS)
+    p.add_argument("--ramp", default="linear", choices=sorted(RAMPS))
+    p.add_argument("--overlap", type=float, default=0.0, help="overlap of consecutive band windows, in [0, 1)")
+    p.add_argument("--prediction", default="velocity", choices=PREDICTIONS)
     p.add_argument("--model", default="DiT-T/2", choices=sorted(DiT_models))
     p.add_argument("--unconditional", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -42,24 +46,21 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    out = args.out or f"runs/image_{Path(args.dataset).stem}_{args.decomposition}{args.num_bands}"
-    trainer, _ = train_image_model(
-        args.dataset, out, decomposition=args.decomposition, num_bands=args.num_bands, model=args.model,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
-        class_conditional=not args.unconditional, autoencoder=args.autoencoder, order=args.order,
-        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-        data_root=args.data_root, ae_steps=args.ae_steps, wavelet=args.wavelet, latent_dir=args.latent_dir,
-        max_images=args.max_images, ae_width=args.ae_width, gradient_checkpointing=args.gradient_checkpointing)
+    data = ImageDataConfig(args.dataset, args.autoencoder, args.ae_steps, args.ae_width, args.max_images, args.seed,
+                           args.data_root)
+    config = ImageModelConfig(model=args.model, decomposition=args.decomposition, num_bands=args.num_bands,
+                              wavelet=args.wavelet, ramp=args.ramp, order=args.order, overlap=args.overlap,
+                              prediction=args.prediction, num_classes=0 if args.unconditional else None)
+    out = args.out or default_run_dir(args.dataset, args.decomposition, args.num_bands)
+    trainer, _ = train_image_model(data, out, config, latent_dir=args.latent_dir, steps=args.steps,
+                                   batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+                                   checkpoint_every=args.checkpoint_every, resume=args.resume,
+                                   progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing)
     print(f"trained to step {trainer.step}; run folder {out}")
-    from kflow.core.distributed import cleanup_distributed
-
-    cleanup_distributed()
     return out
 
 
 if __name__ == "__main__":
-    from kflow.core.training import CheckpointError
-
     try:
         main()
     except (FileNotFoundError, ValueError, CheckpointError) as err:  # user errors: a message, not a traceback

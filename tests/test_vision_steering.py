@@ -5,8 +5,9 @@ import torch
 
 from kflow.core import BandSchedule, KFlow
 from kflow.vision import DiT, build_decomposition, choose_wavelet
-from kflow.vision.steering import grouped_noise, sample_kept_and_dropped, save_image_grid, steering_figures
-from kflow.vision.pipeline import sample_latents
+from kflow.vision.artifacts import save_image_grid
+from kflow.vision.sampling import sample_latents
+from kflow.vision.steering import grouped_noise, sample_kept_and_dropped, steering_figures
 
 
 def tiny_dit(num_classes=3):

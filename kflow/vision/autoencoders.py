@@ -1,7 +1,8 @@
 """Latent spaces for image K-Flow: a small convolutional autoencoder kflow trains itself (the CPU default), the
 identity (pixel space), and Stable Diffusion's ``AutoencoderKL`` through diffusers.
 
-Common interface: ``encode(x [N, C, H, W] in [0, 1]) -> z [N, *latent_shape]``, ``decode(z) -> x``, ``latent_shape``.
+Common interface: ``encode(x [N, C, H, W] in [0, 1]) -> z [N, *latent_shape]``, ``decode(z) -> x``, ``latent_shape``;
+``encode_dataset`` encodes a whole image set in batches.
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from torch import nn
 
 from kflow.utils.io import atomic_save
 
-__all__ = ["ConvAutoencoder", "IdentityAutoencoder", "DiffusersVAE", "train_autoencoder", "load_autoencoder"]
+__all__ = ["ConvAutoencoder", "IdentityAutoencoder", "DiffusersVAE", "train_autoencoder", "load_autoencoder",
+           "encode_dataset", "SD_LATENT_SCALE", "NORMALISATION_SAMPLES"]
+
+SD_LATENT_SCALE = 0.18215  # Stable Diffusion's latent scale: brings its VAE's latents to about unit variance
+NORMALISATION_SAMPLES = 4096  # images whose latents set a trained autoencoder's per-channel normalisation
 
 
 class IdentityAutoencoder(nn.Module):
@@ -96,12 +101,14 @@ class ConvAutoencoder(nn.Module):
 
 
 class DiffusersVAE(nn.Module):
-    """Stable Diffusion's ``AutoencoderKL`` (diffusers) from a local folder or hub id; latents scaled by 0.18215.
+    """Stable Diffusion's ``AutoencoderKL`` (diffusers) from a local folder or hub id; latents scaled by
+    ``SD_LATENT_SCALE``.
 
     ``sample_posterior``: encode with a sample of the posterior instead of its mean.
     """
 
-    def __init__(self, vae, scale_factor: float = 0.18215, sample_posterior: bool = False, image_size: int = 256):
+    def __init__(self, vae, scale_factor: float = SD_LATENT_SCALE, sample_posterior: bool = False,
+                 image_size: int = 256):
         super().__init__()
         self.vae, self.scale_factor, self.sample_posterior = vae, scale_factor, sample_posterior
         down = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -134,9 +141,9 @@ class DiffusersVAE(nn.Module):
 
 def train_autoencoder(images: torch.Tensor, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3,
                       seed: int = 0, progress: bool = True, **model_kwargs) -> ConvAutoencoder:
-    """Train a ``ConvAutoencoder`` on images [N, C, S, S] in [0, 1] with an L1 + L2 reconstruction loss, then set
-    normalises its latents per channel on (up to) the first 4096 images. ``model_kwargs`` go to ``ConvAutoencoder``
-    (latent_channels, width, downsample)."""
+    """Train a ``ConvAutoencoder`` on images [N, C, S, S] in [0, 1] with an L1 + L2 reconstruction loss, then
+    normalise its latents per channel on (up to) the first ``NORMALISATION_SAMPLES`` images. ``model_kwargs`` go to
+    ``ConvAutoencoder`` (latent_channels, width, downsample)."""
     torch.manual_seed(seed)
     model = ConvAutoencoder(in_channels=images.shape[1], image_size=images.shape[-1], **model_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -157,7 +164,7 @@ def train_autoencoder(images: torch.Tensor, steps: int = 2000, batch_size: int =
         opt.step()
         sched.step()
     model.eval()
-    return model.fit_latent_normalisation(images[:4096])
+    return model.fit_latent_normalisation(images[:NORMALISATION_SAMPLES])
 
 
 def load_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
@@ -180,3 +187,10 @@ def load_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match the stored configuration ({err})") from err
     return model.eval()
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images [N, C, H, W] in [0, 1] -> latents [N, *autoencoder.latent_shape], in batches, eval mode."""
+    autoencoder.eval()
+    return torch.cat([autoencoder.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])

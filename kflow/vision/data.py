@@ -1,4 +1,5 @@
-"""Image data sets: Fashion-MNIST (IDX files), scikit-learn digits, and a generic image folder.
+"""Image data sets: Fashion-MNIST (IDX files), scikit-learn digits, a generic image folder, and the padding that
+puts small images on a power-of-two grid.
 
 All loaders return ``(images, labels)``: float tensors [N, C, H, W] in [0, 1] and long labels [N].
 """
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 __all__ = ["read_idx", "load_fashion_mnist", "load_digits", "load_image_folder", "load_image_dataset",
-           "FASHION_MNIST_DIR", "pad_to"]
+           "FASHION_MNIST_DIR", "pad_to", "crop_to"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -128,3 +129,12 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"cannot pad {h}x{w} images to {size}")
     top, left = (size - h) // 2, (size - w) // 2
     return torch.nn.functional.pad(images, (left, size - w - left, top, size - h - top))
+
+
+def crop_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop [N, C, H, W] to size × size: the inverse of ``pad_to`` (32 -> 28 gives Fashion-MNIST's frame)."""
+    h, w = images.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {h}x{w} images to {size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["InceptionFeatures", "extract_features", "feature_statistics", "frechet_distance", "precision_recall",
-           "class_conditional_fid", "class_dropping_ratio", "default_inception_path"]
+           "class_conditional_fid", "class_dropping_ratio", "condition_dropping_scores", "default_inception_path"]
 
 
 def default_inception_path() -> Path:
@@ -153,7 +153,7 @@ def class_conditional_fid(real_features, real_labels, fake_features, fake_labels
 
 
 def class_dropping_ratio(fid_full: dict[int, float], fid_dropped: dict[int, float]) -> float:
-    """CDR = E_c[ FID_full(c) / FID_dropped(c) ] (paper eq. 17–18, as DESIGN.md fixes the garbled equation): the
+    """CDR = E_c[ FID_full(c) / FID_dropped(c) ] (paper eq. 17–18; definition in docs/MATH.md §4): the
     class-aware FID of samples generated with the condition for the whole path, over that of samples whose condition
     is kept only for t < τ, averaged over classes. CDR = 1 means dropping the condition late changes nothing (the
     class is decided early, at the coarse scales); the paper reports 1.49 for K-Flow vs 3.25 for LFM on ImageNet,
@@ -162,3 +162,13 @@ def class_dropping_ratio(fid_full: dict[int, float], fid_dropped: dict[int, floa
     if not classes:
         raise ValueError("no common classes between the two FID dictionaries")
     return float(np.mean([fid_full[c] / max(fid_dropped[c], 1e-12) for c in classes]))
+
+
+def condition_dropping_scores(real_features, real_labels, full_features, full_labels, dropped_features,
+                              dropped_labels) -> dict:
+    """Class-aware FIDs of samples generated with the condition for the whole path ("full") and with it dropped
+    after τ ("dropped"), against the same real features, and their Class-Dropping-Ratio:
+    {"class_fid_full": {c: FID}, "class_fid_dropped": {c: FID}, "cdr": float}."""
+    full = class_conditional_fid(real_features, real_labels, full_features, full_labels)
+    dropped = class_conditional_fid(real_features, real_labels, dropped_features, dropped_labels)
+    return {"class_fid_full": full, "class_fid_dropped": dropped, "cdr": class_dropping_ratio(full, dropped)}

@@ -3,7 +3,7 @@
 - Noise splitting: samples in a group share the source noise of chosen bands and draw the rest independently
   (``grouped_noise``; built on ``kflow.core.share_bands``). Sharing the high bands keeps details and varies the
   layout (Fig. 9); sharing the low bands does the reverse, which works best with a flow trained in reversed order,
-  high → low (``train_image_model(order="high_to_low")``, Fig. 11).
+  high → low (``ImageModelConfig(order="high_to_low")``, Fig. 11).
 - Condition dropping: the class condition is kept for t < τ and replaced by the null class afterwards
   (``sample_kept_and_dropped``; the paper keeps it for the first 30%).
 """
@@ -13,14 +13,15 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from kflow.core import share_bands
-from kflow.utils.io import atomic_path
-from kflow.vision.pipeline import sample_latents
+from kflow.vision.artifacts import save_image_grid
+from kflow.vision.sampling import SamplingConfig, decode_latents, generate_images, sample_latents
 
-__all__ = ["grouped_noise", "sample_kept_and_dropped", "save_image_grid", "steering_figures"]
+__all__ = ["grouped_noise", "sample_kept_and_dropped", "steering_figures"]
+
+PAIRS_PER_ROW = 4  # figure grids show at most this many side-by-side pairs per row
 
 
 def grouped_noise(shape: Sequence[int], decomposition, shared_bands: int | Sequence[int], group_size: int = 2,
@@ -49,22 +50,6 @@ def sample_kept_and_dropped(dit, flow, labels: torch.Tensor, tau: float = 0.3, n
     return kept, dropped
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
-    """Images [N, C, H, W] in [0, 1] (C = 1 or 3) -> PNG grid with 1-pixel white borders, written atomically."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.ones(c, rows * (h + 2), nrow * (w + 2))
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
-    arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr[..., 0] if c == 1 else arr).save(tmp, format="PNG")
-    return Path(path)
-
-
 @torch.no_grad()
 def steering_figures(dit, flow, autoencoder, out_dir: str | os.PathLike, pairs: int = 6, steps: int = 20,
                      tau: float = 0.3, seed: int = 0, method: str = "heun") -> dict[str, Path]:
@@ -79,17 +64,18 @@ def steering_figures(dit, flow, autoencoder, out_dir: str | os.PathLike, pairs: 
     shape = (2 * pairs, dit.in_channels, dit.input_size, dit.input_size)
     labels = (torch.arange(pairs) % dit.num_classes).repeat_interleave(2) if dit.num_classes else None
     k = flow.decomposition.num_bands
-    nrow = 2 * min(pairs, 4)
+    nrow = 2 * min(pairs, PAIRS_PER_ROW)
+    sampling = SamplingConfig(steps=steps, method=method, batch_size=2 * pairs)
     figures = {}
     for name, bands in (("share_low_bands", [0]), ("share_high_bands", list(range(1, k)))):
         if not bands:  # one band: nothing to split
             continue
         noise = grouped_noise(shape, flow.decomposition, bands, group_size=2, seed=seed)
-        z = sample_latents(dit, flow, 2 * pairs, labels, steps, method, noise=noise)
-        figures[name] = save_image_grid(autoencoder.decode(z), out / f"{name}.png", nrow=nrow)
+        images = generate_images(dit, flow, autoencoder, labels, 2 * pairs, sampling, noise=noise)
+        figures[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
     if dit.num_classes:
         kept, dropped = sample_kept_and_dropped(dit, flow, torch.arange(pairs) % dit.num_classes, tau, steps=steps,
                                                 method=method, seed=seed)
-        both = torch.stack([autoencoder.decode(kept), autoencoder.decode(dropped)], 1).flatten(0, 1)
+        both = torch.stack([decode_latents(autoencoder, kept), decode_latents(autoencoder, dropped)], 1).flatten(0, 1)
         figures["condition_kept_vs_dropped"] = save_image_grid(both, out / "condition_kept_vs_dropped.png", nrow=nrow)
     return figures
