@@ -19,6 +19,7 @@ __all__ = ["ConvAutoencoder", "IdentityAutoencoder", "DiffusersVAE", "train_auto
 
 SD_LATENT_SCALE = 0.18215  # Stable Diffusion's latent scale: brings its VAE's latents to about unit variance
 NORMALISATION_SAMPLES = 4096  # images whose latents set a trained autoencoder's per-channel normalisation
+NORM_GROUPS = 8  # GroupNorm groups in the conv autoencoder's blocks (fewer when a block has fewer channels)
 
 
 class IdentityAutoencoder(nn.Module):
@@ -40,9 +41,11 @@ class IdentityAutoencoder(nn.Module):
 
 
 def _block(cin, cout, down: bool):
+    """Halve (or double) the resolution with a stride-2 convolution, then refine with a 3×3 convolution."""
     conv = nn.Conv2d(cin, cout, 4, 2, 1) if down else nn.ConvTranspose2d(cin, cout, 4, 2, 1)
-    return nn.Sequential(conv, nn.GroupNorm(min(8, cout), cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1),
-                         nn.GroupNorm(min(8, cout), cout), nn.SiLU())
+    groups = min(NORM_GROUPS, cout)
+    return nn.Sequential(conv, nn.GroupNorm(groups, cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1),
+                         nn.GroupNorm(groups, cout), nn.SiLU())
 
 
 class ConvAutoencoder(nn.Module):
