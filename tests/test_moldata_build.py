@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from kflow.molecular import (ClusterDataset, ClusterStore, InvalidCrystal, RejectionSummary, build_cluster,
-                             build_clusters, find_molecules, read_crystals, split_indices, write_cluster_store)
-from kflow.molecular.datasets import pyxtal_crystal_sources
+from kflow.molecular import (InvalidCrystal, RejectionSummary, build_cluster, build_clusters, find_molecules,
+                             read_crystals)
+from kflow.molecular.datasets import ClusterDataset, split_indices
+from kflow.molecular.sources import _cached_store, pyxtal_crystal_sources
+from kflow.molecular.store import ClusterStore, write_cluster_store
+from kflow.utils.store import RecordStoreError
 from kflow.molecular.io import check_rigid_consistency
 
 
@@ -131,3 +134,57 @@ def test_split_indices_is_deterministic_and_grouped():
         for i in a[s]:
             assert all(j in a[s] for j in range(len(groups)) if groups[j] == groups[i])
     assert len(a["train"]) == 48
+
+
+class _CreatesFile:
+    """Unpickling this would run ``open(path, "w")``: a stand-in for code smuggled into a store."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _lmdb_put(folder, items):
+    import lmdb
+
+    env = lmdb.open(str(folder), subdir=True, lock=False)
+    with env.begin(write=True) as txn:
+        for key, value in items.items():
+            txn.put(key, value)
+    env.close()
+
+
+def test_cluster_store_refuses_pickled_data_without_unpickling_it(tmp_path, crystals):
+    import pickle
+
+    trap = tmp_path / "code_ran"
+    payload = pickle.dumps(_CreatesFile(trap))
+    # 1. a store in the former pickled format: pickled metadata and records
+    old = tmp_path / "old_format.lmdb"
+    _lmdb_put(old, {b"__meta__": payload, b"00000000": payload})
+    with pytest.raises(RecordStoreError, match="old_format.lmdb") as err:
+        ClusterStore(old)
+    assert "rebuild" in str(err.value)
+    assert _cached_store(old) is None  # a cached demo/CSD-500 store of the old format counts as stale
+    # 2. a current store whose first record was replaced by a pickle
+    clusters = list(build_clusters(list(crystals.items())[:3], draws_per_crystal=2))
+    tampered = write_cluster_store(clusters, tmp_path / "tampered.lmdb")
+    _lmdb_put(tampered, {b"00000000": payload})
+    store = ClusterStore(tampered)
+    with pytest.raises(RecordStoreError, match="tampered.lmdb"):
+        store[0]
+    assert torch.equal(store[1].final_positions, clusters[1].final_positions)  # the other records still read
+    assert not trap.exists()
+
+
+def test_cluster_store_metadata_is_json_with_names_and_crystals(tmp_path, crystals):
+    clusters = list(build_clusters(list(crystals.items())[:3], draws_per_crystal=2))
+    path = write_cluster_store(clusters, tmp_path / "s.lmdb", meta={"source": "test", "shape": (2, 3)})
+    store = ClusterStore(path)
+    assert store.names == [c.name for c in clusters] and store.crystals == [c.crystal for c in clusters]
+    assert store.meta["source"] == "test" and store.meta["shape"] == [2, 3] and store.meta["count"] == len(clusters)
+    back = store[len(clusters) - 1]
+    assert back.name == clusters[-1].name and torch.equal(back.atomic_numbers, clusters[-1].atomic_numbers)
+    assert torch.equal(back.initial_positions, clusters[-1].initial_positions)

@@ -9,9 +9,11 @@ import ase.io
 import pytest
 import torch
 
-from kflow.molecular import (CODCluster17Dataset, ClusterStore, build_cluster, build_demo_dataset, read_crystals,
-                             write_cod_cluster17)
-from kflow.molecular.datasets import preprocess_cod_cluster17, pyxtal_crystal_sources
+from kflow.molecular import build_cluster, read_crystals, write_cod_cluster17
+from kflow.molecular.datasets import CODCluster17Dataset
+from kflow.molecular.sources import (CSD500_SHIPPED, build_demo_dataset, csd500_path, preprocess_cod_cluster17,
+                                     pyxtal_crystal_sources)
+from kflow.molecular.store import ClusterStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import build_clusters  # noqa: E402
@@ -131,7 +133,8 @@ def test_store_feeds_a_pyg_dataloader_with_worker_processes(tmp_path):
     from torch_geometric.loader import DataLoader
 
     from test_moldata_io import make_cluster
-    from kflow.molecular import ClusterDataset, write_cluster_store
+    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.store import write_cluster_store
 
     clusters = [make_cluster(i, atoms=3 + i % 3, name=f"c{i}") for i in range(12)]
     store = ClusterStore(write_cluster_store(clusters, tmp_path / "s.lmdb"))
@@ -143,3 +146,23 @@ def test_store_feeds_a_pyg_dataloader_with_worker_processes(tmp_path):
     assert b.name == ["c0", "c1", "c2", "c3", "c4"] and b.batch.max() == 4
     expected = torch.cat([c.final_positions for c in clusters[:5]])
     assert torch.equal(b.final_positions, expected)
+
+
+def test_shipped_csd500_is_found_inside_the_repository(monkeypatch, tmp_path):
+    import itertools
+
+    monkeypatch.delenv("KFLOW_CSD500", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    assert CSD500_SHIPPED == repo / "data" / "csd500.extxyz.xz" and CSD500_SHIPPED.is_file()
+    path = csd500_path()
+    assert path.is_file() and path.resolve().is_relative_to(repo)  # nothing outside the repository
+    first = list(itertools.islice(read_crystals(path), 3))
+    assert [name for name, _ in first][0] == "COBHUW" and len(first) == 3
+    assert all(atoms.pbc.all() and atoms.cell.volume > 100 and len(atoms) > 10 for _, atoms in first)
+    assert csd500_path() == path  # decompressed once, then reused
+    explicit = tmp_path / "mine.extxyz"
+    explicit.write_text("")
+    assert csd500_path(explicit) == explicit
+    monkeypatch.setenv("KFLOW_CSD500", str(tmp_path / "missing.extxyz"))
+    with pytest.raises(FileNotFoundError, match="KFLOW_CSD500"):
+        csd500_path()
