@@ -1,7 +1,8 @@
 """Molecular assembly: quality of identity / rigid FM (K=1) / K-Flow (K=2, 3) with equal budgets over several
 seeds on the embedded pyxtal benchmark and CSD-500, plus training/sampling speed and metric speed.
 
-Run: python benchmarks/bench_assembly.py [--steps 200 --seeds 0 1 2]   (writes the "assembly" section)
+Run from the repository root: python -m benchmarks.bench_assembly [--steps 200 --seeds 0 1 2]
+(writes the "assembly" section; --network-only the "assembly-network" section)
 """
 from __future__ import annotations
 
@@ -9,23 +10,22 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.molecular.datasets import ClusterDataset  # noqa: E402
-from kflow.molecular.metrics import compute_packing_matching  # noqa: E402
-from kflow.molecular.flow import collate_clusters  # noqa: E402
-from kflow.molecular.training import AssemblyLoss, AssemblyModelConfig, build_assembly_model  # noqa: E402
-from kflow.utils.io import atomic_write_text  # noqa: E402
-from kflow.molecular.datasets import csd500_path  # noqa: E402
-from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset,  # noqa: E402
-                                      predict_assembly, train_assembly)
+from benchmarks.report import markdown_table, write_section
+from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.datasets import ClusterDataset
+from kflow.molecular.flow import collate_clusters
+from kflow.molecular.metrics import compute_packing_matching
+from kflow.molecular.objective import AssemblyLoss
+from kflow.molecular.sources import csd500_path
+from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset, predict_assembly,
+                                      train_assembly)
+from kflow.utils.io import atomic_write_text
 
 
 def loop_packing_matching(true, pred, mol, batch):
@@ -181,7 +181,7 @@ def network_section(store, out: Path, steps=150, sample_steps=10, seeds=(0, 1, 2
             v = np.array([r[m] for r in per_seed])
             cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
         quality_rows.append([label] + cells)
-    return ("## Assembly network speed (`benchmarks/bench_assembly.py --network-only`)\n\n"
+    return ("## Assembly network speed (`python -m benchmarks.bench_assembly --network-only`)\n\n"
             f"All variants in one run on the same 10 training batches of {batch_size} embedded-benchmark clusters "
             f"({atoms:.0f} atoms per cluster on average) and the same 16 test clusters, 2 torch threads, rounds "
             "interleaved across variants. Training = forward + backward + AdamW step of the K=2 loss; sampling = "

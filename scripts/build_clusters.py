@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Build COD-Cluster17-style clusters from crystal files.
 
     python scripts/build_clusters.py CRYSTALS... --out data/built/mycrystals [--draws 4] [--seed 0]
@@ -5,36 +6,36 @@
 CRYSTALS: CIF files or folders of CIFs, ASE databases (.db/.json) or extxyz files with lattices. Writes the raw
 COD-Cluster17 CSV layout under OUT/raw, an LMDB store at OUT/processed/clusters.lmdb and OUT/summary.json, and
 prints how many crystals were kept and rejected by reason. Equivalent Python:
-``kflow.molecular.datasets.build_clusters_from_files(paths, out, ...)``.
+``kflow.molecular.sources.build_clusters_from_files(paths, out, ...)``.
 """
-from __future__ import annotations
-
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kflow.molecular.crystals import NoiseModel  # noqa: E402
-from kflow.molecular.datasets import build_clusters_from_files  # noqa: E402
+from kflow.molecular.crystals import NoiseModel
+from kflow.molecular.sources import build_clusters_from_files
+from kflow.utils.cli import positive_float, positive_int, run_main
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="CIF file/folder, ASE database or extxyz file(s)")
     p.add_argument("--out", required=True, help="output folder (raw/, processed/clusters.lmdb, summary.json)")
-    p.add_argument("--draws", type=int, default=4, help="noisy initial clusters per crystal")
+    p.add_argument("--draws", type=positive_int, default=4, help="noisy initial clusters per crystal")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw CSV layout, write only the LMDB store")
-    p.add_argument("--expansion", type=float, default=NoiseModel.expansion, help="noise: centroid expansion factor")
+    p.add_argument("--expansion", type=positive_float, default=NoiseModel.expansion,
+                   help="noise: centroid expansion factor")
     p.add_argument("--jitter", type=float, default=NoiseModel.jitter, help="noise: centroid jitter (Å)")
-    p.add_argument("--bond-factor", type=float, default=1.2, help="bond if d < factor × (r_cov,i + r_cov,j)")
+    p.add_argument("--bond-factor", type=positive_float, default=1.2,
+                   help="bond if d < factor × (r_cov,i + r_cov,j)")
     args = p.parse_args(argv)
     try:
         store, summary = build_clusters_from_files(
             args.inputs, args.out, args.draws, args.seed, args.workers, write_raw=not args.no_raw,
             noise=NoiseModel(expansion=args.expansion, jitter=args.jitter), bond_factor=args.bond_factor)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # no readable input: exit status 2, as for usage errors
         print(f"build_clusters: {err}", file=sys.stderr)
         return 2
     print(f"{len(store)} clusters from {summary.kept} crystals -> {Path(args.out)}")
@@ -43,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

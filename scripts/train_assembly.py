@@ -7,12 +7,13 @@ Examples:
     torchrun --nproc_per_node 2 scripts/train_assembly.py --dataset csd500 --steps 2000
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kflow.molecular.training import AssemblyModelConfig  # noqa: E402
-from kflow.molecular.workflow import load_assembly_dataset, train_assembly  # noqa: E402
+from kflow.core import ORDERS, RAMPS
+from kflow.molecular.artifacts import default_run_dir
+from kflow.molecular.config import AssemblyModelConfig
+from kflow.molecular.network import CONVOLUTIONS
+from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
+from kflow.utils.cli import nonnegative_int, positive_float, positive_int, run_main
 
 
 def parse_args(argv=None):
@@ -20,23 +21,28 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="cod", help="cod | demo | csd500 | PATH (store, CIF(s), ASE db, extxyz)")
     p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k | 10k | all | PATH to an id list")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--draws-per-crystal", type=int, default=4, help="noisy initial clusters per built crystal")
-    p.add_argument("--num-bands", type=int, default=2, help="1 = rigid flow matching (AssembleFlow-style)")
-    p.add_argument("--ramp", default="linear", choices=["linear", "smooth", "cosine"])
-    p.add_argument("--order", default="low_to_high", choices=["low_to_high", "high_to_low"])
-    p.add_argument("--hidden-irreps", default="32x0e + 8x1o + 8x1e")
-    p.add_argument("--atom-layers", type=int, default=1)
-    p.add_argument("--molecule-layers", type=int, default=2)
-    p.add_argument("--inter-cutoff", type=float, default=4.0)
+    p.add_argument("--draws-per-crystal", type=positive_int, default=4, help="noisy initial clusters per crystal")
+    p.add_argument("--num-bands", type=positive_int, default=2, help="1 = rigid flow matching (AssembleFlow-style)")
+    p.add_argument("--ramp", default="linear", choices=RAMPS)
+    p.add_argument("--order", default="low_to_high", choices=ORDERS)
+    p.add_argument("--hidden-irreps", default=AssemblyModelConfig.hidden_irreps)
+    p.add_argument("--atom-layers", type=positive_int, default=AssemblyModelConfig.num_atom_layers)
+    p.add_argument("--molecule-layers", type=positive_int, default=AssemblyModelConfig.num_molecule_layers)
+    p.add_argument("--inter-cutoff", type=positive_float, default=AssemblyModelConfig.inter_cutoff)
+    p.add_argument("--conv", default=AssemblyModelConfig.conv, choices=sorted(CONVOLUTIONS),
+                   help="uvu: depthwise convolutions (fast); fctp: fully connected (kflow <= 0.2)")
+    p.add_argument("--heavy-atoms-only", action="store_true", help="atom graph without hydrogens (faster)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=int, default=None)
-    group.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, help="clusters per process")
-    p.add_argument("--lr", type=float, default=2e-3)
+    group.add_argument("--steps", type=positive_int, default=None)
+    group.add_argument("--epochs", type=positive_int, default=None, help="default 50 when --steps is not given")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="clusters per process")
+    p.add_argument("--lr", type=positive_float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="start-cluster draws and the crystal-level split (keep it fixed to compare seeds)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/assembly_<dataset>_k<bands>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
     p.add_argument("--no-progress", action="store_true")
@@ -45,36 +51,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, args.draws_per_crystal, args.seed,
+    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, args.draws_per_crystal, args.data_seed,
                                   progress=not args.no_progress)
     config = AssemblyModelConfig(num_bands=args.num_bands, ramp=args.ramp, order=args.order,
                                  hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
-                                 num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff)
-    steps = args.steps
-    if steps is None:
-        from kflow.core.distributed import get_world_size
-        from kflow.molecular.datasets import ClusterDataset
-
-        per_epoch = max(len(ClusterDataset(store, split="train", seed=args.seed)) // (args.batch_size *
-                                                                                     get_world_size()), 1)
-        steps = (args.epochs or 50) * per_epoch
-    out = args.out or f"runs/assembly_{Path(args.dataset).stem}_k{args.num_bands}"
+                                 num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff,
+                                 conv=args.conv, heavy_atoms_only=args.heavy_atoms_only)
+    steps = args.steps or steps_for_epochs(store, args.epochs or 50, args.batch_size, args.data_seed)
+    out = args.out or default_run_dir(args.dataset, args.num_bands)
     _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                                   seed=args.seed, resume=args.resume, ema_decay=args.ema_decay,
-                                   checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
-                                   progress=not args.no_progress)
+                                   seed=args.seed, split_seed=args.data_seed, resume=args.resume,
+                                   ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+                                   num_workers=args.num_workers, progress=not args.no_progress)
     print(f"trained {summary['step']} steps in {summary['wall_time_s']:.0f} s "
           f"({summary['samples_per_s']:.2f} clusters/s), final loss {summary['loss']:.4g}, "
           f"skipped {summary['skipped_steps']}; checkpoints in {out}/checkpoints")
-    from kflow.core.distributed import cleanup_distributed
-
-    cleanup_distributed()
 
 
 if __name__ == "__main__":
-    from kflow.core.training import CheckpointError
-
-    try:
-        main()
-    except (FileNotFoundError, ValueError, CheckpointError) as err:  # user errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -139,7 +139,7 @@ def test_heavy_atom_graph_has_no_hydrogen_edges():
 
 
 def test_configs_saved_before_conv_existed_load_the_fctp_network():
-    from kflow.molecular.training import AssemblyModelConfig
+    from kflow.molecular.config import AssemblyModelConfig
 
     old = AssemblyModelConfig().to_dict()
     del old["conv"], old["heavy_atoms_only"]

@@ -1,4 +1,4 @@
-"""Rigid-body K-Flow for molecular assembly (DESIGN.md §3).
+"""Rigid-body K-Flow for molecular assembly (docs/MATH.md, "Molecular assembly").
 
 Each cluster has M rigid copies of one molecule. Poses are taken relative to the initial cluster:
 
@@ -23,11 +23,12 @@ from typing import Sequence
 import torch
 
 from kflow.core import BandSchedule, KFlow, LaplacianDecomposition
-from kflow.molecular.metrics import kabsch
+from kflow.molecular.geometry import atoms_from_poses, kabsch, masked_centroids, pad_by_index, rigid_residuals
 from kflow.molecular.so3 import exp_map, log_map
 
-__all__ = ["AssemblyBatch", "collate_clusters", "RigidKFlow", "poses_from_chart", "atoms_from_poses",
-           "RigidityError"]
+__all__ = ["AssemblyBatch", "collate_clusters", "RigidKFlow", "poses_from_chart", "RigidityError"]
+
+MIN_ROTATION_SCALE = 0.5  # Å: floor of the radius of gyration that scales rotation coordinates (tiny molecules)
 
 
 class RigidityError(ValueError):
@@ -83,25 +84,12 @@ class AssemblyBatch:
         t, r = poses_from_chart(self.initial_translations, z, self.rotation_scale)
         return atoms_from_poses(t, r, self.body)
 
-    def flat_atoms(self, positions: torch.Tensor):
-        """Dense [B, M, P, 3] -> concatenated atoms (positions [N, 3], molecule_index [N], batch [N], z [N])."""
-        b, m, p = self.mask.shape
-        mol = torch.arange(m, device=self.mask.device)[None, :, None].expand(b, m, p)
-        clus = torch.arange(b, device=self.mask.device)[:, None, None].expand(b, m, p)
-        sel = self.mask
-        return positions[sel], mol[sel], clus[sel], self.atomic_numbers[sel]
-
 
 def poses_from_chart(initial_translations: torch.Tensor, z: torch.Tensor, rotation_scale: torch.Tensor):
     """Chart z [B, M, 6] -> (T [B, M, 3], R [B, M, 3, 3]) with R⁰ = I."""
     t = initial_translations + z[..., :3]
     r = exp_map(z[..., 3:] / rotation_scale[:, None, None])
     return t, r
-
-
-def atoms_from_poses(translations: torch.Tensor, rotations: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
-    """x = T + R b: [B, M, 3], [B, M, 3, 3], [B, M, P, 3] -> [B, M, P, 3]."""
-    return translations[:, :, None] + torch.einsum("bmij,bmpj->bmpi", rotations, body)
 
 
 def _cluster_fields(item):
@@ -131,35 +119,29 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
         if (counts != counts[0]).any():
             raise ValueError(f"cluster {name!r}: molecules have different atom counts {counts.tolist()}; "
                              "every molecule of a cluster must be a copy of the same molecule")
-    p = max(int(c[0]) for c in per_mol)
+    # All atoms of the batch padded by (cluster, molecule) in one scatter; atoms keep their order in a molecule.
     b = len(parsed)
-    z = torch.zeros(b, m, p, dtype=torch.long)
-    x0 = torch.zeros(b, m, p, 3, dtype=torch.float64)
-    x1 = torch.zeros(b, m, p, 3, dtype=torch.float64)
-    mask = torch.zeros(b, m, p, dtype=torch.bool)
-    for i, (zi, mi, pi0, pi1, _) in enumerate(parsed):  # loop over clusters only; atoms are moved in bulk
-        order = torch.argsort(mi, stable=True)
-        n_i = int(per_mol[i][0])
-        z[i, :, :n_i] = zi[order].reshape(m, n_i)
-        x0[i, :, :n_i] = pi0[order].double().reshape(m, n_i, 3)
-        x1[i, :, :n_i] = pi1[order].double().reshape(m, n_i, 3)
-        mask[i, :, :n_i] = True
+    molecule = torch.cat([i * m + mi for i, (_, mi, _, _, _) in enumerate(parsed)])  # [N] global molecule id
+    atoms = torch.cat([torch.cat([zi[:, None].double(), pi0.double(), pi1.double()], -1)
+                       for zi, _, pi0, pi1, _ in parsed])  # [N, 7]: Z, initial xyz, final xyz
+    dense, mask, _ = pad_by_index(atoms, molecule, b * m)
+    p = dense.shape[1]
+    dense, mask = dense.reshape(b, m, p, 7), mask.reshape(b, m, p)
+    z, x0, x1 = dense[..., 0].long(), dense[..., 1:4], dense[..., 4:7]
     if not (torch.isfinite(x0).all() and torch.isfinite(x1).all()):
         raise ValueError("cluster positions contain NaN or inf")
     w = mask.double()
-    count = w.sum(-1, keepdim=True)
-    t0 = (x0 * w[..., None]).sum(2) / count
-    t1 = (x1 * w[..., None]).sum(2) / count
+    t0, t1 = masked_centroids(x0, mask), masked_centroids(x1, mask)  # [B, M, 3]
     body = (x0 - t0[:, :, None]) * w[..., None]
-    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
-    fitted = atoms_from_poses(t1, rot, body)
-    residual = (((fitted - x1).pow(2).sum(-1) * w).sum(-1) / count[..., 0]).sqrt()  # [B, M]
+    residual = rigid_residuals(x0, x1, mask)  # [B, M]
     if (residual > rigidity_tolerance).any():
         ci, mi = (residual > rigidity_tolerance).nonzero()[0].tolist()
         raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not a rigid motion of the "
                             f"initial ones (RMS residual {residual[ci, mi]:.3g} Å > {rigidity_tolerance} Å)")
+    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
     # Radius of gyration of the molecule (identical copies: use molecule 0).
-    scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count[:, 0, 0]).sqrt().clamp_min(0.5)
+    count = w[:, 0].sum(-1)
+    scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count).sqrt().clamp_min(MIN_ROTATION_SCALE)
     return AssemblyBatch(z, mask, body.to(dtype), t0.to(dtype), t1.to(dtype), rot.to(dtype), scale.to(dtype),
                          [q[4] for q in parsed])
 
@@ -177,11 +159,11 @@ class RigidKFlow:
     def __init__(self, num_bands: int = 2, ramp: str = "linear", order: str = "low_to_high", overlap: float = 0.0,
                  sigma: float | None = None, normalized: bool = False):
         self.schedule = BandSchedule(num_bands, ramp=ramp, order=order, overlap=overlap)
-        self.num_bands, self.sigma, self.normalized = num_bands, sigma, normalized
+        self.sigma, self.normalized = sigma, normalized
 
-    def config(self) -> dict:
-        return {"num_bands": self.num_bands, "ramp": self.schedule.ramp, "order": self.schedule.order,
-                "overlap": self.schedule.overlap, "sigma": self.sigma, "normalized": self.normalized}
+    @property
+    def num_bands(self) -> int:
+        return self.schedule.num_bands
 
     def for_batch(self, batch: AssemblyBatch) -> KFlow:
         """A KFlow whose decomposition is the Laplacian basis of each cluster's initial centroids."""

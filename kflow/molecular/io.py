@@ -17,12 +17,12 @@ from ase.data import atomic_numbers as ASE_ATOMIC_NUMBERS
 from ase.data import chemical_symbols
 
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster
-from kflow.molecular.frames import fit_rigid_motion, rigid_frames
-from kflow.utils.io import atomic_path
+from kflow.molecular.geometry import pad_by_index, rigid_residuals
+from kflow.utils.io import atomic_path, safe_filename
 
-__all__ = ["read_cluster_csv", "rigid_residuals", "read_cod_cluster17", "read_cod_cluster17_record",
+__all__ = ["read_cluster_csv", "read_cod_cluster17", "read_cod_cluster17_record",
            "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "check_rigid_consistency",
-           "kabsch_residuals", "record_residuals"]
+           "record_residuals"]
 
 FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
 # Element symbols as written (C, Cl) plus upper/lower-case variants seen in converted files (CL, cl).
@@ -30,8 +30,10 @@ _SYMBOLS = {v: z for s, z in ASE_ATOMIC_NUMBERS.items() if z > 0 for v in (s, s.
 
 
 def cod_cluster17_paths(root: str | os.PathLike, cluster_id: str) -> tuple[Path, Path]:
-    """(initial_csv, final_csv) of ``cluster_id`` under ``root`` (the folder that contains ``raw/``)."""
+    """(initial_csv, final_csv) of ``cluster_id`` under ``root`` (the folder that contains ``raw/``). The id is
+    made file-name safe (it may come from a crystal name in an input file), so both paths stay inside ``root``."""
     raw = Path(root) / "raw"
+    cluster_id = safe_filename(cluster_id)
     return raw / INITIAL_DIR / f"{cluster_id}_cluster16_noised.csv", raw / FINAL_DIR / f"{cluster_id}_cluster16.csv"
 
 
@@ -114,28 +116,6 @@ def read_cluster_csv(path: str | os.PathLike):
     return _parse_columns(path, fields, n)
 
 
-def kabsch_residuals(initial: np.ndarray, final: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """RMS residual [M] (Å) of the best rigid motion taking ``initial`` [M, P, 3] onto ``final`` [M, P, 3]
-    (padded molecules: ``mask`` [M, P], False = padding). Closed form from the singular values of the
-    cross-covariance (no rotation is built): msd = (Σ|x̃|² + Σ|ỹ|² − 2 (s1 + s2 ± s3)) / P. The subtraction
-    limits precision to ~1e-7 Å, far below rigidity tolerances (1e-3 Å)."""
-    if mask is None:
-        count = np.full(initial.shape[0], float(initial.shape[1]))  # [M]
-        x = initial - initial.mean(1, keepdims=True)
-        y = final - final.mean(1, keepdims=True)
-    else:
-        w = mask.astype(np.float64)[..., None]  # [M, P, 1]
-        count = w.sum((1, 2))
-        x = (initial - (initial * w).sum(1, keepdims=True) / count[:, None, None]) * w
-        y = (final - (final * w).sum(1, keepdims=True) / count[:, None, None]) * w
-    h = np.einsum("mpi,mpj->mij", x, y)  # [M, 3, 3]
-    u, s, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(u) * np.linalg.det(vt))  # reflection -> take the proper rotation
-    s[:, 2] *= np.where(d == 0, 1.0, d)
-    msd = ((x ** 2).sum((1, 2)) + (y ** 2).sum((1, 2)) - 2 * s.sum(1)) / count
-    return np.sqrt(np.clip(msd, 0, None))
-
-
 def read_cod_cluster17_record(initial_csv: str | os.PathLike, final_csv: str | os.PathLike, name: str,
                               num_molecules: int | None = NUM_MOLECULES) -> dict:
     """Parse and validate one CSV pair into a ``Cluster.to_numpy()`` record (no torch; used by the workers).
@@ -188,17 +168,10 @@ def record_residuals(records: list[dict]) -> list[np.ndarray]:
     for p, members in groups.items():  # a loop over distinct molecule sizes; molecules and atoms are batched
         x0 = np.concatenate([records[k]["initial_positions"].reshape(-1, p, 3) for k in members]).astype(np.float64)
         x1 = np.concatenate([records[k]["final_positions"].reshape(-1, p, 3) for k in members]).astype(np.float64)
-        residual = kabsch_residuals(x0, x1)  # [sum of M over the group]
+        residual = rigid_residuals(torch.from_numpy(x0), torch.from_numpy(x1)).numpy()  # [sum of M]
         for k, part in zip(members, np.split(residual, np.cumsum([shapes[k][0] for k in members])[:-1])):
             out[k] = part
     return out
-
-
-def rigid_residuals(initial: torch.Tensor, final: torch.Tensor, molecule_index: torch.Tensor) -> torch.Tensor:
-    """RMS residual [M] (Å) of the rigid frames: body coordinates from each molecule's initial atoms, the final
-    pose fitted to them by Kabsch. ``molecule_index`` may be global over several concatenated clusters."""
-    _, _, body = rigid_frames(initial.double(), molecule_index)
-    return fit_rigid_motion(body, final.double(), molecule_index)[2]
 
 
 def check_rigid_consistency(cluster: Cluster, tolerance: float = 1e-3) -> torch.Tensor:
@@ -206,7 +179,9 @@ def check_rigid_consistency(cluster: Cluster, tolerance: float = 1e-3) -> torch.
 
     Raises ``InvalidCluster('not_rigid')`` naming the molecule when a residual exceeds ``tolerance`` Å.
     """
-    residual = rigid_residuals(cluster.initial_positions, cluster.final_positions, cluster.molecule_index)
+    initial, mask, _ = pad_by_index(cluster.initial_positions.double(), cluster.molecule_index)
+    final, _, _ = pad_by_index(cluster.final_positions.double(), cluster.molecule_index)
+    residual = rigid_residuals(initial, final, mask)  # [M]
     _raise_if_not_rigid(cluster.name, residual.numpy(), tolerance)
     return residual
 

@@ -12,15 +12,19 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kflow.molecular.geometry import index_centroids, kabsch, pad_by_index
+
 __all__ = [
     "PackingMatching",
     "compute_packing_matching",
     "collision_rate",
     "separation_rate",
     "rmsd15",
-    "kabsch",
     "aggregate_min_over_repeats",
 ]
+
+PAIR_CHUNK_ELEMENTS = 1_000_000  # [chunk, A, A] pair tensors of ~1M elements stay in cache: several times faster
+CONTACT_CHUNK_ELEMENTS = 8_000_000  # contact metrics keep several such tensors alive at once
 
 
 class PackingMatching(NamedTuple):
@@ -57,16 +61,10 @@ def _validate(true_positions, pred_positions, molecule_index, batch, atomic_numb
     return batch.long(), molecule_index.long()
 
 
-def _to_dense(x, batch, num_clusters, max_atoms, fill=0.0):
+def _to_dense(x, batch, num_clusters, fill=0.0):
     """[N, ...] concatenated -> [B, N_max, ...] padded, and the [B, N_max] mask."""
-    counts = torch.bincount(batch, minlength=num_clusters)
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(batch.numel(), device=batch.device) - start[batch]
-    out = x.new_full((num_clusters, max_atoms, *x.shape[1:]), fill)
-    out[batch, slot] = x
-    mask = torch.zeros(num_clusters, max_atoms, dtype=torch.bool, device=x.device)
-    mask[batch, slot] = True
-    return out, mask
+    dense, mask, _ = pad_by_index(x, batch, num_clusters, fill)
+    return dense, mask
 
 
 class _Dense(NamedTuple):
@@ -76,18 +74,20 @@ class _Dense(NamedTuple):
     mask: torch.Tensor  # [B, A]
     z: torch.Tensor | None  # [B, A] atomic numbers (0 = padding)
     num_molecules: int
+    true_centroids: torch.Tensor  # [B, M, 3] unweighted centroids of the true molecules
 
 
 def _densify(true_positions, pred_positions, molecule_index, batch, atomic_numbers=None) -> _Dense:
     batch, molecule_index = _validate(true_positions, pred_positions, molecule_index, batch, atomic_numbers)
     num_clusters = int(batch.max()) + 1
-    max_atoms = int(torch.bincount(batch).max())
-    true, mask = _to_dense(true_positions, batch, num_clusters, max_atoms)
-    pred = _to_dense(pred_positions, batch, num_clusters, max_atoms)[0] if pred_positions is not None else None
-    mol = _to_dense(molecule_index, batch, num_clusters, max_atoms, fill=-1)[0]
-    z = _to_dense(atomic_numbers.long(), batch, num_clusters, max_atoms)[0] if atomic_numbers is not None else None
+    true, mask = _to_dense(true_positions, batch, num_clusters)
+    pred = _to_dense(pred_positions, batch, num_clusters)[0] if pred_positions is not None else None
+    mol = _to_dense(molecule_index, batch, num_clusters, fill=-1)[0]
+    z = _to_dense(atomic_numbers.long(), batch, num_clusters)[0] if atomic_numbers is not None else None
     num_molecules = _check_molecules(batch, molecule_index, num_clusters)
-    return _Dense(true, pred, mol, mask, z, num_molecules)
+    centroids = index_centroids(true_positions.double(), batch * num_molecules + molecule_index,
+                                num_clusters * num_molecules).reshape(num_clusters, num_molecules, 3)
+    return _Dense(true, pred, mol, mask, z, num_molecules, centroids)
 
 
 def _cdist(a, b):
@@ -113,23 +113,10 @@ def _gram_distances(pos, mask):
     return d2.clamp_min_(0).sqrt_()
 
 
-def _centroids(pos, mol, num_molecules):
-    """[B, A, 3], [B, A] -> [B, M, 3] unweighted centroids."""
-    onehot = (mol[..., None] == torch.arange(num_molecules, device=mol.device)).to(pos.dtype)  # [B, A, M]
-    return torch.einsum("bam,bad->bmd", onehot, pos) / onehot.sum(1)[..., None]
-
-
-def _chunks(num_clusters, max_atoms, budget=8_000_000):
-    """Cluster ranges whose [chunk, A, A] pair tensors stay within ``budget`` elements."""
-    step = max(1, budget // max(1, max_atoms * max_atoms))
-    return [(s, min(s + step, num_clusters)) for s in range(0, num_clusters, step)]
-
-
-def _cluster_chunks(batch, budget):
-    """Yield (s, e, lo, hi, local_batch, max_atoms) for runs of clusters s..e-1 (atoms lo..hi-1) whose padded
+def _cluster_chunks(counts: list[int], budget: int):
+    """Yield (s, e, lo, hi, max_atoms) for runs of clusters s..e-1 (atoms lo..hi-1 when concatenated) whose padded
     [e-s, A, A] pair tensors hold at most ``budget`` elements, A = the largest cluster of that run. Padding per
     chunk, not to the largest cluster overall, keeps one big cluster from inflating the cost of all others."""
-    counts = torch.bincount(batch).tolist()
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
@@ -139,8 +126,7 @@ def _cluster_chunks(batch, budget):
         while e < len(counts) and (e + 1 - s) * max(biggest, counts[e]) ** 2 <= budget:
             biggest = max(biggest, counts[e])
             e += 1
-        lo, hi = offsets[s], offsets[e]
-        yield s, e, lo, hi, batch[lo:hi] - s, biggest
+        yield s, e, offsets[s], offsets[e], biggest
         s = e
 
 
@@ -155,14 +141,6 @@ def _check_molecules(batch, molecule_index, num_clusters) -> int:
         raise ValueError(f"molecule_index: cluster {c} has no atoms of molecule {m} "
                          f"(expected molecules 0..{num_molecules - 1} in every cluster)")
     return num_molecules
-
-
-def _flat_centroids(pos, batch, molecule_index, num_clusters, num_molecules):
-    """[N, 3] concatenated atoms -> [B, M, 3] unweighted molecule centroids."""
-    key = batch * num_molecules + molecule_index
-    total = pos.new_zeros(num_clusters * num_molecules, 3).index_add_(0, key, pos)
-    count = torch.bincount(key, minlength=num_clusters * num_molecules).to(pos.dtype)
-    return (total / count[:, None]).reshape(num_clusters, num_molecules, 3)
 
 
 # ------------------------------------------------------------------------------------------------ packing matching
@@ -187,16 +165,17 @@ def compute_packing_matching(true_positions: torch.Tensor, pred_positions: torch
     num_clusters = int(batch.max()) + 1
     num_molecules = _check_molecules(batch, molecule_index, num_clusters)
     pm_atom = torch.empty(num_clusters, dtype=torch.float64, device=true.device)
-    # ~1M-element chunks keep the [b, A, A] matrices in cache: several times faster than big chunks on CPU.
-    for s, e, lo, hi, local, max_atoms in _cluster_chunks(batch, budget=1_000_000):
-        t, mask = _to_dense(true[lo:hi], local, e - s, max_atoms)
-        p, _ = _to_dense(pred[lo:hi], local, e - s, max_atoms)
+    for s, e, lo, hi, _ in _cluster_chunks(torch.bincount(batch).tolist(), PAIR_CHUNK_ELEMENTS):
+        local = batch[lo:hi] - s
+        t, mask = _to_dense(true[lo:hi], local, e - s)
+        p, _ = _to_dense(pred[lo:hi], local, e - s)
         diff = _gram_distances(t, mask)
         diff -= _gram_distances(p, mask)  # [b, A, A], zero on padding
         count = mask.sum(1).double()
         pm_atom[s:e] = torch.linalg.vector_norm(diff, dim=(1, 2)) / count
-    ct = _flat_centroids(true, batch, molecule_index, num_clusters, num_molecules)
-    cp = _flat_centroids(pred, batch, molecule_index, num_clusters, num_molecules)
+    key, num_groups = batch * num_molecules + molecule_index, num_clusters * num_molecules
+    ct = index_centroids(true, key, num_groups).reshape(num_clusters, num_molecules, 3)
+    cp = index_centroids(pred, key, num_groups).reshape(num_clusters, num_molecules, 3)
     pm_center = (_cdist(ct, ct) - _cdist(cp, cp)).pow(2).mean((1, 2)).sqrt()
     return PackingMatching(pm_atom, pm_center)
 
@@ -228,7 +207,7 @@ def _intermolecular_closest(d: _Dense, positions: torch.Tensor, radius_kind: str
     Yields per chunk: (slice, dist − radius-sum [b, A, A] with +inf on excluded pairs, intermolecular mask)."""
     num_clusters, max_atoms = positions.shape[:2]
     radii = _radii(d.z, radius_kind)  # [B, A]
-    for s, e in _chunks(num_clusters, max_atoms):
+    for s, e, _, _, _ in _cluster_chunks([max_atoms] * num_clusters, CONTACT_CHUNK_ELEMENTS):
         m, mol = d.mask[s:e], d.mol[s:e]
         inter = m[:, :, None] & m[:, None, :] & (mol[:, :, None] != mol[:, None, :])
         gap = _cdist(positions[s:e], positions[s:e]) - (radii[s:e, :, None] + radii[s:e, None, :])
@@ -249,7 +228,8 @@ def collision_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic
     d = _densify(positions.double(), None, molecule_index, batch, atomic_numbers)
     out = torch.empty(d.true.shape[0], dtype=torch.float64, device=d.true.device)
     radii = _radii(d.z, "covalent")
-    for s, e in _chunks(*d.true.shape[:2]):
+    num_clusters, max_atoms = d.true.shape[:2]
+    for s, e, _, _, _ in _cluster_chunks([max_atoms] * num_clusters, CONTACT_CHUNK_ELEMENTS):
         m, mol = d.mask[s:e], d.mol[s:e]
         inter = m[:, :, None] & m[:, None, :] & (mol[:, :, None] != mol[:, None, :])
         limit = tolerance * (radii[s:e, :, None] + radii[s:e, None, :])
@@ -265,9 +245,9 @@ def separation_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomi
 
     A molecule is *separated* when, for every atom pair between it and any other molecule, the distance exceeds
     the sum of the two atoms' van der Waals radii by more than ``margin`` Å (default 0.5 Å): it floats free of the
-    packing instead of being in van der Waals contact. (DESIGN.md's "molecule pairs whose closest atoms are more
-    than 0.5 Å apart" would count nearly every pair in any cluster; measuring the gap beyond contact distance is the
-    meaningful reading.) In a crystal cluster this is 0. Returns [B] in %.
+    packing instead of being in van der Waals contact. (Counting molecule pairs whose closest atoms are more than
+    0.5 Å apart would count nearly every pair in any cluster; the gap beyond contact distance is the meaningful
+    reading, see docs/MATH.md.) In a crystal cluster this is 0. Returns [B] in %.
     """
     if atomic_numbers is None:
         raise ValueError("separation_rate needs atomic_numbers for the van der Waals radii")
@@ -284,27 +264,6 @@ def separation_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomi
 
 
 # ---------------------------------------------------------------------------------------------------- RMSD_15
-def kabsch(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None):
-    """Optimal proper rotation and translation mapping ``mobile`` onto ``target`` (batched).
-
-    Args: mobile, target [..., P, 3]; weights [..., P] (0 = ignore a point, e.g. padding or hydrogens).
-    Returns (R [..., 3, 3], t [..., 3]) with target ≈ mobile @ Rᵀ + t.
-    """
-    if weights is None:
-        weights = torch.ones(mobile.shape[:-1], dtype=mobile.dtype, device=mobile.device)
-    w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    mu_m = (w[..., None] * mobile).sum(-2)
-    mu_t = (w[..., None] * target).sum(-2)
-    cov = torch.einsum("...p,...pi,...pj->...ij", w, target - mu_t[..., None, :], mobile - mu_m[..., None, :])
-    u, _, vh = torch.linalg.svd(cov)
-    sign = torch.sign(torch.det(u @ vh))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    diag = torch.ones(*cov.shape[:-2], 3, dtype=cov.dtype, device=cov.device)
-    diag[..., -1] = sign
-    rot = u @ torch.diag_embed(diag) @ vh
-    return rot, mu_t - torch.einsum("...ij,...j->...i", rot, mu_m)
-
-
 @torch.no_grad()
 def rmsd15(true_positions: torch.Tensor, pred_positions: torch.Tensor, molecule_index: torch.Tensor,
            atomic_numbers: torch.Tensor, batch: torch.Tensor | None = None, num_molecules: int = 15) -> torch.Tensor:
@@ -337,7 +296,7 @@ def rmsd15(true_positions: torch.Tensor, pred_positions: torch.Tensor, molecule_
                                         -1, -1, -1, *x.shape[2:]))
     true_m, pred_m, heavy_m = gather(d.true), gather(d.pred), gather(heavy.double())  # [B, M, P, (3)]
 
-    ct = _centroids(d.true, d.mol, num_mol)  # [B, M, 3]
+    ct = d.true_centroids  # [B, M, 3]
     nearest = torch.argsort((ct - ct[:, :1]).norm(dim=-1), dim=-1)[:, :k]  # [B, k], includes 0 first
     rot, shift = kabsch(pred_m[:, 0], true_m[:, 0], heavy_m[:, 0])
     pred_aligned = torch.einsum("bij,bmpj->bmpi", rot, pred_m) + shift[:, None, None]

@@ -37,7 +37,8 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from kflow.core import BandSchedule, BandTimeEmbedding
-from kflow.molecular.flow import AssemblyBatch, atoms_from_poses, poses_from_chart
+from kflow.molecular.flow import AssemblyBatch, poses_from_chart
+from kflow.molecular.geometry import atoms_from_poses
 
 __all__ = ["FullyConnectedConvolution", "DepthwiseConvolution", "CONVOLUTIONS", "AssemblyGraph", "AssemblyNetwork",
            "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]

@@ -1,4 +1,5 @@
-"""End-to-end molecular assembly workflow as library functions (the scripts are thin wrappers over these).
+"""The molecular assembly workflow, one function per step (the scripts are argparse wrappers over these):
+data set -> train -> predict -> evaluate.
 
     store = load_assembly_dataset("demo")
     model, rigid, summary = train_assembly(store, "runs/kflow2", AssemblyModelConfig(num_bands=2), steps=300)
@@ -9,22 +10,27 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from kflow.core.training import Trainer, load_checkpoint
-from kflow.molecular.datasets import (ClusterDataset, ClusterStore, CODCluster17Dataset, build_cluster_dataset,
-                                      build_demo_dataset, csd500_path)
+from kflow.core import distributed as dist_utils
+from kflow.core.training import Trainer
+from kflow.molecular.artifacts import load_assembly_model
+from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
                                      separation_rate)
-from kflow.molecular.sampling import sample_assembly
-from kflow.molecular.training import AssemblyLoss, AssemblyModelConfig, build_assembly_model
+from kflow.molecular.objective import AssemblyLoss
+from kflow.molecular.sampling import predict_assembly
+from kflow.molecular.sources import build_cluster_dataset, build_demo_dataset, csd500_path
+from kflow.molecular.store import ClusterStore
 
-__all__ = ["load_assembly_dataset", "train_assembly", "load_assembly_model", "predict_assembly",
-           "evaluate_assembly", "format_results_table", "METRICS"]
+__all__ = ["load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model", "predict_assembly",
+           "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
 
 METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
 
@@ -33,7 +39,7 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
                           draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
                           progress: bool = True):
     """A cluster store by name: "demo" (pyxtal's embedded CSD crystals), "csd500" (the CSD-500 extxyz file,
-    ``$KFLOW_CSD500`` or ../shared/data/csd500.extxyz), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17),
+    ``$KFLOW_CSD500`` or the copy shipped in data/), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17),
     or a path: an existing cluster store (folder with data.mdb), a CIF file/folder, an ASE database or an extxyz
     file (clusters are built and cached under root/built/)."""
     from kflow.molecular.crystals import read_crystals
@@ -67,6 +73,12 @@ def _check_split(dataset, what: str):
         raise ValueError(f"the {what} split is empty: the data set has too few crystals for an 80/10/10 split")
 
 
+def steps_for_epochs(store: ClusterStore, epochs: int, batch_size: int, split_seed: int = 0) -> int:
+    """Optimizer steps for ``epochs`` passes over the train split (all processes together under torchrun)."""
+    train = ClusterDataset(store, split="train", seed=split_seed)
+    return epochs * max(len(train) // (batch_size * dist_utils.get_world_size()), 1)
+
+
 def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: AssemblyModelConfig | None = None,
                    steps: int = 1000, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, resume: bool = False,
                    ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
@@ -89,46 +101,11 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
                       progress=progress, device=device, structural_keys=["model", "data_seed", "dataset_size",
                                                                          "batch_size", "lr", "ema_decay"])
-    summary = trainer.fit(resume=resume)
+    try:
+        summary = trainer.fit(resume=resume)
+    finally:
+        dist_utils.cleanup_distributed()
     return trainer.ema_model(), rigid, summary
-
-
-def load_assembly_model(checkpoint: str | os.PathLike, use_ema: bool = True):
-    """(model, rigid flow, run config) from a training checkpoint; clear errors for corrupt or mismatched files."""
-    state = load_checkpoint(checkpoint)
-    if "model" not in state.get("config", {}):
-        raise ValueError(f"{checkpoint}: not a molecular assembly checkpoint (no model configuration)")
-    config = AssemblyModelConfig.from_dict(state["config"]["model"])
-    model, rigid = build_assembly_model(config)
-    load_checkpoint(checkpoint, model, use_ema=use_ema)
-    return model.eval(), rigid, state["config"]
-
-
-@torch.no_grad()
-def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band", repeats: int = 1,
-                     repeat_noise: float = 0.1, batch_size: int = 8, seed: int = 0, progress: bool = False,
-                     steps_per_band=None, reuse_graph: bool = True):
-    """Predicted final positions for every cluster of ``dataset``: a list of [R, N_i, 3] tensors (atom order of
-    the cluster's ``Data``). See ``sample_assembly`` for the sampling arguments."""
-    model.eval()
-    out = []
-    indices = range(0, len(dataset), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices, desc="sampling", unit="batch")
-    for start in indices:
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_clusters(items)
-        pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start,
-                              steps_per_band, reuse_graph)  # [R, B, M, P, 3]
-        for b, item in enumerate(items):
-            order = torch.argsort(item.molecule_index, stable=True)
-            flat = pos[:, b][:, batch.mask[b]]  # [R, N, 3] in molecule-sorted order
-            restored = torch.empty_like(flat)
-            restored[:, order] = flat
-            out.append(restored)
-    return out
 
 
 def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None) -> dict:
@@ -173,6 +150,30 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     out["num_clusters"] = len(items)
     out["repeats"] = repeats
     return out
+
+
+def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, configs: dict[str, AssemblyModelConfig],
+                            steps: int, batch_size: int = 4, sample_steps: int = 20, repeats: int = 1,
+                            seed: int = 0, split_seed: int = 0, log=print):
+    """Train every model of ``configs`` (label -> config) with the same budget in ``out_dir/<label index>``
+    (resuming finished or interrupted runs), sample the test split and evaluate it next to the identity baseline.
+
+    Returns ({label: evaluate_assembly results}, {label: timings}); "identity (initial cluster)" comes first."""
+    test = ClusterDataset(store, split="test", seed=split_seed)
+    _check_split(test, "test")
+    results, timings = {"identity (initial cluster)": evaluate_assembly(test)}, {}
+    for i, (label, config) in enumerate(configs.items()):
+        log(f"== training {label}: {steps} steps, batch {batch_size}")
+        t0 = time.time()
+        model, rigid, summary = train_assembly(store, Path(out_dir) / f"model{i}_k{config.num_bands}", config,
+                                               steps=steps, batch_size=batch_size, seed=seed, resume=True,
+                                               split_seed=split_seed)
+        t1 = time.time()
+        log(f"== sampling {label} on the test crystals ({sample_steps} steps, {repeats} repeats)")
+        preds = predict_assembly(model, rigid, test, steps=sample_steps, repeats=repeats, seed=seed)
+        results[label] = evaluate_assembly(test, preds)
+        timings[label] = {"train_s": t1 - t0, "sample_s": time.time() - t1, "final_loss": summary["loss"]}
+    return results, timings
 
 
 def format_results_table(results: dict[str, dict], title: str = "") -> str:

@@ -1,4 +1,5 @@
-"""Atomic writes: a file either appears complete under its final name or not at all.
+"""Safe file writes: a file either appears complete under its final name or not at all, and a name taken from
+input data can only ever name a file inside the folder it is written to.
 
 Every writer in kflow goes through these helpers so that a crash, a full disk or a Ctrl-C never leaves a
 half-written checkpoint, dataset or report behind.
@@ -7,12 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+
+_UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+MAX_FILENAME_LENGTH = 120
+
+
+def safe_filename(name: str) -> str:
+    """A file-name component made from untrusted text (a crystal or cluster name read from an input file).
+
+    Path separators, ``..``, control and other unusual characters become ``_``; leading dots are dropped (no hidden
+    files, no ``..``); the result is never empty and at most ``MAX_FILENAME_LENGTH`` characters.
+    """
+    cleaned = _UNSAFE_FILENAME_CHARS.sub("_", str(name)).lstrip(".")
+    cleaned = cleaned.replace("..", "_")[:MAX_FILENAME_LENGTH]
+    return cleaned or "unnamed"
 
 
 @contextlib.contextmanager
