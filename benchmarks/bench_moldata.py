@@ -1,7 +1,7 @@
 """Molecular data layer: raw-format preprocessing vs a straightforward reference, cluster building on real
 crystals (pyxtal's CSD set and CSD-500), LMDB random access and memory.
 
-Run: python benchmarks/bench_moldata.py   (writes the "moldata" section of BENCHMARKS.md)
+Run from the repository root: python -m benchmarks.bench_moldata   (writes the "moldata" section of BENCHMARKS.md)
 """
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import markdown_table, write_section  # noqa: E402
-from kflow.molecular import RejectionSummary, build_clusters, read_crystals, write_cod_cluster17  # noqa: E402
-from kflow.molecular.sources import (build_demo_dataset, csd500_path, preprocess_cod_cluster17,  # noqa: E402
+from benchmarks.report import markdown_table, write_section
+from kflow.molecular import RejectionSummary, build_clusters, read_crystals, write_cod_cluster17
+from kflow.molecular.sources import (build_demo_dataset, csd500_path, preprocess_cod_cluster17,
                                      pyxtal_crystal_sources)
-from kflow.molecular.store import ClusterStore  # noqa: E402
+from kflow.molecular.store import ClusterStore
 
 SYMBOL_TO_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "S": 16, "Cl": 17, "Br": 35, "I": 53, "P": 15, "B": 5}
 
