@@ -5,8 +5,8 @@ PCA-projection ratio along sampled trajectories (Fig. 4), as PNGs and analysis.j
     python scripts/analyze_image.py --runs runs/fm runs/kflow_fourier --out runs/analysis
 """
 import argparse
-import sys
 
+from kflow.utils.cli import positive_int, run_main
 from kflow.vision.workflow import analyze_runs
 
 
@@ -14,10 +14,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="run folders from train_image.py (first: its latents)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-bands", type=int, default=3, help="bands for the Fig. 3 energy profile")
-    p.add_argument("--latents", type=int, default=2048, help="training latents used")
-    p.add_argument("--trajectories", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--num-bands", type=positive_int, default=3, help="bands for the Fig. 3 energy profile")
+    p.add_argument("--latents", type=positive_int, default=2048, help="training latents used")
+    p.add_argument("--trajectories", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     result = analyze_runs(args.runs, args.out, args.num_bands, args.latents, args.trajectories, args.steps,
@@ -31,7 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:  # user errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -6,8 +6,8 @@ class-aware FID and the Class-Dropping-Ratio when samples with the condition kep
     python scripts/evaluate_image.py --samples full.npz --dropped dropped.npz --reference fashion-mnist-test
 """
 import argparse
-import sys
 
+from kflow.utils.cli import positive_int, run_main
 from kflow.vision.workflow import evaluate_images
 
 
@@ -17,9 +17,9 @@ def main(argv=None):
     p.add_argument("--dropped", default=None, help="samples generated with the condition dropped after tau")
     p.add_argument("--reference", default="fashion-mnist-test",
                    help="fashion-mnist-test | digits-test | .npz | image folder")
-    p.add_argument("--max-reference", type=int, default=10000)
+    p.add_argument("--max-reference", type=positive_int, default=10000)
     p.add_argument("--feature-net", default=None, help="TorchScript feature network instead of InceptionV3")
-    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--k", type=positive_int, default=3)
     p.add_argument("--json", default=None, help="results file (default <samples>.metrics.json)")
     args = p.parse_args(argv)
     result, path = evaluate_images(args.samples, args.reference, args.dropped, args.max_reference, args.feature_net,
@@ -31,7 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:  # user errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -6,10 +6,9 @@
     python scripts/sample_image.py --run RUN --share-bands 0 --num 16      # shared low-band noise, varied details
 """
 import argparse
-import sys
 
 from kflow.core import SAMPLING_METHODS
-from kflow.core.training import CheckpointError
+from kflow.utils.cli import positive_int, run_main
 from kflow.vision.sampling import SamplingConfig
 from kflow.vision.workflow import sample_images
 
@@ -17,17 +16,17 @@ from kflow.vision.workflow import sample_images
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True)
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--num", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--method", default="heun", choices=SAMPLING_METHODS)
-    p.add_argument("--steps-per-band", type=int, nargs="+", default=None,
+    p.add_argument("--steps-per-band", type=positive_int, nargs="+", default=None,
                    help="steps inside each band's window (one count per band; replaces --steps)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--condition-tau", type=float, default=None)
     p.add_argument("--share-bands", type=int, nargs="*", default=None)
     p.add_argument("--class-id", type=int, default=None, help="one class for all samples (default: cycle)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--out", default=None, help="output prefix (default <run>/samples)")
     p.add_argument("--steering-figures", action="store_true",
                    help="also write the paper-style grids (shared low/high-band noise, condition kept vs dropped)")
@@ -42,7 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, CheckpointError) as err:  # user errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -6,10 +6,9 @@
     torchrun --nproc_per_node 2 scripts/train_image.py --dataset fashion-mnist --out runs/img_ddp
 """
 import argparse
-import sys
 
 from kflow.core import ORDERS, PREDICTIONS, RAMPS
-from kflow.core.training import CheckpointError
+from kflow.utils.cli import positive_int, run_main
 from kflow.vision.artifacts import default_run_dir
 from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
 from kflow.vision.models import DiT_models
@@ -22,13 +21,13 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--autoencoder", default="conv",
                    help="conv (trained here) | identity (pixels) | PATH to a saved one | diffusers:FOLDER_OR_HUB_ID")
-    p.add_argument("--ae-steps", type=int, default=1500)
-    p.add_argument("--ae-width", type=int, default=32)
-    p.add_argument("--max-images", type=int, default=None, help="use the first N training images only")
+    p.add_argument("--ae-steps", type=positive_int, default=1500)
+    p.add_argument("--ae-width", type=positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int, default=None, help="use the first N training images only")
     p.add_argument("--latent-dir", default=None, help="folder for the autoencoder + latent cache (default --out)")
     p.add_argument("--decomposition", default="fourier", choices=DECOMPOSITIONS)
     p.add_argument("--wavelet", default=None, help="default: the longest of db6/db4/db2/haar the latent grid admits")
-    p.add_argument("--num-bands", type=int, default=2)
+    p.add_argument("--num-bands", type=positive_int, default=2)
     p.add_argument("--order", default="low_to_high", choices=ORDERS)
     p.add_argument("--ramp", default="linear", choices=sorted(RAMPS))
     p.add_argument("--overlap", type=float, default=0.0, help="overlap of consecutive band windows, in [0, 1)")
@@ -36,11 +35,11 @@ def main(argv=None):
     p.add_argument("--model", default="DiT-T/2", choices=sorted(DiT_models))
     p.add_argument("--unconditional", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true")
@@ -61,7 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, CheckpointError) as err:  # user errors: a message, not a traceback
-        sys.exit(f"error: {err}")
+    run_main(main)
