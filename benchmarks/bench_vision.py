@@ -54,7 +54,7 @@ def cached_features(path, net, make_images):
     """Inception features, cached on disk (feature extraction is the slow part on CPU: ~10 images/s)."""
     path = Path(path)
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     features = extract_features(net, make_images(), progress=True)
     atomic_save(features, path)
     return features

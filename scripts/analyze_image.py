@@ -4,14 +4,13 @@ PCA-projection ratio along sampled trajectories (Fig. 4), as PNGs and analysis.j
 
     python scripts/analyze_image.py --runs runs/fm runs/kflow_fourier --out runs/analysis
 """
-import argparse
 
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.vision.workflow import analyze_runs
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--runs", nargs="+", required=True, help="run folders from train_image.py (first: its latents)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-bands", type=positive_int, default=3, help="bands for the Fig. 3 energy profile")

@@ -8,17 +8,16 @@ COD-Cluster17 CSV layout under OUT/raw, an LMDB store at OUT/processed/clusters.
 prints how many crystals were kept and rejected by reason. Equivalent Python:
 ``kflow.molecular.sources.build_clusters_from_files(paths, out, ...)``.
 """
-import argparse
 import sys
 from pathlib import Path
 
 from kflow.molecular.crystals import NoiseModel
 from kflow.molecular.sources import build_clusters_from_files
-from kflow.utils.cli import positive_float, positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_float, positive_int, run_main
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("inputs", nargs="+", help="CIF file/folder, ASE database or extxyz file(s)")
     p.add_argument("--out", required=True, help="output folder (raw/, processed/clusters.lmdb, summary.json)")
     p.add_argument("--draws", type=positive_int, default=4, help="noisy initial clusters per crystal")

@@ -5,7 +5,6 @@ Builds COD-Cluster17-style clusters from the CSD crystals shipped with pyxtal, t
 baseline (1 band) and K-Flow (2 Laplacian bands) with the same budget, samples the held-out test crystals and
 prints the side-by-side table with the identity baseline (prediction = initial cluster).
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -13,12 +12,12 @@ from pathlib import Path
 from kflow.molecular.config import AssemblyModelConfig
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.workflow import compare_assembly_models, format_results_table, load_assembly_dataset
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.utils.io import atomic_write_text
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("--steps", type=positive_int, default=300, help="training steps per model (same for both)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--sample-steps", type=positive_int, default=20)

@@ -4,17 +4,16 @@ mean ± std over clusters, next to the identity baseline (prediction = initial c
 
     python scripts/evaluate_assembly.py --predictions runs/assembly_demo_k2/predictions.npz --dataset demo
 """
-import argparse
 from pathlib import Path
 
 from kflow.molecular.artifacts import metrics_path, read_predictions, write_metrics
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.workflow import evaluate_assembly, format_results_table, load_assembly_dataset
-from kflow.utils.cli import run_main
+from kflow.utils.cli import ArgumentParser, run_main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--predictions", required=True, nargs="+", help="one or more .npz from sample_assembly.py")
     p.add_argument("--labels", nargs="+", default=None, help="method names for the table")
     p.add_argument("--dataset", default="demo")

@@ -5,14 +5,13 @@ class-aware FID and the Class-Dropping-Ratio when samples with the condition kep
     python scripts/evaluate_image.py --samples runs/RUN/samples.npz --reference fashion-mnist-test
     python scripts/evaluate_image.py --samples full.npz --dropped dropped.npz --reference fashion-mnist-test
 """
-import argparse
 
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.vision.workflow import evaluate_images
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--samples", required=True)
     p.add_argument("--dropped", default=None, help="samples generated with the condition dropped after tau")
     p.add_argument("--reference", default="fashion-mnist-test",

@@ -4,17 +4,16 @@
     python scripts/sample_assembly.py --checkpoint runs/assembly_demo_k2/checkpoints/last.pt --dataset demo \
         --steps 20 --repeats 3 --out runs/assembly_demo_k2/predictions.npz --extxyz-dir runs/assembly_demo_k2/xyz
 """
-import argparse
 
 from kflow.core import SAMPLING_METHODS
 from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.workflow import load_assembly_dataset, predict_assembly
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_int, run_main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", default="demo")
     p.add_argument("--subset", default="10k")

@@ -5,16 +5,15 @@
     python scripts/sample_image.py --run RUN --condition-tau 0.3          # keep the class only for t < 0.3
     python scripts/sample_image.py --run RUN --share-bands 0 --num 16      # shared low-band noise, varied details
 """
-import argparse
 
 from kflow.core import SAMPLING_METHODS
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.vision.sampling import SamplingConfig
 from kflow.vision.workflow import sample_images
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--run", required=True)
     p.add_argument("--num", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=50)

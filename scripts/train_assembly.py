@@ -6,18 +6,18 @@ Examples:
     python scripts/train_assembly.py --dataset demo --num-bands 1      # rigid flow-matching baseline, embedded data
     torchrun --nproc_per_node 2 scripts/train_assembly.py --dataset csd500 --steps 2000
 """
-import argparse
 
 from kflow.core import ORDERS, RAMPS
 from kflow.molecular.artifacts import default_run_dir
 from kflow.molecular.config import AssemblyModelConfig
 from kflow.molecular.network import CONVOLUTIONS
 from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
-from kflow.utils.cli import nonnegative_int, positive_float, positive_int, run_main
+from kflow.utils.cli import (ArgumentParser, add_run_arguments, nonnegative_int, positive_float, positive_int,
+                             run_main)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--dataset", default="cod", help="cod | demo | csd500 | PATH (store, CIF(s), ASE db, extxyz)")
     p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k | 10k | all | PATH to an id list")
     p.add_argument("--data-root", default="data")
@@ -44,8 +44,7 @@ def parse_args(argv=None):
                    help="start-cluster draws and the crystal-level split (keep it fixed to compare seeds)")
     p.add_argument("--num-workers", type=nonnegative_int, default=0)
     p.add_argument("--out", default=None, help="run folder (default runs/assembly_<dataset>_k<bands>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p)
     return p.parse_args(argv)
 
 
@@ -62,8 +61,10 @@ def main(argv=None):
     _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, split_seed=args.data_seed, resume=args.resume,
                                    ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
-                                   num_workers=args.num_workers, progress=not args.no_progress)
-    print(f"trained {summary['step']} steps in {summary['wall_time_s']:.0f} s "
+                                   num_workers=args.num_workers, progress=not args.no_progress,
+                                   overwrite=args.overwrite, deterministic=args.deterministic)
+    resumed = f" (resumed at step {summary['resumed_from']}, now at {summary['step']})" if summary["resumed_from"] else ""
+    print(f"trained {summary['steps_run']} steps{resumed} in {summary['wall_time_s']:.0f} s "
           f"({summary['samples_per_s']:.2f} clusters/s), final loss {summary['loss']:.4g}, "
           f"skipped {summary['skipped_steps']}; checkpoints in {out}/checkpoints")
 

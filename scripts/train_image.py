@@ -5,10 +5,9 @@
     python scripts/train_image.py --dataset digits --decomposition none --num-bands 1     # flow-matching baseline
     torchrun --nproc_per_node 2 scripts/train_image.py --dataset fashion-mnist --out runs/img_ddp
 """
-import argparse
 
 from kflow.core import ORDERS, PREDICTIONS, RAMPS
-from kflow.utils.cli import positive_int, run_main
+from kflow.utils.cli import ArgumentParser, add_run_arguments, positive_int, run_main
 from kflow.vision.artifacts import default_run_dir
 from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
 from kflow.vision.models import DiT_models
@@ -16,7 +15,7 @@ from kflow.vision.workflow import train_image_model
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits | image folder")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--autoencoder", default="conv",
@@ -42,8 +41,7 @@ def main(argv=None):
     p.add_argument("--checkpoint-every", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     data = ImageDataConfig(args.dataset, args.autoencoder, args.ae_steps, args.ae_width, args.max_images, args.seed,
                            args.data_root)
@@ -54,7 +52,8 @@ def main(argv=None):
     trainer, _ = train_image_model(data, out, config, latent_dir=args.latent_dir, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every, resume=args.resume,
-                                   progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing)
+                                   progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing,
+                                   overwrite=args.overwrite, deterministic=args.deterministic)
     print(f"trained to step {trainer.step}; run folder {out}")
     return out
 

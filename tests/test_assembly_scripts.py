@@ -81,3 +81,29 @@ def test_scripts_report_user_errors_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: dataset")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--steps", "0"], ["--steps", "-1"],
+                                 ["--checkpoint-every", "0"], ["--lr", "-1"], ["--resume", "--overwrite"]])
+def test_nonsense_arguments_end_in_one_clear_line(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_assembly.main(["--dataset", "demo", *bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and bad[0] in err[0]
+
+
+def test_retraining_into_a_used_run_folder_needs_resume_or_overwrite(cod_root, tmp_path, capsys):
+    from kflow.utils.cli import run_main
+
+    args = ["--subset", "10k", "--data-root", str(cod_root), "--steps", "2", "--batch-size", "2", "--out",
+            str(tmp_path / "run"), "--no-progress", *SMALL_NET]
+    train_assembly.main(args)
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train_assembly.main(args))
+    assert "already holds a training run" in str(exit_info.value.code)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+    capsys.readouterr()
+    train_assembly.main(args[:5] + ["4"] + args[6:] + ["--resume"])
+    assert "trained 2 steps (resumed at step 2, now at 4)" in capsys.readouterr().out

@@ -6,8 +6,16 @@ Launched with ``torchrun`` it trains with DistributedDataParallel (gloo on CPU, 
 per process, the global batch is ``batch_size × world_size``.
 
 Determinism: the data order is a permutation seeded by (seed, epoch), and the global RNG is re-seeded from
-(seed, step) before every step, so a resumed run continues bit-for-bit (on CPU) and a W-process run sees the
-same global batches (and, with ``sample_batch_times``, the same flow times) as one process with the global batch.
+(seed, step) before every step, so a W-process run sees the same global batches (and, with ``sample_batch_times``,
+the same flow times) as one process with the global batch. Bit-identical weights across runs and across an
+interruption + resume need ``deterministic=True`` on CPU: multi-threaded reductions (scatter sums, matrix
+products) add in an order that depends on thread scheduling, so two uninterrupted runs with several threads
+already differ in the last bits (~1e-7). ``deterministic=True`` trains on one thread with torch's deterministic
+algorithms. The LR schedule is a function of ``max_steps``; resuming with another ``max_steps`` changes the curve
+from then on, which the trainer says in a warning.
+
+Safety: checkpoints are read with ``torch.load(weights_only=True)``, so a crafted file cannot run code; they hold
+only tensors and plain Python values (the RNG states included).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -30,8 +39,8 @@ from torch import nn
 from kflow.core import distributed as dist_utils
 from kflow.utils.io import atomic_path, atomic_save, atomic_write_text
 
-__all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "load_checkpoint",
-           "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
+__all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "RunExistsError",
+           "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
 
 CHECKPOINT_KIND = "kflow-checkpoint"
 # Seeds derived from (seed, epoch) and (seed, step): primes larger than any realistic epoch or step count, so
@@ -51,6 +60,10 @@ class CheckpointError(RuntimeError):
 
 class ConfigMismatchError(ValueError):
     """Resuming with a configuration that changes the model or the data."""
+
+
+class RunExistsError(ValueError):
+    """Starting a fresh run in a folder that already holds another run's checkpoints."""
 
 
 def cosine_with_warmup(step: int, max_steps: int, warmup_steps: int = 0, min_ratio: float = 0.05) -> float:
@@ -119,30 +132,75 @@ class EpochBatchSampler:
         return out
 
 
-def _atomic_link(src: Path, dst: Path):
-    """Make ``dst`` a complete copy of ``src`` atomically: a hard link (no second write of a large checkpoint),
-    or a byte copy where the filesystem has no hard links. ``dst`` survives if ``src`` is later rotated away."""
+def _atomic_copy(src: Path, dst: Path):
+    """Make ``dst`` an independent, complete copy of ``src`` atomically (never a hard link: damaging one file
+    must not damage the other)."""
     with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+        shutil.copyfile(src, tmp)
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` accepts)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state) -> None:
+    if isinstance(state, dict):
+        state = (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _legacy_numpy_globals() -> list:
+    """The numpy types that checkpoints of kflow <= 0.2 pickled (the numpy RNG state): array reconstruction
+    only, no callables that could run code."""
+    multiarray = getattr(np, "_core", np.core).multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_weights_only(path: Path, map_location):
+    with torch.serialization.safe_globals(_legacy_numpy_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _intact_step_checkpoints(folder: Path, skip: Path) -> Path | None:
+    """The newest ``step_*.pt`` in ``folder`` (other than ``skip``) that reads as a kflow checkpoint."""
+    for candidate in sorted(folder.glob("step_*.pt"), reverse=True):
+        if candidate.resolve() == skip.resolve():
+            continue
+        try:
+            state = _load_weights_only(candidate, "cpu")
+        except Exception:
+            continue
+        if isinstance(state, dict) and state.get("kind") == CHECKPOINT_KIND:
+            return candidate
+    return None
+
+
 def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint without executing anything from it (``weights_only``); ``CheckpointError`` names the file,
+    the cause and, for a damaged file, the newest intact step checkpoint beside it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = _load_weights_only(path, map_location)
     except Exception as err:
+        hint = ""
+        intact = _intact_step_checkpoints(path.parent, path)
+        if intact is not None:
+            hint = f"; the newest intact checkpoint beside it is {intact} (pass it to --resume / --checkpoint)"
+        if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+            raise CheckpointError(f"{path}: refused, the file holds objects other than tensors and plain values "
+                                  f"(loading it could run code){hint}") from err
         raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or corrupt?): "
-                              f"{type(err).__name__}: {err}") from err
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{hint}") from err
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a kflow checkpoint")
     return state
@@ -178,6 +236,42 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, use
     return state
 
 
+def check_fresh_run_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """Checkpoint files of an earlier run in ``out_dir``; ``RunExistsError`` if there are some and not ``overwrite``.
+    Call it before writing anything into a run folder that a fresh (not resumed) run is about to use."""
+    folder = Path(out_dir) / "checkpoints"
+    previous = sorted(folder.glob("*.pt")) if folder.exists() else []
+    if previous and not overwrite:
+        raise RunExistsError(f"{out_dir} already holds a training run ({len(previous)} checkpoint files); "
+                             "resume it (--resume) or start over (--overwrite)")
+    return previous
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+class _determinism:
+    """Context: one torch thread and deterministic algorithms while active (``enabled``), restored after."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if self.enabled:
+            self.threads = torch.get_num_threads()
+            self.algorithms = torch.are_deterministic_algorithms_enabled()
+            torch.set_num_threads(1)
+            torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            torch.set_num_threads(self.threads)
+            torch.use_deterministic_algorithms(self.algorithms)
+
+
 def _structural(config: dict, keys: Sequence[str] | None) -> dict:
     if keys is not None:
         return {k: config.get(k) for k in keys}
@@ -201,6 +295,10 @@ class Trainer:
             (all keys but ``NON_STRUCTURAL_KEYS``, or only ``structural_keys``) raises ``ConfigMismatchError``.
         max_bad_steps: abort after this many consecutive non-finite steps.
         eval_fn: optional ``eval_fn(ema_or_model, step) -> dict`` run every ``eval_every`` steps on rank 0.
+        overwrite: start a fresh run in a folder that holds another run's checkpoints (they are deleted);
+            without it, ``fit()`` without ``resume`` refuses such a folder (``RunExistsError``).
+        deterministic: bit-identical results across runs and resumes on CPU (one thread, deterministic
+            algorithms, for the duration of ``fit``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset, *, collate_fn: Callable | None = None,
@@ -210,7 +308,11 @@ class Trainer:
                  keep_checkpoints: int = 3, log_every: int = 10, seed: int = 0,
                  structural_keys: Sequence[str] | None = None, num_workers: int = 0, device=None,
                  progress: bool = True, max_bad_steps: int = 20, eval_fn: Callable | None = None,
-                 eval_every: int | None = None):
+                 eval_every: int | None = None, overwrite: bool = False, deterministic: bool = False):
+        _check_positive(batch_size=batch_size, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                        keep_checkpoints=keep_checkpoints, log_every=log_every, lr=lr, max_bad_steps=max_bad_steps)
+        if eval_every is not None:
+            _check_positive(eval_every=eval_every)
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty (check the split and the data path)")
         default_device = dist_utils.setup_distributed()  # joins the torchrun group even when device is given
@@ -229,6 +331,7 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.num_workers, self.progress = num_workers, progress
         self.eval_fn, self.eval_every = eval_fn, eval_every
+        self.overwrite, self.deterministic = overwrite, deterministic
         self.optimizer = torch.optim.AdamW(_unwrap(self.model).parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -236,6 +339,7 @@ class Trainer:
         self.ema = ExponentialMovingAverage(_unwrap(self.model), ema_decay) if ema_decay else None
         self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, self.rank, self.world_size)
         self.step, self.skipped_steps, self.bad_in_a_row = 0, 0, 0
+        self.resumed_from: int | None = None
         self._tb, self._csv_keys = None, None
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -254,7 +358,8 @@ class Trainer:
                 # Data position (derivable from step; stored so a checkpoint can be inspected on its own).
                 "epoch": self.step // self.sampler.steps_per_epoch,
                 "batch_in_epoch": self.step % self.sampler.steps_per_epoch,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "max_steps": self.max_steps,
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}}
 
     def save_checkpoint(self) -> Path | None:
         if not dist_utils.is_main_process():
@@ -263,7 +368,7 @@ class Trainer:
         state = self.state_dict()
         path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
         atomic_save(state, path)
-        _atomic_link(path, self.checkpoint_dir / "last.pt")
+        _atomic_copy(path, self.checkpoint_dir / "last.pt")
         old = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-self.keep_checkpoints]
         for p in old:
             p.unlink(missing_ok=True)
@@ -290,9 +395,15 @@ class Trainer:
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.resumed_from = self.step
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        planned = state.get("max_steps")
+        if planned is not None and planned != self.max_steps and self.step < self.max_steps:
+            warnings.warn(f"{path}: the learning-rate schedule was planned for {planned} steps and now runs to "
+                          f"{self.max_steps}; from step {self.step} on it follows another curve than an "
+                          f"uninterrupted run of either length", stacklevel=2)
         self._truncate_logs(self.step)
 
     # ------------------------------------------------------------------------------------------ logging
@@ -374,7 +485,12 @@ class Trainer:
     def fit(self, resume: bool | str | os.PathLike = False) -> dict:
         """Train until ``max_steps``; ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` if present,
         ``resume=path`` from that file. Returns a summary dict."""
+        with _determinism(self.deterministic):
+            return self._fit(resume)
+
+    def _fit(self, resume) -> dict:
         self._begin(resume)
+        started_at = self.step
         bar = self._progress_bar()
         speed = _Throughput()
         batches = self._batches()
@@ -389,8 +505,9 @@ class Trainer:
             self._checkpoint_if_due()
         if bar is not None:
             bar.close()
-        return {"step": self.step, "loss": last_loss, "skipped_steps": self.skipped_steps,
-                "wall_time_s": speed.elapsed(), "samples_per_s": speed.overall_rate()}
+        return {"step": self.step, "steps_run": self.step - started_at, "resumed_from": self.resumed_from,
+                "loss": last_loss, "skipped_steps": self.skipped_steps, "wall_time_s": speed.elapsed(),
+                "samples_per_s": speed.overall_rate()}
 
     def _begin(self, resume):
         """Restore the checkpoint to resume from (if any) and record the run configuration."""
@@ -398,9 +515,23 @@ class Trainer:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is not None:
                 self.load_state(path)
+        elif self.step == 0:
+            self._refuse_or_clear_previous_run()
         if dist_utils.is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.json", json.dumps(self.config, indent=2, default=str))
+
+    def _refuse_or_clear_previous_run(self):
+        """A fresh run must not silently overwrite another run's checkpoints and logs in the same folder."""
+        previous = check_fresh_run_folder(self.out_dir, self.overwrite)
+        if not previous:
+            return
+        if dist_utils.is_main_process():
+            for p in previous:
+                p.unlink()
+            for log in ("metrics.jsonl", "metrics.csv"):
+                (self.out_dir / log).unlink(missing_ok=True)
+        dist_utils.barrier()
 
     def _progress_bar(self):
         if not (self.progress and dist_utils.is_main_process()):

@@ -83,10 +83,11 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                    steps: int = 1000, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, resume: bool = False,
                    ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
                    num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None,
-                   split_seed: int | None = None):
+                   split_seed: int | None = None, overwrite: bool = False, deterministic: bool = False):
     """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
     flow, trainer summary). ``seed`` drives initialisation and data order; ``split_seed`` (default: ``seed``)
-    the crystal-level train/valid/test split."""
+    the crystal-level train/valid/test split. A fresh run (not ``resume``) refuses a folder holding another run
+    unless ``overwrite``; ``deterministic``: bit-identical runs and resumes on CPU (see ``Trainer``)."""
     config = config or AssemblyModelConfig()
     split_seed = seed if split_seed is None else split_seed
     train = ClusterDataset(store, split="train", seed=split_seed)
@@ -99,8 +100,8 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate_clusters, batch_size=batch_size, lr=lr,
                       max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
-                      progress=progress, device=device, structural_keys=["model", "data_seed", "dataset_size",
-                                                                         "batch_size", "lr", "ema_decay"])
+                      progress=progress, device=device, overwrite=overwrite, deterministic=deterministic,
+                      structural_keys=["model", "data_seed", "dataset_size", "batch_size", "lr", "ema_decay"])
     try:
         summary = trainer.fit(resume=resume)
     finally:

@@ -6,7 +6,19 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "run_main"]
+__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "add_run_arguments", "run_main"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the module docstring kept as written (examples) and one-line errors: a bad argument ends
+    the process with ``error: <prog>: <message>`` (exit status 2) and no usage dump (``--help`` shows it)."""
+
+    def __init__(self, description: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +43,17 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run-folder flags every training command shares: --resume, --overwrite, --deterministic, --no-progress."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start over in a run folder that holds an earlier run (its checkpoints are deleted)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bit-identical runs and resumes on CPU (one thread, deterministic algorithms; slower)")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

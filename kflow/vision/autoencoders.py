@@ -177,8 +177,8 @@ def load_autoencoder(path: str | os.PathLike) -> ConvAutoencoder:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such autoencoder file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle errors, ...
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    except Exception as err:  # truncated zip, objects that would need code to load, ...
         raise ValueError(f"{path}: cannot be read as a kflow autoencoder file ({err})") from err
     if not isinstance(state, dict) or state.get("kind") != "kflow-autoencoder":
         raise ValueError(f"{path}: not a kflow autoencoder file")

@@ -18,7 +18,7 @@ import torch
 
 from kflow.core import FourierDecomposition, PCADecomposition
 from kflow.core import distributed as dist_utils
-from kflow.core.training import Trainer
+from kflow.core.training import Trainer, check_fresh_run_folder
 from kflow.utils.io import atomic_write_text
 from kflow.vision.analysis import band_energy_profile, pca_projection_ratio, plot_band_energy, plot_projection_ratio
 from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, PCA_FILE, load_image_model, load_latent_space,
@@ -88,15 +88,18 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                       latent_dir: str | os.PathLike | None = None, steps: int = 2000, batch_size: int = 64,
                       lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, warmup_steps: int | None = None,
                       checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
-                      gradient_checkpointing: bool = False):
+                      gradient_checkpointing: bool = False, overwrite: bool = False, deterministic: bool = False):
     """Train a DiT with K-Flow on cached latents through ``kflow.core.training.Trainer``; returns (trainer, flow).
 
     ``latent_dir`` (default ``out_dir``) holds the autoencoder and the latent cache, so several runs can share them.
     The model config gets its latent shape and classes from the data (``config.for_data``). The run folder gets
     image_config.json, pca.pt (PCA only; reused on resume), the Trainer's checkpoints and metric logs.
-    ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``.
+    ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``. A fresh run (not
+    ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: see ``Trainer``.
     """
     out = Path(out_dir)
+    if not resume:
+        check_fresh_run_folder(out, overwrite)  # before anything of the earlier run is overwritten
     latent_dir = Path(latent_dir or out)
     dist_utils.setup_distributed()  # under torchrun: join the process group first, so only rank 0 prepares latents
     try:
@@ -118,7 +121,7 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                           torch.utils.data.TensorDataset(latents, labels), collate_fn=_stack_pairs,
                           batch_size=batch_size, lr=lr, max_steps=steps, out_dir=out, config=record,
                           ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, progress=progress,
-                          warmup_steps=warmup_steps)
+                          warmup_steps=warmup_steps, overwrite=overwrite, deterministic=deterministic)
         trainer.fit(resume=resume)
     finally:
         dist_utils.cleanup_distributed()
