@@ -22,6 +22,7 @@ from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import compute_packing_matching
 from kflow.molecular.objective import AssemblyLoss
+from kflow.molecular.sampling import sample_assembly
 from kflow.molecular.sources import csd500_path
 from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset, predict_assembly,
                                       train_assembly)
@@ -86,66 +87,68 @@ def metric_speed_section(store, n_clusters=1000) -> str:
 # The network of kflow 0.2 (fully connected tensor products, graph rebuilt at every sampling step) next to the
 # levers of the faster default, one at a time: label -> (AssemblyModelConfig overrides, reuse the graph when sampling)
 NETWORK_VARIANTS = {
-    "kflow 0.2: fctp, graph rebuilt every step": ({"conv": "fctp"}, False),
-    "fctp, fixed graph reused": ({"conv": "fctp"}, True),
-    "uvu, fixed graph reused (default)": ({"conv": "uvu"}, True),
-    "uvu, heavy atoms only": ({"conv": "uvu", "heavy_atoms_only": True}, True),
+    "kflow 0.2: fctp, all atoms, graph rebuilt every step": ({"conv": "fctp", "heavy_atoms_only": False}, False),
+    "+ fixed graph reused along the path": ({"conv": "fctp", "heavy_atoms_only": False}, True),
+    "+ depthwise (uvu) convolutions": ({"conv": "uvu", "heavy_atoms_only": False}, True),
+    "+ heavy-atom graph (default)": ({"conv": "uvu", "heavy_atoms_only": True}, True),
 }
-OLD_NETWORK = "kflow 0.2: fctp, graph rebuilt every step"
+SAME_WEIGHTS_AS_PREVIOUS_ROW = {"+ fixed graph reused along the path"}  # a sampling-only lever: no quality run
 
 
-def _timed_rounds(variants: dict, run_once, rounds: int) -> dict:
-    """Seconds per variant, summed over ``rounds`` rounds that visit the variants in turn, so a change in machine
-    load during the run affects every variant alike."""
-    seconds = dict.fromkeys(variants, 0.0)
+def _median_seconds(variants: dict, work: list, run_once, rounds: int) -> dict:
+    """Median wall time per (variant, work item); every item is run for all variants back to back, so a change in
+    machine load during the run affects every variant alike."""
+    seconds = {label: [] for label in variants}
     for _ in range(rounds):
-        for label, setup in variants.items():
-            t0 = time.perf_counter()
-            run_once(setup)
-            seconds[label] += time.perf_counter() - t0
-    return seconds
+        for item in work:
+            for label, setup in variants.items():
+                t0 = time.perf_counter()
+                run_once(setup, item)
+                seconds[label].append(time.perf_counter() - t0)
+    return {label: float(np.median(v)) for label, v in seconds.items()}
 
 
-def bench_network_speed(store, batch_size=4, num_batches=10, rounds=3, nfe=50, sample_clusters=16, threads=2):
+def bench_network_speed(store, batch_size=4, num_batches=10, rounds=3, nfe=50, sample_clusters=16,
+                        sample_batch_size=8, threads=2):
     """Training and sampling clusters/s of every ``NETWORK_VARIANTS`` entry on the same batches in one run.
 
     Training: forward + backward + AdamW step of the K-Flow loss on ``num_batches`` fixed training batches.
-    Sampling: ``predict_assembly`` at ``nfe`` Euler steps on the first ``sample_clusters`` test clusters (batches
-    of 8). Untrained weights cost the same as trained ones. Returns rows of (label, train/s, sample/s, params)."""
+    Sampling: ``sample_assembly`` at ``nfe`` Euler steps on the first ``sample_clusters`` test clusters (batches of
+    ``sample_batch_size``). Untrained weights cost the same as trained ones. Rates come from median times.
+    Returns rows of (label, train clusters/s, sample clusters/s, parameters) and the mean atoms per cluster."""
     torch.set_num_threads(threads)
     train = ClusterDataset(store, split="train", seed=0)
-    test = torch.utils.data.Subset(ClusterDataset(store, split="test", seed=0), range(sample_clusters))
+    test = ClusterDataset(store, split="test", seed=0)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     batches = [collate_clusters([train[order[i * batch_size + j]] for j in range(batch_size)])
                for i in range(num_batches)]
+    sample_batches = [collate_clusters([test[i] for i in range(s, min(s + sample_batch_size, sample_clusters))])
+                      for s in range(0, sample_clusters, sample_batch_size)]
     setups = {}
     for label, (overrides, reuse) in NETWORK_VARIANTS.items():
         torch.manual_seed(0)
         model, rigid = build_assembly_model(AssemblyModelConfig(**overrides))
         setups[label] = (model, rigid, AssemblyLoss(rigid), torch.optim.AdamW(model.parameters(), 1e-3), reuse)
 
-    def train_pass(setup, batch_list=batches):
+    def train_step(setup, batch):
         model, _, loss_fn, opt, _ = setup
         model.train()
-        for batch in batch_list:
-            loss, _ = loss_fn(model, batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
-    def sample_pass(setup):
+    def sample(setup, batch):
         model, rigid, _, _, reuse = setup
-        predict_assembly(model, rigid, test, steps=nfe, method="euler", reuse_graph=reuse)
+        model.eval()
+        sample_assembly(model, batch, rigid, steps=nfe, method="euler", reuse_graph=reuse)
 
-    for setup in setups.values():  # warm-up: e3nn code generation, allocator
-        train_pass(setup, batches[:2])
-    train_s = _timed_rounds(setups, train_pass, rounds)
-    sample_s = _timed_rounds(setups, sample_pass, max(1, rounds - 1))
+    _median_seconds(setups, batches[:2], train_step, 1)  # warm-up: e3nn code generation, allocator
+    train_s = _median_seconds(setups, batches, train_step, rounds)
+    sample_s = _median_seconds(setups, sample_batches, sample, max(1, rounds - 1))
     atoms = float(np.mean([b.mask.sum().item() / b.num_clusters for b in batches]))
-    rows = []
-    for label, (model, *_rest) in setups.items():
-        rows.append((label, rounds * num_batches * batch_size / train_s[label],
-                     max(1, rounds - 1) * sample_clusters / sample_s[label], sum(p.numel() for p in model.parameters())))
+    rows = [(label, batch_size / train_s[label], sample_batch_size / sample_s[label],
+             sum(p.numel() for p in setups[label][0].parameters())) for label in setups]
     return rows, atoms
 
 
@@ -161,11 +164,11 @@ def network_section(store, out: Path, steps=150, sample_steps=10, seeds=(0, 1, 2
     test = ClusterDataset(store, split="test", seed=0)
     quality_rows = []
     for label, (overrides, _) in NETWORK_VARIANTS.items():
-        if label == "fctp, fixed graph reused":  # same weights and results as kflow 0.2: no separate quality run
+        if label in SAME_WEIGHTS_AS_PREVIOUS_ROW:
             continue
         per_seed = []
         for seed in seeds:
-            run = out / "network" / f"{overrides['conv']}{'_heavy' if overrides.get('heavy_atoms_only') else ''}_s{seed}"
+            run = out / "network" / f"{overrides['conv']}{'_heavy' if overrides['heavy_atoms_only'] else ''}_s{seed}"
             result_file = run / "result.json"
             if not result_file.exists():
                 model, rigid, _ = train_assembly(store, run, AssemblyModelConfig(**overrides), steps=steps,
@@ -184,9 +187,9 @@ def network_section(store, out: Path, steps=150, sample_steps=10, seeds=(0, 1, 2
     return ("## Assembly network speed (`python -m benchmarks.bench_assembly --network-only`)\n\n"
             f"All variants in one run on the same 10 training batches of {batch_size} embedded-benchmark clusters "
             f"({atoms:.0f} atoms per cluster on average) and the same 16 test clusters, 2 torch threads, rounds "
-            "interleaved across variants. Training = forward + backward + AdamW step of the K=2 loss; sampling = "
-            "`predict_assembly` at 50 NFE (Euler, batches of 8). Ratios are against the network of kflow 0.2 "
-            "measured in the same run.\n\n"
+            "interleaved across variants batch by batch, rates from median times. Training = forward + backward + "
+            "AdamW step of the K=2 loss; sampling = `sample_assembly` at 50 NFE (Euler, batches of 8). Ratios are "
+            "against the network of kflow 0.2 measured in the same run.\n\n"
             + markdown_table(["network", "training clusters/s", "ratio", "sampling clusters/s (50 NFE)", "ratio",
                               "parameters"], speed_rows)
             + f"\n\n1-min load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."

@@ -4,6 +4,7 @@ import torch
 
 from kflow.core import BandSchedule
 from kflow.molecular.flow import RigidityError, RigidKFlow, collate_clusters
+from kflow.molecular.geometry import masked_centroids
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.so3 import random_rotations
 
@@ -129,13 +130,38 @@ def test_fixed_graph_is_the_rebuilt_graph():
     assert graph.intra_src.numel() > 0 and (z1[0] - batch.initial_chart()).abs().max() > 1e-3
 
 
-def test_heavy_atom_graph_has_no_hydrogen_edges():
-    model = _small_model(heavy_atoms_only=True)
-    batch = collate_clusters([synthetic_cluster(3)], dtype=F64)
+def _atom_edges(model, batch):
     graph = model.preprocess(batch)
-    hydrogen = graph.atom_types == 1
-    assert hydrogen.any() and not hydrogen[graph.intra_src].any() and not hydrogen[graph.intra_dst].any()
-    assert not graph.inter_pairs.reshape(-1, graph.inter_pairs.shape[-1])[hydrogen].any()
+    positions = batch.initial_positions()
+    src, dst, _, _ = model.network._atom_edges(positions, masked_centroids(positions, batch.mask), graph)
+    return graph, src, dst
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_pruned_edge_search_finds_exactly_the_pairs_within_the_cutoffs(heavy):
+    """Intra edges from the body geometry + inter edges searched only between nearby molecules == a brute-force
+    search over all atom pairs of each cluster."""
+    model = _small_model(heavy_atoms_only=heavy)
+    net = model.network
+    batch = collate_clusters([synthetic_cluster(3, atoms=7), synthetic_cluster(8, atoms=4)], dtype=F64)
+    graph, src, dst = _atom_edges(model, batch)
+    pos = batch.initial_positions()
+    b, m, p, _ = pos.shape
+    flat, atom = pos.reshape(-1, 3), batch.atomic_numbers.reshape(-1)
+    cluster = torch.arange(b).repeat_interleave(m * p)
+    molecule = torch.arange(b * m).repeat_interleave(p)
+    real = batch.mask.reshape(-1) & ((atom > 1) if heavy else True)
+    d = torch.cdist(flat, flat)
+    same = molecule[:, None] == molecule[None]
+    brute = (real[:, None] & real[None] & (cluster[:, None] == cluster[None]) & ~torch.eye(len(flat), dtype=torch.bool)
+             & torch.where(same, d < net.intra_cutoff, d < net.inter_cutoff))
+    found = torch.zeros_like(brute)
+    found[dst, src] = True
+    assert torch.equal(found, brute) and len(src) == int(brute.sum())  # each pair once
+    assert (~same[dst, src]).any()  # the clusters are dense enough to have inter edges
+    if heavy:
+        hydrogen = atom == 1
+        assert hydrogen[batch.mask.reshape(-1)].any() and not (hydrogen[src] | hydrogen[dst]).any()
 
 
 def test_configs_saved_before_conv_existed_load_the_fctp_network():
@@ -143,8 +169,9 @@ def test_configs_saved_before_conv_existed_load_the_fctp_network():
 
     old = AssemblyModelConfig().to_dict()
     del old["conv"], old["heavy_atoms_only"]
-    assert AssemblyModelConfig.from_dict(old).conv == "fctp"
-    assert AssemblyModelConfig().conv == "uvu"
+    legacy = AssemblyModelConfig.from_dict(old)
+    assert legacy.conv == "fctp" and legacy.heavy_atoms_only is False
+    assert AssemblyModelConfig().conv == "uvu" and AssemblyModelConfig().heavy_atoms_only is True
     with pytest.raises(ValueError, match="conv must be one of"):
         AssemblyNetwork(conv="dense")
 

@@ -37,7 +37,7 @@ class AssemblyModelConfig:
     lmax: int = 2
     num_basis: int = 10
     conv: str = "uvu"  # "uvu" depthwise convolutions; "fctp" the fully connected network of kflow <= 0.2
-    heavy_atoms_only: bool = False  # atom-level message passing without hydrogens
+    heavy_atoms_only: bool = True  # atom-level message passing without hydrogens (they ride along rigidly)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +45,9 @@ class AssemblyModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AssemblyModelConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known.setdefault("conv", "fctp")  # configurations saved before `conv` existed describe the fctp network
+        # Configurations saved before these fields existed describe the all-atom fctp network of kflow <= 0.2.
+        known.setdefault("conv", "fctp")
+        known.setdefault("heavy_atoms_only", False)
         return cls(**known)
 
 

@@ -5,8 +5,10 @@ Two levels of message passing, both with tensor-product convolutions on spherica
 1. atoms: edges within a molecule (r < ``intra_cutoff``) and between molecules (r < ``inter_cutoff``) of the same
    cluster; a flag tells the two apart. Molecules are rigid, so the intra-molecular edges, their lengths and radial
    features never change along a path: ``AssemblyNetwork.preprocess`` builds them once per batch (from the body
-   coordinates) and the sampler reuses them at every step. Inter-molecular edges are found densely in plain torch
-   at every call.
+   coordinates) and the sampler reuses them at every step. Inter-molecular edges are found in plain torch at every
+   call, only between molecules whose centroids are close enough for any of their atoms to be within the cutoff
+   (centroid distance < cutoff + 2 × molecule radius), so the search costs [K, P, P] for K such pairs instead of
+   [B, A, A].
 2. molecules: atom features are mean-pooled per molecule and exchanged over the complete graph of the M
    molecules of a cluster (edges between centroids), so every molecule sees the whole cluster.
 
@@ -38,7 +40,7 @@ from torch_geometric.utils import scatter
 
 from kflow.core import BandSchedule, BandTimeEmbedding
 from kflow.molecular.flow import AssemblyBatch, poses_from_chart
-from kflow.molecular.geometry import atoms_from_poses
+from kflow.molecular.geometry import atoms_from_poses, masked_centroids
 
 __all__ = ["FullyConnectedConvolution", "DepthwiseConvolution", "CONVOLUTIONS", "AssemblyGraph", "AssemblyNetwork",
            "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]
@@ -104,8 +106,10 @@ class DepthwiseConvolution(nn.Module):
 
     The tensor product keeps channels separate ("uvu": channel u of h_j times Y, weighted by one radial scalar per
     channel and path); channel mixing happens on nodes, after the edge sum, where it is V instead of E rows.
-    Only paths whose output irrep exists in the gate input are built. Same arguments as
-    ``FullyConnectedConvolution``.
+    Only paths whose output irrep exists in the gate input are built. When the input is scalars only (the first
+    atom layer) every path is 0e ⊗ Y_l -> l, i.e. an outer product h_u · w_u · Y_l, computed directly instead of
+    through e3nn's general tensor product (same equivariance, a fraction of the cost on the largest edge set).
+    Same arguments as ``FullyConnectedConvolution``.
     """
 
     def __init__(self, irreps_in, irreps_out, irreps_sh, num_edge_scalars: int, radial_hidden: int = 32,
@@ -115,25 +119,41 @@ class DepthwiseConvolution(nn.Module):
         irreps_sh = o3.Irreps(irreps_sh)
         self.gate = _gate(self.irreps_out)
         wanted = {ir for _, ir in self.gate.irreps_in}
-        irreps_mid, instructions = [], []
-        for i, (mul, ir_in) in enumerate(self.irreps_in):
-            for j, (_, ir_sh) in enumerate(irreps_sh):
-                for ir_out in ir_in * ir_sh:
-                    if ir_out in wanted:
-                        instructions.append((i, j, len(irreps_mid), "uvu", True))
-                        irreps_mid.append((mul, ir_out))
         self.linear_in = o3.Linear(self.irreps_in, self.irreps_in)
-        self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, o3.Irreps(irreps_mid), instructions,
-                                   shared_weights=False, internal_weights=False)
-        self.radial = FullyConnectedNet([num_edge_scalars, radial_hidden, self.tp.weight_numel],
-                                        torch.nn.functional.silu)
-        self.linear_out = o3.Linear(self.tp.irreps_out, self.gate.irreps_in)
+        self.scalar_input = len(self.irreps_in) == 1 and self.irreps_in[0].ir == o3.Irrep("0e")
+        if self.scalar_input:
+            mul = self.irreps_in[0].mul
+            self.sh_slices = [irreps_sh.slices()[j] for j, (_, ir) in enumerate(irreps_sh) if ir in wanted]
+            irreps_mid = o3.Irreps([(mul, ir) for _, ir in irreps_sh if ir in wanted])
+            self.tp, weight_numel = None, mul * len(self.sh_slices)
+        else:
+            irreps_mid, instructions = [], []
+            for i, (mul, ir_in) in enumerate(self.irreps_in):
+                for j, (_, ir_sh) in enumerate(irreps_sh):
+                    for ir_out in ir_in * ir_sh:
+                        if ir_out in wanted:
+                            instructions.append((i, j, len(irreps_mid), "uvu", True))
+                            irreps_mid.append((mul, ir_out))
+            self.tp = o3.TensorProduct(self.irreps_in, irreps_sh, o3.Irreps(irreps_mid), instructions,
+                                       shared_weights=False, internal_weights=False)
+            irreps_mid, weight_numel = self.tp.irreps_out, self.tp.weight_numel
+        self.radial = FullyConnectedNet([num_edge_scalars, radial_hidden, weight_numel], torch.nn.functional.silu)
+        self.linear_out = o3.Linear(irreps_mid, self.gate.irreps_in)
         self.self_interaction = o3.Linear(self.irreps_in, self.irreps_out)
         self.norm = 1.0 / math.sqrt(num_neighbors)
 
+    def _messages(self, h_src, edge_sh, weights):
+        """h_src [E, irreps_in], edge_sh [E, sh], weights [E, weight_numel] -> [E, irreps_mid]."""
+        if self.tp is not None:
+            return self.tp(h_src, edge_sh, weights)
+        e, mul = h_src.shape
+        hw = weights.view(e, len(self.sh_slices), mul) * h_src[:, None, :]  # [E, paths, mul]
+        return torch.cat([(hw[:, k, :, None] * edge_sh[:, None, sl]).reshape(e, -1)  # [E, mul·(2l+1)]
+                          for k, sl in enumerate(self.sh_slices)], -1)
+
     def forward(self, h, edge_src, edge_dst, edge_sh, edge_scalars):
         """h [V, irreps_in], edges [E], edge_sh [E, sh], edge_scalars [E, S] -> [V, irreps_out]."""
-        messages = self.tp(self.linear_in(h)[edge_src], edge_sh, self.radial(edge_scalars))  # [E, mid]
+        messages = self._messages(self.linear_in(h)[edge_src], edge_sh, self.radial(edge_scalars))  # [E, mid]
         agg = scatter(messages, edge_dst, dim=0, dim_size=h.shape[0], reduce="sum") * self.norm  # [V, mid]
         return self.self_interaction(h) + self.gate(self.linear_out(agg))  # [V, irreps_out]
 
@@ -149,8 +169,10 @@ class AssemblyGraph:
     """
 
     atom_types: torch.Tensor  # [V] long, 0 = padding
-    atom_mask: torch.Tensor  # [B, A] bool: atoms that take part in message passing
-    inter_pairs: torch.Tensor  # [B, A, A] bool: candidate inter-molecular pairs (both atoms real, other molecule)
+    atom_mask: torch.Tensor  # [B, M, P] bool: atoms that take part in message passing
+    active_slots: torch.Tensor  # [B, M, Pa] long: slot (0..P-1) of each message-passing atom, compacted
+    active_valid: torch.Tensor  # [B, M, Pa] bool: which compacted entries are real
+    molecule_radius: torch.Tensor  # [B] largest centroid-to-atom distance of a message-passing atom, Å
     intra_src: torch.Tensor  # [E_intra] flat atom index (messages flow src -> dst)
     intra_dst: torch.Tensor  # [E_intra]
     intra_scalars: torch.Tensor  # [E_intra, num_basis + 1] radial features of the fixed bond lengths + intra flag
@@ -233,28 +255,49 @@ class AssemblyNetwork(nn.Module):
         length = bond[cb, cm, ci, cj]
         radial = _radial_embedding(length, self.inter_cutoff, self.num_basis)  # [E_intra, num_basis]
         intra_scalars = torch.cat([radial, torch.ones_like(radial[:, :1])], -1)
-        # Inter-molecular candidates: real atoms of different molecules.
-        group = torch.arange(m, device=device).repeat_interleave(p)  # [A]
-        amask = active.reshape(b, a)
-        inter_pairs = amask[:, :, None] & amask[:, None, :] & (group[:, None] != group[None, :])[None]
+        # Molecule radius about the all-atom centroid (the centroid the forward pass computes).
+        centred = body - masked_centroids(body, mask)[..., None, :]  # [B, M, P, 3]
+        radius = (centred.norm(dim=-1) * active).amax(dim=(1, 2))  # [B]
+        # Message-passing atoms first in each molecule (stable), so the inter-molecular search skips the rest.
+        order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)  # [B, M, P]
+        width = max(int(active.sum(-1).max()), 1)
+        slots, valid = order[..., :width], torch.gather(active, -1, order[..., :width])
         msrc, mdst = _complete_graph(b, m, device)
-        return AssemblyGraph(atomic_numbers.reshape(b * a), amask, inter_pairs, cb * a + cm * p + cj,
+        return AssemblyGraph(atomic_numbers.reshape(b * a), active, slots, valid, radius, cb * a + cm * p + cj,
                              cb * a + cm * p + ci, intra_scalars.to(body.dtype), msrc, mdst, mask)
 
-    def _atom_edges(self, pos: torch.Tensor, graph: AssemblyGraph):
-        """Edge list of the current positions pos [B, A, 3]: fixed intra edges + inter edges within the cutoff.
+    def _inter_edges(self, positions: torch.Tensor, centroids: torch.Tensor, graph: AssemblyGraph):
+        """Atom pairs of different molecules closer than ``inter_cutoff``: (src [E_inter], dst [E_inter]) flat ids.
+        Only molecule pairs whose centroids are within reach (cutoff + 2 radii) are searched."""
+        b, m, p, _ = positions.shape
+        reach = self.inter_cutoff + 2 * graph.molecule_radius[:, None, None]  # [B, 1, 1]
+        near = (torch.cdist(centroids, centroids) < reach) & ~torch.eye(m, dtype=torch.bool,
+                                                                          device=positions.device)  # [B, M, M]
+        kb, ki, kj = near.nonzero(as_tuple=True)  # K molecule pairs
+        slots, valid = graph.active_slots, graph.active_valid  # [B, M, Pa]
+        active_pos = torch.gather(positions, 2, slots[..., None].expand(-1, -1, -1, 3))  # [B, M, Pa, 3]
+        close = torch.cdist(active_pos[kb, ki], active_pos[kb, kj]) < self.inter_cutoff  # [K, Pa, Pa]
+        close &= valid[kb, ki][:, :, None] & valid[kb, kj][:, None, :]
+        k, ai, aj = close.nonzero(as_tuple=True)
+        b_k = kb[k]
+        base = b_k * (m * p)
+        src = base + kj[k] * p + slots[b_k, kj[k], aj]
+        dst = base + ki[k] * p + slots[b_k, ki[k], ai]
+        return src, dst  # messages flow j -> i
+
+    def _atom_edges(self, positions: torch.Tensor, centroids: torch.Tensor, graph: AssemblyGraph):
+        """Edge list of the current positions [B, M, P, 3]: fixed intra edges + inter edges within the cutoff.
         Returns (src [E], dst [E], sh [E, sh], edge_scalars [E, num_basis + 1])."""
-        b, a, _ = pos.shape
-        keep = graph.inter_pairs & (torch.cdist(pos, pos) < self.inter_cutoff)  # [B, A, A]
-        cb, ci, cj = keep.nonzero(as_tuple=True)
-        src = torch.cat([graph.intra_src, cb * a + cj])
-        dst = torch.cat([graph.intra_dst, cb * a + ci])
-        flat = pos.reshape(b * a, 3)
+        b, m, p, _ = positions.shape
+        inter_src, inter_dst = self._inter_edges(positions, centroids, graph)
+        src = torch.cat([graph.intra_src, inter_src])
+        dst = torch.cat([graph.intra_dst, inter_dst])
+        flat = positions.reshape(b * m * p, 3)
         vec = flat[dst] - flat[src]  # [E, 3]
         n_intra = graph.intra_src.shape[0]
         radial = _radial_embedding(vec[n_intra:].norm(dim=-1), self.inter_cutoff, self.num_basis)
         inter_scalars = torch.cat([radial, torch.zeros_like(radial[:, :1])], -1)
-        edge_scalars = torch.cat([graph.intra_scalars.to(pos.dtype), inter_scalars])  # [E, num_basis + 1]
+        edge_scalars = torch.cat([graph.intra_scalars.to(positions.dtype), inter_scalars])  # [E, num_basis + 1]
         sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
         return src, dst, sh, edge_scalars
 
@@ -265,8 +308,10 @@ class AssemblyNetwork(nn.Module):
         a, dtype = m * p, positions.dtype
         temb = self.time_embedding(t).to(dtype)  # [B, time_dim]
 
+        centroids = masked_centroids(positions, graph.mask)  # [B, M, 3]
+
         # ---- atom level
-        src, dst, sh, edge_scalars = self._atom_edges(positions.reshape(b, a, 3), graph)  # E edges
+        src, dst, sh, edge_scalars = self._atom_edges(positions, centroids, graph)  # E edges
         h = self.atom_embedding(graph.atom_types).to(dtype)  # [V, scalars]
         h = h + self.time_to_atoms(temb).repeat_interleave(a, 0)  # [V, scalars]
         for layer in self.atom_layers:
@@ -281,8 +326,6 @@ class AssemblyNetwork(nn.Module):
                         hm[:, num_scalars:]], -1)  # [N, hidden]
 
         # ---- molecule level: complete graph over the M molecules of each cluster
-        mask = graph.mask[..., None].to(dtype)
-        centroids = (positions * mask).sum(2) / mask.sum(2).clamp_min(1)  # [B, M, 3]
         cflat = centroids.reshape(b * m, 3)
         mvec = cflat[graph.molecule_dst] - cflat[graph.molecule_src]  # [B·M·(M-1), 3]
         msh = o3.spherical_harmonics(self.irreps_sh, mvec, normalize=True, normalization="component")
