@@ -165,3 +165,25 @@ def test_aggregate_min_over_repeats():
     mean, std, best = aggregate_min_over_repeats(values)
     assert best.tolist() == [2.0, 1.0, 5.0]
     assert abs(mean - 8 / 3) < 1e-12 and abs(std - np.std([2.0, 1.0, 5.0])) < 1e-12
+
+
+def test_metrics_take_numpy_arrays_and_lists_and_name_bad_indices():
+    """Chemistry pipelines hold numpy arrays: same numbers back, as numpy; float indices and gaps in the cluster
+    ids are refused with the real reason."""
+    true, mol, z = _lattice_cluster(3, seed=1)
+    pred = true + 0.1 * torch.randn_like(true)
+    ref = compute_packing_matching(true, pred, mol)
+    out = compute_packing_matching(true.numpy(), pred.numpy(), mol.numpy())
+    assert isinstance(out.pm_atom, np.ndarray) and np.allclose(out.pm_atom, ref.pm_atom.numpy())
+    listed = compute_packing_matching(true.tolist(), pred.tolist(), mol.tolist())
+    assert np.allclose(listed.pm_center, ref.pm_center.numpy())
+    assert isinstance(collision_rate(pred.numpy(), mol.numpy(), z.numpy()), np.ndarray)
+    assert isinstance(rmsd15(true.numpy(), pred.numpy(), mol.numpy(), z.numpy()), np.ndarray)
+    with pytest.raises(ValueError, match="molecule_index must hold integers"):
+        compute_packing_matching(true.numpy(), pred.numpy(), mol.numpy().astype(float))
+    with pytest.raises(ValueError, match="molecule_index must hold integers"):
+        compute_packing_matching(true, pred, mol.double())
+    both_t, both_p = torch.cat([true, true]), torch.cat([pred, pred])
+    gap = torch.cat([torch.zeros(len(true), dtype=torch.long), torch.full((len(true),), 2)])
+    with pytest.raises(ValueError, match=r"without gaps.*cluster\(s\) \[1\]"):
+        compute_packing_matching(both_t, both_p, torch.cat([mol, mol]), gap)

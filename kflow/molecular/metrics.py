@@ -2,11 +2,14 @@
 
 Inputs follow the PyG convention: atoms of several clusters concatenated, with ``batch`` [N] giving each atom's
 cluster and ``molecule_index`` [N] the molecule within its cluster (0 = central molecule). A single cluster may be
-passed without ``batch``. Everything is computed on padded [B, N_max, ...] tensors in chunks of clusters, so no
+passed without ``batch``. Every metric takes torch tensors, numpy arrays or nested lists; called with numpy arrays
+or lists it returns numpy arrays, with tensors it returns tensors. Everything is computed on padded [B, N_max, ...] tensors in chunks of clusters, so no
 Python loop runs over atoms (the Hungarian step of RMSD_15 loops over clusters; it is a 15×17 assignment).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +36,47 @@ class PackingMatching(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------- validation
+_INDEX_ARGUMENTS = ("molecule_index", "batch", "atomic_numbers")
+
+
+def _as_tensor(name: str, value):
+    """A metric argument as a tensor: positions as float64, indices as int64 (refusing non-integer values)."""
+    if value is None or torch.is_tensor(value):
+        tensor = value
+    else:
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise ValueError(f"{name}: not a numeric array (ragged nested lists or objects)")
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor is not None and name in _INDEX_ARGUMENTS:
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got {tensor.dtype} (a float index would silently "
+                             "truncate)")
+        tensor = tensor.long()
+    return tensor
+
+
+def _accepts_arrays(metric):
+    """Let ``metric`` take numpy arrays and lists; its tensors come back as numpy arrays when the inputs were."""
+    signature = inspect.signature(metric)
+
+    @functools.wraps(metric)
+    def wrapper(*args, **kwargs):
+        bound = dict(signature.bind(*args, **kwargs).arguments)
+        from_numpy = any(v is not None and not torch.is_tensor(v) for k, v in bound.items()
+                         if k.endswith("positions") or k in _INDEX_ARGUMENTS)
+        bound = {k: _as_tensor(k, v) if (k.endswith("positions") or k in _INDEX_ARGUMENTS) else v
+                 for k, v in bound.items()}
+        out = metric(**bound)
+        if not from_numpy:
+            return out
+        if isinstance(out, tuple):
+            return type(out)(*(x.cpu().numpy() for x in out))
+        return out.cpu().numpy()
+
+    return wrapper
+
+
 def _validate(true_positions, pred_positions, molecule_index, batch, atomic_numbers=None):
     if true_positions.dim() != 2 or true_positions.shape[-1] != 3:
         raise ValueError(f"true_positions must be [N, 3], got {tuple(true_positions.shape)}")
@@ -50,6 +94,13 @@ def _validate(true_positions, pred_positions, molecule_index, batch, atomic_numb
         raise ValueError(f"batch must be [N]=[{n}], got {tuple(batch.shape)}")
     elif (batch[1:] < batch[:-1]).any():
         raise ValueError("batch must be sorted (atoms of each cluster contiguous, as in torch_geometric batches)")
+    else:
+        ids = torch.unique_consecutive(batch)
+        if ids[0] != 0 or (ids[1:] - ids[:-1] != 1).any():
+            missing = sorted(set(range(int(ids[-1]) + 1)) - set(ids.tolist()))[:5]
+            raise ValueError(f"batch ids must run 0..B-1 without gaps: got ids {ids[:6].tolist()}..., no atoms for "
+                             f"cluster(s) {missing} (renumber the clusters, e.g. torch.unique(batch, "
+                             "return_inverse=True))")
     if atomic_numbers is not None and atomic_numbers.shape != (n,):
         raise ValueError(f"atomic_numbers must be [N]=[{n}], got {tuple(atomic_numbers.shape)}")
     for name, x in (("true_positions", true_positions), ("pred_positions", pred_positions)):
@@ -144,6 +195,7 @@ def _check_molecules(batch, molecule_index, num_clusters) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ packing matching
+@_accepts_arrays
 @torch.no_grad()
 def compute_packing_matching(true_positions: torch.Tensor, pred_positions: torch.Tensor,
                              molecule_index: torch.Tensor, batch: torch.Tensor | None = None) -> PackingMatching:
@@ -214,6 +266,7 @@ def _intermolecular_closest(d: _Dense, positions: torch.Tensor, radius_kind: str
         yield s, e, gap.masked_fill(~inter, float("inf")), inter
 
 
+@_accepts_arrays
 @torch.no_grad()
 def collision_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,
                    batch: torch.Tensor | None = None, tolerance: float = 1.0) -> torch.Tensor:
@@ -238,6 +291,7 @@ def collision_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic
     return out
 
 
+@_accepts_arrays
 @torch.no_grad()
 def separation_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomic_numbers: torch.Tensor,
                     batch: torch.Tensor | None = None, margin: float = 0.5) -> torch.Tensor:
@@ -264,6 +318,7 @@ def separation_rate(positions: torch.Tensor, molecule_index: torch.Tensor, atomi
 
 
 # ---------------------------------------------------------------------------------------------------- RMSD_15
+@_accepts_arrays
 @torch.no_grad()
 def rmsd15(true_positions: torch.Tensor, pred_positions: torch.Tensor, molecule_index: torch.Tensor,
            atomic_numbers: torch.Tensor, batch: torch.Tensor | None = None, num_molecules: int = 15) -> torch.Tensor:
