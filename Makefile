@@ -28,8 +28,9 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.bench_core
-	-$(PY) benchmarks/bench_moldata.py
-	-$(PY) benchmarks/bench_assembly.py
+	-$(PY) -m benchmarks.bench_moldata
+	-$(PY) -m benchmarks.bench_assembly --network-only
+	-$(PY) -m benchmarks.bench_assembly
 	-$(PY) -m benchmarks.bench_vision
 
 clean:
