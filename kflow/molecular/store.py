@@ -4,26 +4,38 @@ A cluster store is a ``kflow.utils.store`` record store (a folder) whose record 
 of the i-th cluster (integer and float arrays plus the ``name`` and ``crystal`` strings) and whose JSON metadata
 holds the kind and version of the cluster store, the count, every cluster's name and crystal (so splits need not
 decode records) and the builder's provenance. Nothing is pickled: reading a store never executes code from it, and
-a store of kflow's former pickled format is refused with an error that says to rebuild it. Writing is atomic
-(temporary folder, then rename); readers open the folder lazily, once per process, so a ``ClusterStore`` can be
-handed to DataLoader worker processes.
+a store of kflow's former pickled format is refused with an error that says to rebuild it. Readers open the folder
+lazily, once per process, so a ``ClusterStore`` can be handed to DataLoader worker processes.
+
+Writing is transactional (``staged_folder``): a store, or a whole build folder (raw CSVs + store + summary), is
+written into a hidden staging folder ``.<name>.build-<pid>-<random>`` beside its final path and swapped into place
+only when complete. On Linux the swap is one atomic exchange (``renameat2(RENAME_EXCHANGE)``), so a path that
+held a store always holds a complete one (the old or the new); elsewhere it falls back to two renames. A build
+killed at any moment leaves the previous folder (or nothing) plus a staging folder that the next build of the same
+path removes (its process is gone), together with the ``.tmp-``/``.old-`` leftovers of earlier kflow versions.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from kflow.molecular.cluster import Cluster
-from kflow.utils.store import RecordStore, RecordStoreError, encode_record, write_record_store
+from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
 
 if TYPE_CHECKING:
     from kflow.molecular.datasets import ClusterDataset
 
 __all__ = ["write_cluster_store", "ClusterStore", "SerializedCluster", "serialize_cluster", "CLUSTER_STORE_KIND",
-           "CLUSTER_STORE_VERSION"]
+           "CLUSTER_STORE_VERSION", "staged_folder", "clean_leftovers", "close_store"]
 
 CLUSTER_STORE_KIND = "kflow-cluster-store"
 CLUSTER_STORE_VERSION = 2  # 1 was the pickled format (no longer read)
@@ -43,11 +55,105 @@ def serialize_cluster(record: dict) -> SerializedCluster:
     return SerializedCluster(encode_record(record), record["name"], record["crystal"])
 
 
+# ---------------------------------------------------------------------------------------- transactional folders
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_leftovers(final: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted builds of ``final`` left beside it: staging folders of processes that no longer
+    run, and the ``.<name>.tmp-*`` / ``.<name>.old-*`` folders of earlier kflow versions. Returns what was removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(build-(\d+)-.+|tmp-.+|old-.+)$")
+    for entry in final.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match is None or (match.group(2) is not None and _alive(int(match.group(2)))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _swap_into_place(new: Path, final: Path, work: Path) -> None:
+    """Make the complete folder ``new`` the folder at ``final`` with no moment where ``final`` is missing (where
+    the platform allows); what was at ``final`` ends up inside ``work``."""
+    if _exchange(new, final):
+        return
+    try:
+        os.rename(new, final)  # nothing at final yet
+        return
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+    os.replace(final, work / "previous")  # fallback without an atomic exchange: a short window without final
+    os.replace(new, final)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder transactionally: yields a path (not yet existing) to create and fill; when the block ends
+    without an exception that folder replaces ``final`` in one step. On an exception nothing changes at ``final``
+    and the staging folder is removed; if the process is killed, the next ``staged_folder(final)`` (or
+    ``clean_leftovers``) removes it. Leftovers of earlier interrupted builds are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(final)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-{os.getpid()}-", dir=final.parent))
+    try:
+        new = work / final.name
+        yield new
+        if not new.is_dir():
+            raise FileNotFoundError(f"{new}: the staged build produced no folder")
+        _swap_into_place(new, final, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def close_store(path: str | os.PathLike) -> None:
+    """Close this process's cached reader of the store at ``path`` (before the folder is moved or replaced)."""
+    _close_cached(Path(path))
+
+
 def write_cluster_store(clusters: Iterable[Cluster | dict | SerializedCluster], path: str | os.PathLike,
                         meta: dict | None = None, map_size: int = 1 << 34, progress: bool = False,
                         total: int | None = None) -> Path:
     """Write clusters (``Cluster`` objects, their ``to_numpy()`` records or ``SerializedCluster``) into a new
-    cluster store at ``path`` (atomically: temp folder, then rename; an exception mid-way leaves nothing behind).
+    cluster store at ``path``, transactionally (``staged_folder``: an exception or a kill mid-way leaves the
+    previous store, or nothing, at ``path``; an existing store is replaced in one atomic swap).
 
     ``meta`` (JSON-serialisable) is read after the last cluster, so a caller may complete it while the clusters
     stream by (e.g. a summary of rejected crystals)."""
@@ -71,7 +177,11 @@ def write_cluster_store(clusters: Iterable[Cluster | dict | SerializedCluster], 
         return {"kind": CLUSTER_STORE_KIND, "version": CLUSTER_STORE_VERSION, "count": len(names), "names": names,
                 "crystals": crystals, **(meta or {})}
 
-    return write_record_store(path, records(), store_meta, map_size=map_size, description=DESCRIPTION)
+    with staged_folder(path) as staged:
+        write_record_store(staged, records(), store_meta, map_size=map_size, description=DESCRIPTION)
+        _close_cached(staged)
+    _close_cached(path)  # a reader in this process still maps the replaced store
+    return path
 
 
 def _aligned(array: np.ndarray) -> np.ndarray:
