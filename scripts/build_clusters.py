@@ -5,7 +5,10 @@
 
 CRYSTALS: CIF files or folders of CIFs, ASE databases (.db/.json) or extxyz files with lattices. Writes the raw
 COD-Cluster17 CSV layout under OUT/raw, an LMDB store at OUT/processed/clusters.lmdb and OUT/summary.json, and
-prints how many crystals were kept and rejected by reason. Equivalent Python:
+prints how many crystals were kept and rejected by reason. Every input file ends in the summary as built,
+rejected (with reasons) or error (with the cause); one bad file never stops the build. The build is
+transactional: OUT is replaced only when complete (a killed build leaves the previous OUT or none), so OUT must
+be new, empty or an earlier build's folder. Equivalent Python:
 ``kflow.molecular.sources.build_clusters_from_files(paths, out, ...)``.
 """
 import sys
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{len(store)} clusters from {summary.kept} crystals -> {Path(args.out)}")
     print(summary)
+    print(f"every input file's outcome: {Path(args.out) / 'summary.json'}")
     return 0 if len(store) else 1
 
 

@@ -76,16 +76,26 @@ def test_rejections_carry_reasons(crystals):
     with pytest.raises(InvalidCrystal, match="atom 2") as err:
         build_cluster(dummy)
     assert err.value.reason == "unknown_element"
+    # planar molecules are accepted by default (issue 14) and rejected as "flat" only when asked to
     flat = []
     for n, a in crystals.items():
         try:
-            build_cluster(a)
+            build_cluster(a, drop_flat=True)
         except InvalidCrystal as e:
             if e.reason == "flat":
                 flat.append((a, str(e)))
                 break
-    assert flat and "planar or linear" in flat[0][1]
+    assert flat and "planar" in flat[0][1]
     assert build_cluster(flat[0][0], drop_flat=False).num_molecules == 17  # kept when asked to
+    assert build_cluster(flat[0][0]).num_molecules == 17  # and by default
+    # a linear molecule (acetylene) has no defined orientation about its axis: a clear reason, whatever drop_flat
+    acetylene = ase.Atoms("HCCH", positions=[[-1.66, 0, 0], [-0.6, 0, 0], [0.6, 0, 0], [1.66, 0, 0]],
+                          cell=[6.0, 5.0, 5.5], pbc=True)
+    acetylene.positions += 2.5
+    for drop in (False, True):
+        with pytest.raises(InvalidCrystal, match="linear") as err:
+            build_cluster(acetylene, drop_flat=drop)
+        assert err.value.reason == "linear"
     doubled = atoms + atoms
     doubled.positions[len(atoms):] += 0.1
     with pytest.raises(InvalidCrystal) as err:

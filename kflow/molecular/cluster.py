@@ -127,32 +127,96 @@ class ClusterData(Data):
 
 
 class RejectionSummary:
-    """Counts kept and rejected items by reason; keeps a few examples of each reason."""
+    """Counts kept and rejected items by reason; keeps a few examples of each reason.
+
+    With ``source`` (the input file an item came from), it also keeps one record per input file, so a build can
+    show that every file ended in exactly one of: crystal(s) built (``built``), every crystal rejected with a named
+    reason (``rejected``), or an error naming the file and the cause (``error``: reasons in ``ERROR_REASONS``).
+    ``reader`` (e.g. "ase" or "pymatgen") counts which reader produced the kept crystals of each file.
+    """
+
+    ERROR_REASONS = frozenset({"unreadable", "error"})
 
     def __init__(self):
         self.kept = 0
         self.rejected: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.files: dict[str, dict] = {}
+        self.readers: Counter = Counter()
 
-    def keep(self, n: int = 1):
+    def note_file(self, source: str) -> dict:
+        """The record of input file ``source`` (created empty, so a file that yields nothing still shows)."""
+        return self.files.setdefault(str(source), {"kept": 0, "rejected": Counter(), "readers": Counter(),
+                                                   "messages": []})
+
+    def keep(self, n: int = 1, source: str | None = None, reader: str | None = None):
         self.kept += n
+        if reader is not None:
+            self.readers[reader] += n
+        if source is not None:
+            record = self.note_file(source)
+            record["kept"] += n
+            if reader is not None:
+                record["readers"][reader] += n
 
-    def reject(self, reason: str, message: str):
+    def reject(self, reason: str, message: str, source: str | None = None):
         self.rejected[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(message)
+        if source is not None:
+            record = self.note_file(source)
+            record["rejected"][reason] += 1
+            if len(record["messages"]) < 3:
+                record["messages"].append(message)
+
+    def file_status(self, source: str) -> str:
+        """"built", "rejected" or "error" (see the class docstring)."""
+        record = self.files[str(source)]
+        if record["kept"]:
+            return "built"
+        if any(reason not in self.ERROR_REASONS for reason in record["rejected"]):
+            return "rejected"
+        return "error"
 
     def merge(self, other: "RejectionSummary"):
         self.kept += other.kept
         self.rejected.update(other.rejected)
+        self.readers.update(other.readers)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: 3 - len(self.examples[k])])
+        for source, theirs in other.files.items():
+            record = self.note_file(source)
+            record["kept"] += theirs["kept"]
+            record["rejected"].update(theirs["rejected"])
+            record["readers"].update(theirs["readers"])
+            record["messages"].extend(theirs["messages"][: 3 - len(record["messages"])])
 
     def as_dict(self) -> dict:
-        return {"kept": self.kept, "rejected": dict(self.rejected), "examples": self.examples}
+        out = {"kept": self.kept, "rejected": dict(self.rejected), "examples": self.examples}
+        if self.readers:
+            out["readers"] = dict(self.readers)
+        if self.files:
+            files = {}
+            for source, record in self.files.items():
+                files[source] = {"status": self.file_status(source), "kept": record["kept"],
+                                 "rejected": dict(record["rejected"])}
+                if record["readers"]:
+                    files[source]["readers"] = dict(record["readers"])
+                if record["messages"]:
+                    files[source]["messages"] = list(record["messages"])
+            out["file_status"] = dict(Counter(f["status"] for f in files.values()))
+            out["files"] = files
+        return out
 
     def __str__(self):
         lines = [f"kept {self.kept}, rejected {sum(self.rejected.values())}"]
         lines += [f"  {reason}: {n}  (e.g. {self.examples[reason][0]})" for reason, n in self.rejected.most_common()]
+        if self.files:
+            status = Counter(self.file_status(s) for s in self.files)
+            lines.append(f"input files: {len(self.files)} ({status['built']} built, {status['rejected']} rejected, "
+                         f"{status['error']} errors)")
+        if self.readers:
+            lines.append("readers of the kept crystals: " + ", ".join(f"{k} {v}" for k, v in
+                                                                        self.readers.most_common()))
         return "\n".join(lines)

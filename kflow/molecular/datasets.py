@@ -13,7 +13,7 @@ import numpy as np
 from torch_geometric.data import Dataset
 
 from kflow.molecular.cluster import Cluster
-from kflow.molecular.sources import cod_cluster17_ids, preprocess_cod_cluster17
+from kflow.molecular.sources import COD_SUBSETS, cod_cluster17_ids, cod_store_key, preprocess_cod_cluster17
 from kflow.molecular.store import ClusterStore
 
 __all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset"]
@@ -79,18 +79,26 @@ class CODCluster17Dataset(ClusterDataset):
     """COD-Cluster17 in its published raw format, preprocessed once into a cluster store.
 
     Expects ``root/raw/InitialPositions/<id>_cluster16_noised.csv`` and ``root/raw/FinalPositions/<id>_cluster16.csv``.
-    ``subset``: "5k", "10k" (id lists ``root/raw/subset_5k.txt`` / ``subset_10k.txt``, one id per line), "all",
-    or a path to an id list. Missing raw data is downloaded from the hub dataset ``chao1224/CrystalFlow``
-    (folder ``COD/``) when online; offline, the error says where to put the files.
+    ``subset``: "5k", "10k" (id lists in AssembleFlow's layout ``root/processed_5000/valid_idx.txt`` /
+    ``processed_10000/valid_idx.txt``, or kflow's ``root/raw/subset_5k.txt`` / ``subset_10k.txt``; one id per
+    line), "all", or a path to an id list, so AssembleFlow's ``COD/`` folder works as it is. Missing raw data or
+    lists are downloaded from the hub dataset ``chao1224/CrystalFlow`` (only the raw CSVs and the id lists of its
+    folder ``COD/``) when online; offline, the error says where to put the files and where the lists come from.
+    The store ``root/processed/<subset>.lmdb`` is rebuilt when the ids or any CSV pair change (``cod_store_key``).
     """
 
     def __init__(self, root: str | os.PathLike = "data/COD-Cluster17", subset: str = "10k", split: str | None = None,
                  seed: int = 0, num_workers: int | None = None, download: bool = True, progress: bool = True,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, rigid_tolerance: float = 1e-3):
         root = Path(root)
         ids = cod_cluster17_ids(root, subset, download)
-        tag = subset if subset in ("5k", "10k", "all") else Path(subset).stem
+        tag = subset if subset in (*COD_SUBSETS, "all") else Path(subset).stem
         store_path = root / "processed" / f"{tag}.lmdb"
-        if not store_path.exists():
-            preprocess_cod_cluster17(root, ids, store_path, num_workers, progress)
+        key = cod_store_key(root, ids, rigid_tolerance)
+        try:
+            current = ClusterStore(store_path).meta.get("build_key") == key
+        except (FileNotFoundError, ValueError):
+            current = False
+        if not current:
+            preprocess_cod_cluster17(root, ids, store_path, num_workers, progress, rigid_tolerance)
         super().__init__(store_path, split=split, seed=seed, transform=transform)

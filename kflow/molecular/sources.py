@@ -6,6 +6,8 @@ the other functions find or fetch a source and call it, caching the demo and CSD
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import lzma
 import os
 import shutil
@@ -16,17 +18,26 @@ from typing import Iterable, Sequence
 import torch
 
 from kflow.molecular.cluster import InvalidCrystal, RejectionSummary
-from kflow.molecular.store import ClusterStore, serialize_cluster, write_cluster_store
-from kflow.utils.io import atomic_path
+from kflow.molecular.store import ClusterStore, close_store, serialize_cluster, staged_folder, write_cluster_store
+from kflow.utils.io import atomic_path, atomic_write_text
 
 __all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
-           "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17",
-           "COD_HUB_DATASET", "CSD500_SHIPPED", "BUILDER_VERSION"]
+           "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17", "build_key",
+           "files_fingerprint", "read_crystal_inputs", "cod_subset_lists", "cod_store_key", "report_build",
+           "COD_HUB_DATASET", "COD_HUB_PATTERNS", "CSD500_SHIPPED", "BUILDER_VERSION"]
 
 COD_HUB_DATASET = "chao1224/CrystalFlow"
-# Bump when build_cluster's output or the store format changes, so cached demo/CSD-500 stores are rebuilt
-# (3: cluster stores became pickle-free).
-BUILDER_VERSION = 3
+# What kflow reads of the hub dataset: the raw CSV pairs and AssembleFlow's 5K/10K id lists (not its processed
+# tensors). fnmatch patterns: "*" also matches "/", so the raw folder may sit at any depth under COD/.
+COD_HUB_PATTERNS = ["COD/*raw/FinalPositions/*", "COD/*raw/InitialPositions/*", "COD/*processed_5000/valid_idx.txt",
+                    "COD/*processed_10000/valid_idx.txt"]
+# The 5K/10K id lists: kflow's own names (raw/subset_5k.txt, subset_5k.txt) and AssembleFlow's layout
+# (processed_5000/valid_idx.txt beside raw/).
+COD_SUBSETS = {"5k": ("subset_5k.txt", "processed_5000"), "10k": ("subset_10k.txt", "processed_10000")}
+# Bump when build_cluster's output or the store format changes, so cached stores are rebuilt (3: cluster stores
+# became pickle-free; 4: planar molecules accepted, linear ones rejected, CIFs read by kflow's reader). Cached
+# stores are also keyed by their inputs' content and the build parameters (``build_key``).
+BUILDER_VERSION = 4
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder (editable install)
 CSD500_SHIPPED = DATA_ROOT / "csd500.extxyz.xz"
 CSD500_CACHE = DATA_ROOT / "cache" / "csd500.extxyz"
@@ -51,25 +62,29 @@ def _build_one(args):
 def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_crystal: int = 4, seed: int = 0,
                           num_workers: int | None = None, progress: bool = True,
                           raw_root: str | os.PathLike | None = None, summary: RejectionSummary | None = None,
-                          **build_kwargs):
+                          meta: dict | None = None, **build_kwargs):
     """Build a cluster store from crystals (``(name, atoms)`` pairs), in parallel; returns (store, summary).
 
     Each kept crystal gives ``draws_per_crystal`` clusters with independent noise (cluster ids
     ``<crystal>_draw<k>``). The summary counts kept and rejected crystals by reason (a repeated crystal name is
-    rejected as ``duplicate``, since splits are by crystal) and is stored in the store's metadata. With
-    ``raw_root``, every cluster is also written in the COD-Cluster17 raw CSV layout under ``raw_root/raw``.
+    rejected as ``duplicate``, since splits are by crystal), per input file where the atoms carry
+    ``info["source"]``, and is stored in the store's metadata (with ``meta``). With ``raw_root``, every cluster is
+    also written in the COD-Cluster17 raw CSV layout under ``raw_root/raw``. The store is written transactionally.
     """
     summary = summary if summary is not None else RejectionSummary()
-    items, seen = [], set()
+    items, seen, origin = [], set(), {}
     for name, atoms in sources:
+        source, reader = atoms.info.get("source"), atoms.info.get("reader")
         if name in seen:
-            summary.reject("duplicate", f"{name}: a crystal of this name was already read; kept the first")
+            summary.reject("duplicate", f"{name}: a crystal of this name was already read; kept the first",
+                           source=source)
             continue
         seen.add(name)
+        origin[name] = (source, reader)
         items.append((name, atoms, draws_per_crystal, seed, build_kwargs))
     num_workers = min(num_workers if num_workers is not None else (os.cpu_count() or 1), max(len(items), 1))
-    meta = {"draws_per_crystal": draws_per_crystal, "seed": seed, "build_kwargs": _jsonable(build_kwargs),
-            "builder_version": BUILDER_VERSION}
+    store_meta = {**(meta or {}), "draws_per_crystal": draws_per_crystal, "seed": seed,
+                  "build_kwargs": _jsonable(build_kwargs), "builder_version": BUILDER_VERSION}
 
     def results():
         if num_workers > 1:
@@ -87,43 +102,116 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
 
             iterator = tqdm(iterator, total=len(items), desc=f"building {Path(path).name}", unit="crystal")
         for name, built, rejection in iterator:
+            source, reader = origin[name]
             if rejection:
-                summary.reject(rejection[0], f"{name}: {rejection[1]}")
+                summary.reject(rejection[0], f"{name}: {rejection[1]}", source=source)
                 continue
-            summary.keep()
+            summary.keep(source=source, reader=reader)
             for cluster in built:
                 if raw_root is not None:
                     write_cod_cluster17(cluster, raw_root, cluster.name)
                 yield cluster
-        meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
+        store_meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
 
-    store = ClusterStore(write_cluster_store(clusters(), path, meta=meta))
+    store = ClusterStore(write_cluster_store(clusters(), path, meta=store_meta))
     return store, summary
+
+
+def read_crystal_inputs(files: Sequence[str | os.PathLike]) -> tuple[list, RejectionSummary]:
+    """Read crystal files (``crystals.crystal_files`` of the inputs) for a build: ([(name, atoms)], summary), the
+    summary already holding a record for every file and the read problems (unreadable files, blocks without a
+    cell, ...) as rejections with their reasons, so no file can leave the build unaccounted for."""
+    from kflow.molecular.crystals import read_crystals
+
+    summary, problems = RejectionSummary(), []
+    for f in files:
+        summary.note_file(str(f))
+    sources = [item for f in files for item in read_crystals(f, problems)]
+    for problem in problems:
+        summary.reject(problem.reason, f"{problem.source}: {problem.message}", source=problem.file)
+    return sources, summary
+
+
+BUILD_FOLDER_ENTRIES = ("raw", "processed", "summary.json")
+
+
+def _check_build_folder(out: Path, files: Sequence[Path]) -> None:
+    """A build replaces the whole ``out`` folder: refuse one that holds anything a build did not write, or the
+    inputs themselves."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    resolved = out.resolve()
+    inside = [str(f) for f in files if f.resolve().is_relative_to(resolved)]
+    if inside:
+        raise ValueError(f"input {inside[0]} lies inside the output folder {out}, which a build replaces; "
+                         "choose another --out")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in BUILD_FOLDER_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            raise ValueError(f"output folder {out} holds {', '.join(foreign[:5])}, which a cluster build did not "
+                             "write; a build replaces the whole folder, so give an empty or new --out")
 
 
 def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, draws_per_crystal: int = 4,
                               seed: int = 0, num_workers: int | None = None, write_raw: bool = True,
                               progress: bool = True, **build_kwargs):
-    """Crystal files (CIF files/folders, ASE databases, extxyz) -> ``out/processed/clusters.lmdb`` and, with
-    ``write_raw``, the raw COD-Cluster17 CSV layout under ``out/raw``; a JSON summary of kept/rejected crystals
-    by reason goes to ``out/summary.json``. Unreadable files or entries are counted as ``unreadable``.
-    Returns (store, summary). This is what ``scripts/build_clusters.py`` runs."""
-    import json
+    """Crystal files (CIF files/folders, ASE databases, extxyz) -> ``out/processed/clusters.lmdb``, with
+    ``write_raw`` the raw COD-Cluster17 CSV layout under ``out/raw``, and ``out/summary.json``: kept/rejected
+    crystals by reason, and for every input file its outcome (``built``, ``rejected`` with reasons, or ``error``
+    with the cause) and the reader of its crystals. Unreadable files or entries count as ``unreadable``; files
+    without a structure as ``no_structure``, ``no_cell``, ``no_atoms``.
 
-    from kflow.molecular.crystals import read_crystals
-    from kflow.utils.io import atomic_write_text
+    The build is transactional: everything is written into a staging folder beside ``out`` and swapped in when
+    complete, so a killed build leaves the previous ``out`` (or none), never a partial data set, and a rebuild
+    leaves no file of an older build behind. ``out`` must be new, empty or an earlier build's folder.
+    Returns (store, summary). This is what ``scripts/build_clusters.py`` runs."""
+    from kflow.molecular.crystals import crystal_files
 
     out = Path(out)
-    summary, errors = RejectionSummary(), []
-    sources = [item for p in paths for item in read_crystals(p, errors)]
-    for source, message in errors:
-        summary.reject("unreadable", f"{source}: {message}")
-    store, summary = build_cluster_dataset(sources, out / "processed" / "clusters.lmdb", draws_per_crystal, seed,
-                                           num_workers, progress, raw_root=out if write_raw else None,
-                                           summary=summary, **build_kwargs)
-    atomic_write_text(out / "summary.json", json.dumps({"inputs": [str(p) for p in paths], "clusters": len(store),
-                                                        **summary.as_dict()}, indent=1) + "\n")
-    return store, summary
+    files = list(dict.fromkeys(f for p in paths for f in crystal_files(p)))  # missing inputs raise before writing
+    _check_build_folder(out, files)
+    sources, summary = read_crystal_inputs(files)
+    with staged_folder(out) as stage:
+        stage.mkdir()
+        store_path = stage / "processed" / "clusters.lmdb"
+        store, summary = build_cluster_dataset(sources, store_path, draws_per_crystal, seed, num_workers, progress,
+                                               raw_root=stage if write_raw else None, summary=summary,
+                                               meta={"inputs": [str(p) for p in paths]}, **build_kwargs)
+        count = len(store)
+        close_store(store_path)
+        atomic_write_text(stage / "summary.json", json.dumps({"inputs": [str(p) for p in paths], "clusters": count,
+                                                              **summary.as_dict()}, indent=1) + "\n")
+    return ClusterStore(out / "processed" / "clusters.lmdb"), summary
+
+
+# ------------------------------------------------------------------------------------------- cache keys
+def files_fingerprint(files: Sequence[str | os.PathLike]) -> str:
+    """Hash of the input files' names and bytes (in the given order): any added, removed, renamed or changed
+    file changes it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for f in map(Path, files):
+        digest.update(f.name.encode("utf-8", "surrogateescape") + b"\0" + str(f.stat().st_size).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_key(files: Sequence[str | os.PathLike], draws_per_crystal: int, seed: int, **build_kwargs) -> str:
+    """Key of a built store: the input files' content (``files_fingerprint``), draws, seed, the start-cluster noise
+    preset and every other build parameter with ``build_cluster``'s defaults filled in, and ``BUILDER_VERSION``."""
+    import inspect
+
+    from kflow.molecular.crystals import NoiseModel, build_cluster
+
+    params = {k: v.default for k, v in inspect.signature(build_cluster).parameters.items()
+              if v.default is not inspect.Parameter.empty and k not in ("seed", "name", "molecules", "draw")}
+    params.update(build_kwargs)
+    params["noise"] = params.get("noise") or NoiseModel()
+    spec = {"inputs": files_fingerprint(files), "draws": draws_per_crystal, "seed": seed,
+            "builder_version": BUILDER_VERSION, "params": _jsonable(params)}
+    return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def _jsonable(value):
@@ -162,36 +250,47 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
                        num_workers: int | None = None, rebuild: bool = False, progress: bool = True):
     """The embedded benchmark: clusters from the single-component organic CSD crystals shipped with pyxtal.
 
-    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when the
-    builder version changes. Returns a ``ClusterStore``; ``store.splits(seed)`` gives the crystal-level
-    train/valid/test ``ClusterDataset`` views (or ``ClusterDataset(store, split=...)``).
+    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when its
+    key (``build_key``: pyxtal's database files, parameters, builder version) changes. Returns a ``ClusterStore``;
+    ``store.splits(seed)`` gives the crystal-level train/valid/test ``ClusterDataset`` views (or
+    ``ClusterDataset(store, split=...)``).
     """
     from kflow.molecular.crystals import read_crystals
 
     path = Path(root) / f"pyxtal_d{draws_per_crystal}_s{seed}.lmdb"
-    cached = None if rebuild else _cached_store(path)
+    databases = pyxtal_crystal_sources()
+    key = build_key(databases, draws_per_crystal, seed)
+    cached = None if rebuild else _cached_store(path, key)
     if cached is not None:
         return cached
     seen, sources = set(), []
-    for db in pyxtal_crystal_sources():
+    for db in databases:
         for name, atoms in read_crystals(db):
             if name not in seen:  # the two databases share a few refcodes
                 seen.add(name)
                 sources.append((name, atoms))
-    store, summary = build_cluster_dataset(sources, path, draws_per_crystal, seed, num_workers, progress)
-    if progress:
-        print(f"demo data set: {summary}")
+    store, summary = build_cluster_dataset(sources, path, draws_per_crystal, seed, num_workers, progress,
+                                           meta={"build_key": key})
+    report_build("demo data set", store, summary)
     return store
 
 
-def _cached_store(path: Path) -> "ClusterStore | None":
-    """An existing store built by the current builder, else None (stale, unreadable or old-format caches, e.g.
-    the former pickled stores, are rebuilt)."""
+def report_build(label: str, store: ClusterStore, summary: RejectionSummary) -> None:
+    """Print what a build kept and rejected (also without progress bars), once under torchrun (rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{label}: {len(store)} clusters; {summary}", flush=True)
+
+
+def _cached_store(path: Path, key: str | None = None) -> "ClusterStore | None":
+    """An existing store built by the current builder (and, with ``key``, from the same inputs and parameters),
+    else None: stale, unreadable or old-format caches (e.g. the former pickled stores) are rebuilt."""
     try:
         store = ClusterStore(path)
     except (FileNotFoundError, ValueError):
         return None
-    return store if store.meta.get("builder_version") == BUILDER_VERSION else None
+    if store.meta.get("builder_version") != BUILDER_VERSION:
+        return None
+    return store if key is None or store.meta.get("build_key") == key else None
 
 
 def csd500_path(path: str | os.PathLike | None = None) -> Path:
@@ -224,22 +323,43 @@ def build_csd500_dataset(root: str | os.PathLike = "data/csd500", path: str | os
                          draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
                          rebuild: bool = False, progress: bool = True) -> "ClusterStore":
     """Clusters from the CSD-500 extxyz crystals (refcodes from ``NAME``), cached at
-    ``root/csd500_d{draws}_s{seed}.lmdb``; about 413 of the 500 crystals are kept (see BENCHMARKS.md)."""
+    ``root/csd500_d{draws}_s{seed}.lmdb`` and rebuilt when the file (e.g. ``$KFLOW_CSD500``), the parameters or
+    the builder change; 418 of the 500 crystals are kept (81 are multi-component, one polymeric)."""
     from kflow.molecular.crystals import read_crystals
 
     store_path = Path(root) / f"csd500_d{draws_per_crystal}_s{seed}.lmdb"
-    cached = None if rebuild else _cached_store(store_path)
+    source = csd500_path(path)
+    key = build_key([source], draws_per_crystal, seed)
+    cached = None if rebuild else _cached_store(store_path, key)
     if cached is not None:
         return cached
-    store, summary = build_cluster_dataset(read_crystals(csd500_path(path)), store_path, draws_per_crystal, seed,
-                                           num_workers, progress)
-    if progress:
-        print(f"CSD-500: {summary}")
+    store, summary = build_cluster_dataset(read_crystals(source), store_path, draws_per_crystal, seed, num_workers,
+                                           progress, meta={"build_key": key})
+    report_build("CSD-500", store, summary)
     return store
 
 
 # -------------------------------------------------------------------------------------------- COD-Cluster17
+def cod_subset_lists(root: Path, subset: str) -> list[Path]:
+    """Where the id list of COD-Cluster17 subset "5k"/"10k" may be, in the order searched: kflow's names
+    (``raw/subset_5k.txt``, ``subset_5k.txt``) and AssembleFlow's layout (``processed_5000/valid_idx.txt``)."""
+    own, assembleflow = COD_SUBSETS[subset]
+    return [root / "raw" / own, root / own, root / assembleflow / "valid_idx.txt"]
+
+
+def _subsets_help(root: Path) -> str:
+    return (f"The 5K/10K id lists come with AssembleFlow's COD-Cluster17 data (hub dataset '{COD_HUB_DATASET}', "
+            f"files COD/processed_5000/valid_idx.txt and COD/processed_10000/valid_idx.txt, fetched with the raw "
+            f"CSVs when online); a COD/ folder in AssembleFlow's layout works as it is. Otherwise put a list at "
+            f"{root}/processed_5000/valid_idx.txt or {root}/raw/subset_5k.txt (10k likewise), one cluster id per "
+            "line, or use subset 'all' or the path of an id list.")
+
+
 def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[str]:
+    """Cluster ids of a COD-Cluster17 subset under ``root`` (the folder holding ``raw/``): "all", "5k"/"10k"
+    (``cod_subset_lists``) or the path of an id list (one id per line). Missing raw data or lists are fetched
+    from the hub when ``download`` (only what kflow reads: ``COD_HUB_PATTERNS``)."""
+    root = Path(root)
     raw = root / "raw"
     final_dir = raw / "FinalPositions"
     if not final_dir.is_dir() and download:
@@ -247,40 +367,74 @@ def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[st
     if not final_dir.is_dir():
         raise FileNotFoundError(
             f"COD-Cluster17 raw data not found under {raw}. Download the folder COD/ of the hub dataset "
-            f"'{COD_HUB_DATASET}' and place its files so that {raw}/FinalPositions/<id>_cluster16.csv and "
-            f"{raw}/InitialPositions/<id>_cluster16_noised.csv exist (subset id lists as {raw}/subset_5k.txt, "
-            f"{raw}/subset_10k.txt).")
+            f"'{COD_HUB_DATASET}' (raw/ and processed_5000|processed_10000/valid_idx.txt; AssembleFlow's layout) "
+            f"and place it so that {raw}/FinalPositions/<id>_cluster16.csv and "
+            f"{raw}/InitialPositions/<id>_cluster16_noised.csv exist. " + _subsets_help(root))
     if subset == "all":
         return sorted(p.name[: -len("_cluster16.csv")] for p in final_dir.glob("*_cluster16.csv"))
-    if subset in ("5k", "10k"):
-        candidates = [raw / f"subset_{subset}.txt", root / f"subset_{subset}.txt"]
-        list_path = next((p for p in candidates if p.exists()), candidates[0])
+    if subset in COD_SUBSETS:
+        candidates = cod_subset_lists(root, subset)
+        list_path = next((p for p in candidates if p.is_file()), None)
+        if list_path is None and download:
+            _download_cod(root)
+            list_path = next((p for p in candidates if p.is_file()), None)
+        if list_path is None:
+            raise FileNotFoundError(f"COD-Cluster17 subset {subset}: no id list at "
+                                    f"{', '.join(str(p) for p in candidates)}. " + _subsets_help(root))
     else:
         list_path = Path(subset)
-    if not list_path.exists():
-        raise FileNotFoundError(f"subset id list {list_path} not found: put the {subset} cluster ids there, one per "
-                                f"line (or pass subset='all' or the path of an id list)")
+        if not list_path.is_file():
+            raise FileNotFoundError(f"subset id list {list_path} not found: put the cluster ids there, one per line "
+                                    f"(or use subset '5k', '10k' or 'all'). " + _subsets_help(root))
     # one id per line; a trailing file suffix or a CSV-style "id,..." line is tolerated
     ids = [ln.split(",")[0].strip() for ln in list_path.read_text().splitlines() if ln.strip()]
     return [i.removesuffix("_cluster16.csv").removesuffix("_cluster16") for i in ids]
 
 
 def _download_cod(root: Path):
-    """Fetch the hub folder ``COD/`` into ``root/hub`` and move the folder that holds ``FinalPositions/`` (its exact
-    depth in the hub layout is not assumed) to ``root/raw``. Failures (offline, no huggingface_hub) are reported
-    and left to the caller, which raises with instructions."""
+    """Fetch what kflow reads of the hub folder ``COD/`` (``COD_HUB_PATTERNS``: raw CSVs and the 5K/10K id lists)
+    into ``root/hub``, then move the folder that holds ``FinalPositions/`` (its depth in the hub layout is not
+    assumed) to ``root/raw`` and AssembleFlow's id lists to ``root/processed_*/valid_idx.txt``. Nothing is moved
+    unless the download completed. Failures (offline, no huggingface_hub) are reported and left to the caller,
+    which raises with instructions."""
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=["COD/*", "COD/**"],
+        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=COD_HUB_PATTERNS,
                           local_dir=str(root / "hub"))
     except Exception as err:
         print(f"COD-Cluster17 download from {COD_HUB_DATASET} failed ({type(err).__name__}); working offline")
         return
     found = sorted((root / "hub").rglob("FinalPositions"), key=lambda p: len(p.parts))
+    if not found:
+        return
+    hub_raw = found[0].parent
     raw = root / "raw"
-    if found and not raw.exists():
-        os.replace(found[0].parent, raw)
+    if not raw.exists():
+        os.replace(hub_raw, raw)
+    for _, folder in COD_SUBSETS.values():
+        listed, target = hub_raw.parent / folder / "valid_idx.txt", root / folder / "valid_idx.txt"
+        if listed.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(listed, target)
+
+
+def cod_store_key(root: Path, ids: Sequence[str], rigid_tolerance: float) -> str:
+    """Key of a preprocessed COD-Cluster17 store: the ids, the size and modification time of each CSV pair (a
+    changed, added or removed file changes it), the rigidity tolerance and the store format."""
+    from kflow.molecular.io import cod_cluster17_paths
+
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(json.dumps([BUILDER_VERSION, rigid_tolerance]).encode())
+    for cid in ids:
+        digest.update(cid.encode("utf-8", "surrogateescape") + b"\0")
+        for f in cod_cluster17_paths(root, cid):
+            try:
+                st = f.stat()
+                digest.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                digest.update(b"missing;")
+    return digest.hexdigest()
 
 
 def _preprocess_cod_chunk(args):
@@ -314,11 +468,14 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
                              progress: bool = True, rigid_tolerance: float = 1e-3,
                              chunk_size: int = 64) -> RejectionSummary:
     """Parse raw CSV pairs in worker processes (chunks of ``chunk_size`` clusters, rigidity checked per chunk in
-    one batched SVD), write the LMDB store atomically; returns the kept/rejected summary by reason."""
+    one batched SVD), write the LMDB store transactionally; returns the kept/rejected summary by reason. The store's
+    metadata holds the summary and ``cod_store_key`` (so a changed raw folder or id list is noticed)."""
     root, ids = Path(root), list(ids)
     summary = RejectionSummary()
     num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     chunks = [(root, ids[k:k + chunk_size], rigid_tolerance) for k in range(0, len(ids), chunk_size)]
+    meta = {"source": "COD-Cluster17", "root": str(root), "rigid_tolerance": rigid_tolerance,
+            "build_key": cod_store_key(root, ids, rigid_tolerance)}
 
     def clusters():
         if num_workers > 1 and len(chunks) > 1:
@@ -339,6 +496,7 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
                 if bar is not None:
                     bar.update(len(kept) + len(rejected))
                 yield from kept
+            meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
         finally:
             if bar is not None:
                 bar.close()
@@ -346,8 +504,7 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
                 pool.terminate()
                 pool.join()
 
-    write_cluster_store(clusters(), store_path, meta={"source": "COD-Cluster17", "root": str(root),
-                                                      "rigid_tolerance": rigid_tolerance})
-    if progress:
-        print(f"COD-Cluster17 preprocessing: {summary}")
+    write_cluster_store(clusters(), store_path, meta=meta)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"COD-Cluster17 preprocessing: {summary}", flush=True)
     return summary

@@ -9,6 +9,7 @@ data set -> train -> predict -> evaluate.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -26,8 +27,10 @@ from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate,
                                      separation_rate)
 from kflow.molecular.objective import AssemblyLoss
 from kflow.molecular.sampling import predict_assembly
-from kflow.molecular.sources import build_cluster_dataset, build_demo_dataset, csd500_path
+from kflow.molecular.sources import (_cached_store, build_cluster_dataset, build_demo_dataset, build_key, csd500_path,
+                                     read_crystal_inputs, report_build)
 from kflow.molecular.store import ClusterStore
+from kflow.utils.io import atomic_write_text, safe_filename
 
 __all__ = ["load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model", "predict_assembly",
            "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
@@ -39,32 +42,53 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
                           draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
                           progress: bool = True):
     """A cluster store by name: "demo" (pyxtal's embedded CSD crystals), "csd500" (the CSD-500 extxyz file,
-    ``$KFLOW_CSD500`` or the copy shipped in data/), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17),
-    or a path: an existing cluster store (folder with data.mdb), a CIF file/folder, an ASE database or an extxyz
-    file (clusters are built and cached under root/built/)."""
-    from kflow.molecular.crystals import read_crystals
+    ``$KFLOW_CSD500`` or the copy shipped in data/), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17, or
+    root/COD in AssembleFlow's layout), or a path: an existing cluster store (folder with data.mdb), a
+    COD-Cluster17 folder (``raw/FinalPositions``; ``subset`` as for "cod"), the output folder of
+    ``scripts/build_clusters.py``, a CIF file/folder, an ASE database or an extxyz file.
+
+    Crystal files are built once and cached under root/built/ as ``<name>_<key>.lmdb``, the key covering the
+    files' content, draws, seed, build parameters and builder version (``sources.build_key``), so adding or
+    changing an input file gives a new store. An unreadable or rejected file never stops the build; the
+    summary (every input file's outcome) is printed, also without ``progress``, and saved beside the store as
+    ``<name>_<key>.summary.json``."""
+    from kflow.molecular.crystals import crystal_files
 
     root = Path(root)
     if name == "demo":
         return build_demo_dataset(root / "demo", draws_per_crystal, seed, num_workers, progress=progress)
     if name == "cod":
-        return CODCluster17Dataset(root / "COD-Cluster17", subset=subset, num_workers=num_workers,
-                                   progress=progress).store
+        cod_root = root / "COD-Cluster17"
+        if not cod_root.exists() and (root / "COD" / "raw" / "FinalPositions").is_dir():
+            cod_root = root / "COD"  # AssembleFlow's folder name
+        return CODCluster17Dataset(cod_root, subset=subset, num_workers=num_workers, progress=progress).store
     if name == "csd500":
         path = csd500_path()
     else:
         path = Path(name)
         if (path / "data.mdb").exists():
             return ClusterStore(path)
+        if (path / "summary.json").is_file() and (path / "processed" / "clusters.lmdb" / "data.mdb").exists():
+            return ClusterStore(path / "processed" / "clusters.lmdb")  # a build_clusters.py output folder
+        if (path / "raw" / "FinalPositions").is_dir():
+            return CODCluster17Dataset(path, subset=subset, num_workers=num_workers, progress=progress).store
         if not path.exists():
             raise FileNotFoundError(f"dataset {name!r}: not 'demo', 'csd500', 'cod' or an existing path")
-    store_path = root / "built" / f"{path.stem}_d{draws_per_crystal}_s{seed}.lmdb"
-    if (store_path / "data.mdb").exists():
-        return ClusterStore(store_path)
-    store, summary = build_cluster_dataset(read_crystals(path), store_path, draws_per_crystal, seed, num_workers,
-                                           progress)
-    if progress:
-        print(f"{path.name}: {summary}")
+    files = crystal_files(path)
+    key = build_key(files, draws_per_crystal, seed)
+    store_path = root / "built" / f"{safe_filename(path.stem or path.name)}_{key}.lmdb"
+    cached = _cached_store(store_path, key)
+    if cached is not None:
+        return cached
+    sources, summary = read_crystal_inputs(files)
+    store, summary = build_cluster_dataset(sources, store_path, draws_per_crystal, seed, num_workers, progress,
+                                           summary=summary, meta={"build_key": key, "inputs": str(path)})
+    report = store_path.with_name(store_path.name.removesuffix(".lmdb") + ".summary.json")
+    atomic_write_text(report, json.dumps({"inputs": str(path), "store": str(store_path), "clusters": len(store),
+                                          **summary.as_dict()}, indent=1) + "\n")
+    report_build(path.name, store, summary)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"every input file's outcome: {report}")
     return store
 
 
