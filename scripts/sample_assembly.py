@@ -8,7 +8,7 @@
 from kflow.core import SAMPLING_METHODS
 from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
 from kflow.molecular.datasets import ClusterDataset
-from kflow.molecular.workflow import load_assembly_dataset, predict_assembly
+from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
 
 
@@ -18,7 +18,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="demo")
     p.add_argument("--subset", default="10k")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
+    p.add_argument("--split", default=None, choices=["train", "valid", "test", "all"],
+                   help="default: test for demo/csd500/cod, all for a file, folder or store given by path")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match training)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (start perturbation of repeats > 0)")
     p.add_argument("--steps", type=positive_int, default=20, help="integration steps (NFE for euler/band)")
@@ -33,9 +34,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     model, rigid, _ = load_assembly_model(args.checkpoint)
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed)
-    dataset = ClusterDataset(store, split=args.split, seed=args.data_seed)
+    split = args.split or default_split(args.dataset)
+    dataset = ClusterDataset(store, split=split, seed=args.data_seed)
     if len(dataset) == 0:
-        raise ValueError(f"the {args.split} split of {args.dataset} is empty")
+        raise ValueError(f"the {split} split of {args.dataset} is empty (too few crystals for an 80/10/10 split? "
+                         "use --split all)")
     preds = predict_assembly(model, rigid, dataset, args.steps, args.method, args.repeats, args.repeat_noise,
                              args.batch_size, seed=args.seed, progress=True, steps_per_band=args.steps_per_band)
     write_predictions(args.out, dataset, preds)

@@ -8,6 +8,7 @@ Examples:
 """
 
 from kflow.core import ORDERS, RAMPS
+from kflow.core.distributed import is_main_process
 from kflow.molecular.artifacts import default_run_dir
 from kflow.molecular.config import AssemblyModelConfig
 from kflow.molecular.network import CONVOLUTIONS
@@ -63,6 +64,8 @@ def main(argv=None):
                                    ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
                                    num_workers=args.num_workers, progress=not args.no_progress,
                                    overwrite=args.overwrite, deterministic=args.deterministic)
+    if not is_main_process():
+        return
     resumed = f" (resumed at step {summary['resumed_from']}, now at {summary['step']})" if summary["resumed_from"] else ""
     print(f"trained {summary['steps_run']} steps{resumed} in {summary['wall_time_s']:.0f} s "
           f"({summary['samples_per_s']:.2f} clusters/s), final loss {summary['loss']:.4g}, "

@@ -32,7 +32,7 @@ from kflow.molecular.sources import (_cached_store, build_cluster_dataset, build
 from kflow.molecular.store import ClusterStore
 from kflow.utils.io import atomic_write_text, safe_filename
 
-__all__ = ["load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model", "predict_assembly",
+__all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model", "predict_assembly",
            "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
 
 METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
@@ -90,6 +90,15 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"every input file's outcome: {report}")
     return store
+
+
+NAMED_DATASETS = ("demo", "csd500", "cod")
+
+
+def default_split(dataset: str) -> str:
+    """The split a prediction uses unless told: "test" for the named benchmark sets (the crystals no model saw),
+    "all" for a file, folder or store given by path (a user's own crystals, all of them to be predicted)."""
+    return "test" if dataset in NAMED_DATASETS else "all"
 
 
 def _check_split(dataset, what: str):
