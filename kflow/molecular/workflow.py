@@ -32,8 +32,8 @@ from kflow.molecular.sources import (_cached_store, build_cluster_dataset, build
 from kflow.molecular.store import ClusterStore
 from kflow.utils.io import atomic_write_text, safe_filename
 
-__all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model", "predict_assembly",
-           "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
+__all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model",
+           "predict_assembly", "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
 
 METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
 
