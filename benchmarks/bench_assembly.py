@@ -24,8 +24,8 @@ from kflow.molecular.metrics import compute_packing_matching
 from kflow.molecular.objective import AssemblyLoss
 from kflow.molecular.sampling import sample_assembly
 from kflow.molecular.sources import csd500_path
-from kflow.molecular.workflow import (METRICS, evaluate_assembly, load_assembly_dataset, predict_assembly,
-                                      train_assembly)
+from kflow.molecular.workflow import (METRIC_LABELS, METRICS, evaluate_assembly, load_assembly_dataset,
+                                      predict_assembly, train_assembly)
 from kflow.utils.io import atomic_write_text
 
 
@@ -299,7 +299,7 @@ def main(argv=None):
             f": {len(test)} test clusters of {len(set(test.crystals))} unseen crystals, {train_size} training "
             f"clusters")
         sections.append(f"**{title}**\n\n" + markdown_table(
-            ["method", "PM-atom (Å)", "PM-center (Å)", "RMSD_15 (Å)", "collision (%)", "separation (%)"], rows))
+            ["method"] + [METRIC_LABELS[m] for m in METRICS], rows))
         raw[name] = {label: [{m: r[m]["mean"] for m in METRICS} for r in runs] for label, runs in results.items()}
     speed_rows = [[ds, label, f"{tr:.2f}", f"{sa:.2f}"]
                   for ds, d in speed.items() for label, (tr, sa) in d.items()]

@@ -187,3 +187,153 @@ def test_metrics_take_numpy_arrays_and_lists_and_name_bad_indices():
     gap = torch.cat([torch.zeros(len(true), dtype=torch.long), torch.full((len(true),), 2)])
     with pytest.raises(ValueError, match=r"without gaps.*cluster\(s\) \[1\]"):
         compute_packing_matching(both_t, both_p, torch.cat([mol, mol]), gap)
+
+
+# --------------------------------------------------------------------- permutation-invariant packing matching
+from kflow.molecular.metrics import match_molecules, permute_molecules  # noqa: E402
+
+
+def _rigid_noise(positions, mol, seed, shift=0.4, angle=0.25):
+    """Each molecule moved by a small random rigid motion about its centroid (a prediction with the right labels)."""
+    from kflow.molecular.so3 import exp_map
+
+    g = torch.Generator().manual_seed(seed)
+    out = positions.clone()
+    for k in range(int(mol.max()) + 1):
+        sel = mol == k
+        c = positions[sel].mean(0)
+        rot = exp_map(torch.randn(3, dtype=F64, generator=g) * angle)
+        out[sel] = (positions[sel] - c) @ rot.T + c + shift * torch.randn(3, dtype=F64, generator=g)
+    return out
+
+
+def _batch(clusters):
+    """Concatenate [(positions, molecule_index), ...] into (positions, molecule_index, batch)."""
+    pos = torch.cat([p for p, _ in clusters])
+    mol = torch.cat([m for _, m in clusters])
+    batch = torch.cat([torch.full((len(p),), i) for i, (p, _) in enumerate(clusters)])
+    return pos, mol, batch
+
+
+def _random_sites_cluster(seed, atoms=5, molecules=17, spread=4.0):
+    """Identical molecules at random sites with random orientations (no lattice symmetry)."""
+    g = torch.Generator().manual_seed(seed)
+    body = torch.randn(atoms, 3, dtype=F64, generator=g)
+    sites = torch.randn(molecules, 3, dtype=F64, generator=g) * spread
+    pos = torch.cat([body @ _rotation(seed * 100 + k).T + sites[k] for k in range(molecules)])
+    return pos, torch.arange(molecules).repeat_interleave(atoms)
+
+
+def _relabel(pos, mol, batch, seed):
+    """Random relabelling of every cluster's molecules, and the permutation used."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(int(mol.max()) + 1, generator=g) for _ in range(int(batch.max()) + 1)])
+    return permute_molecules(pos, mol, perm, batch), perm
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_invariant_pm_is_zero_for_the_truth_relabelled_moved_or_mirrored(seed):
+    true, mol, _ = _lattice_cluster(6, seed=seed)
+    relabelled, perm = _relabel(true, mol, torch.zeros_like(mol), seed + 10)
+    paired = compute_packing_matching(true, relabelled, mol)
+    assert paired.pm_atom.item() > 0.5 and paired.pm_center.item() > 0.5
+    pm = compute_packing_matching(true, relabelled, mol, permutation_invariant=True)
+    assert pm.pm_atom.item() == 0 and pm.pm_center.item() == 0  # exactly the paired value of the truth
+    for moved in (relabelled @ _rotation(seed + 20).T + torch.tensor([4.0, -1.0, 2.0], dtype=F64), -relabelled):
+        pm = compute_packing_matching(true, moved, mol, permutation_invariant=True)
+        assert pm.pm_atom.item() < 1e-9 and pm.pm_center.item() < 1e-9
+    # The matching undoes the relabelling: molecule i of the relabelled cluster was true molecule perm[i].
+    match = match_molecules(true, relabelled, mol, criterion="pm_atom")
+    assert torch.equal(match[0], torch.argsort(perm[0]))
+    assert torch.equal(permute_molecules(relabelled, mol, match), true)
+
+
+def test_invariant_pm_does_not_depend_on_how_predicted_molecules_are_labelled():
+    clusters = [_random_sites_cluster(s, atoms=4 + s % 3) for s in range(4)] + [_lattice_cluster(5, seed=7)[:2]]
+    true, mol, batch = _batch(clusters)
+    hard = _batch([_random_sites_cluster(50 + s, atoms=4 + s % 3) for s in range(4)]
+                  + [_lattice_cluster(5, seed=8)[:2]])[0]  # independent clusters: no index correspondence
+    for pred in (_rigid_noise(true, batch * 17 + mol, 1, shift=0.8, angle=0.6), hard):
+        ref = compute_packing_matching(true, pred, mol, batch, permutation_invariant=True)
+        for seed in range(3):
+            relabelled, _ = _relabel(pred, mol, batch, seed)
+            pm = compute_packing_matching(true, relabelled, mol, batch, permutation_invariant=True)
+            assert (pm.pm_atom - ref.pm_atom).abs().max() < 1e-9
+            assert (pm.pm_center - ref.pm_center).abs().max() < 1e-9
+    paired = compute_packing_matching(true, hard, mol, batch)
+    assert (ref.pm_center < paired.pm_center).all()  # matching finds far better pairs than arbitrary labels
+
+
+@pytest.mark.parametrize("shift, angle", [(0.1, 0.05), (0.4, 0.25), (0.8, 0.5)])
+def test_invariant_pm_is_never_worse_than_a_correct_index_pairing(shift, angle):
+    clusters = [_random_sites_cluster(s, spread=5.0) for s in range(6)] + [_lattice_cluster(6, seed=s)[:2]
+                                                                           for s in range(2)]
+    true, mol, batch = _batch(clusters)
+    pred = _rigid_noise(true, batch * 17 + mol, 3, shift, angle)
+    paired = compute_packing_matching(true, pred, mol, batch)
+    pm = compute_packing_matching(true, pred, mol, batch, permutation_invariant=True)
+    assert (pm.pm_atom <= paired.pm_atom + 1e-9).all() and (pm.pm_center <= paired.pm_center + 1e-9).all()
+    if shift <= 0.1:  # close to the truth the index pairing is the optimum and is found
+        assert (pm.pm_atom - paired.pm_atom).abs().max() < 1e-12
+
+
+def test_invariant_pm_is_an_upper_bound_that_finds_the_exact_pm_center_of_small_clusters():
+    """M = 5: the exact minimum over all 120 relabellings by brute force (each relabelling a cluster of a batch)."""
+    import itertools
+
+    perms = torch.tensor(list(itertools.permutations(range(5))))
+    for seed in range(4):
+        true, mol = _random_sites_cluster(seed, atoms=4, molecules=5, spread=3.0)
+        for pred in (_random_sites_cluster(seed + 100, atoms=4, molecules=5, spread=3.0)[0],
+                     _rigid_noise(true, mol, seed, shift=1.0, angle=1.0)):
+            n = len(perms)
+            batch = torch.arange(n).repeat_interleave(len(true))
+            every = compute_packing_matching(true.repeat(n, 1), permute_molecules(pred.repeat(n, 1), mol.repeat(n),
+                                                                                  perms, batch), mol.repeat(n), batch)
+            pm = compute_packing_matching(true, pred, mol, permutation_invariant=True)
+            assert pm.pm_atom.item() >= every.pm_atom.min().item() - 1e-9  # realised by a permutation
+            assert abs(pm.pm_center.item() - every.pm_center.min().item()) < 1e-9
+
+
+def test_match_and_permute_molecules_api_and_errors():
+    true, mol, _ = _lattice_cluster(4, seed=3)
+    pred = _rigid_noise(true, mol, 0)
+    out = match_molecules(true.numpy(), pred.numpy(), mol.numpy())
+    assert isinstance(out, np.ndarray) and out.shape == (1, 17) and sorted(out[0].tolist()) == list(range(17))
+    assert isinstance(compute_packing_matching(true.numpy(), pred.numpy(), mol.numpy(),
+                                               permutation_invariant=True).pm_atom, np.ndarray)
+    with pytest.raises(ValueError, match="criterion"):
+        match_molecules(true, pred, mol, criterion="rmsd")
+    uneven = mol.clone()
+    uneven[3] = 1  # molecule 0 loses an atom to molecule 1
+    with pytest.raises(ValueError, match="different atom counts"):
+        compute_packing_matching(true, pred, uneven, permutation_invariant=True)
+    compute_packing_matching(true, pred, uneven)  # the index pairing does not need identical molecules
+    with pytest.raises(ValueError, match="exactly once"):
+        permute_molecules(true, mol, torch.zeros(17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, M\]"):
+        permute_molecules(true, mol, torch.arange(16))
+    # One cluster: a [M] permutation is accepted; relabelling twice by inverse permutations is the identity.
+    p = torch.randperm(17)
+    assert torch.equal(permute_molecules(permute_molecules(true, mol, p), mol, torch.argsort(p)), true)
+
+
+def test_evaluate_assembly_reports_index_paired_and_matched_packing():
+    from kflow.molecular import Cluster
+    from kflow.molecular.workflow import METRICS, evaluate_assembly, format_results_table
+
+    items = []
+    for s in range(3):
+        final, mol, z = _lattice_cluster(4, seed=s)
+        items.append(Cluster(z, mol, _rigid_noise(final, mol, s, 1.0, 1.0), final, f"c{s}", f"c{s}").to_data())
+    # A prediction that is the truth with its molecules relabelled: perfect, but not by index.
+    relabelled = [permute_molecules(it.final_positions, it.molecule_index, torch.randperm(17))[None] for it in items]
+    res = evaluate_assembly(items, relabelled)
+    assert {"pm_atom_perm", "pm_center_perm"} <= set(METRICS) <= set(res)
+    assert res["pm_atom"]["mean"] > 0.5 and res["pm_center"]["mean"] > 0.5
+    assert res["pm_atom_perm"]["mean"] < 1e-9 and res["pm_center_perm"]["mean"] < 1e-9
+    identity = evaluate_assembly(items)
+    assert identity["pm_center_perm"]["mean"] <= identity["pm_center"]["mean"] + 1e-9
+    table = format_results_table({"identity": identity, "relabelled truth": res}).splitlines()
+    assert "PM-center, matched (Å)" in table[0]
+    assert all(line.count("|") == table[0].count("|") for line in table)

@@ -33,9 +33,14 @@ from kflow.molecular.store import ClusterStore
 from kflow.utils.io import atomic_write_text, safe_filename
 
 __all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model",
-           "predict_assembly", "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS"]
+           "predict_assembly", "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS",
+           "METRIC_LABELS"]
 
-METRICS = ("pm_atom", "pm_center", "rmsd15", "collision", "separation")
+# "_perm": the permutation-invariant packing matching (molecules matched before comparing, metrics.match_molecules)
+METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "collision", "separation")
+METRIC_LABELS = {"pm_atom": "PM-atom (Å)", "pm_center": "PM-center (Å)", "pm_atom_perm": "PM-atom, matched (Å)",
+                 "pm_center_perm": "PM-center, matched (Å)", "rmsd15": "RMSD_15 (Å)", "collision": "collision (%)",
+                 "separation": "separation (%)"}
 
 
 def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", subset: str = "10k",
@@ -146,8 +151,11 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     """Metrics per cluster and repeat, reduced to min over repeats, then mean ± std over clusters.
 
     ``predictions``: list of [R, N_i, 3] per cluster; None evaluates the identity baseline (prediction = initial
-    cluster). Returns {metric: {"mean", "std", "per_cluster"}} for PM-atom, PM-center (Å), RMSD_15 (Å),
-    collision and separation rates (%; for these the mean over repeats is reported, not the minimum).
+    cluster). Returns {metric: {"mean", "std", "per_cluster"}} for ``METRICS``: PM-atom, PM-center (Å) as
+    AssembleFlow defines them (molecules paired by index), the same after matching the predicted molecules to the
+    true ones ("pm_atom_perm", "pm_center_perm"; ``compute_packing_matching(permutation_invariant=True)``, for
+    predictions that carry no index correspondence), RMSD_15 (Å), collision and separation rates (%; for these
+    the mean over repeats is reported, not the minimum).
     """
     from torch_geometric.data import Batch
 
@@ -169,6 +177,9 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
         pm = compute_packing_matching(true, pred, batch.molecule_index, batch.batch)
         values["pm_atom"].append(pm.pm_atom)
         values["pm_center"].append(pm.pm_center)
+        pm = compute_packing_matching(true, pred, batch.molecule_index, batch.batch, permutation_invariant=True)
+        values["pm_atom_perm"].append(pm.pm_atom)
+        values["pm_center_perm"].append(pm.pm_center)
         values["rmsd15"].append(rmsd15(true, pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
         values["collision"].append(collision_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
         values["separation"].append(separation_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
@@ -211,10 +222,11 @@ def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, con
 
 
 def format_results_table(results: dict[str, dict], title: str = "") -> str:
-    """Markdown table: one row per method, mean ± std per metric."""
-    heads = ["method", "PM-atom (Å)", "PM-center (Å)", "RMSD_15 (Å)", "collision (%)", "separation (%)"]
+    """Markdown table: one row per method, mean ± std per metric ("–" where a result lacks one, e.g. results
+    saved before the permutation-invariant metrics existed)."""
+    heads = ["method"] + [METRIC_LABELS[k] for k in METRICS]
     lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for method, res in results.items():
-        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" for k in METRICS]
+        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" if k in res else "–" for k in METRICS]
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines)
