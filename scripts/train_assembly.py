@@ -11,6 +11,7 @@ from kflow.core import ORDERS, RAMPS
 from kflow.core.distributed import is_main_process
 from kflow.molecular.artifacts import default_run_dir
 from kflow.molecular.config import AssemblyModelConfig
+from kflow.molecular.flow import COUPLINGS
 from kflow.molecular.network import CONVOLUTIONS
 from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
 from kflow.utils.cli import (ArgumentParser, add_run_arguments, nonnegative_int, positive_float, positive_int,
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--conv", default=AssemblyModelConfig.conv, choices=sorted(CONVOLUTIONS),
                    help="uvu: depthwise convolutions (fast); fctp: fully connected (kflow <= 0.2)")
     p.add_argument("--heavy-atoms-only", action="store_true", help="atom graph without hydrogens (faster)")
+    p.add_argument("--coupling", default=AssemblyModelConfig.coupling, choices=COUPLINGS,
+                   help="index: start molecule i flows to final molecule i; ot: to the final slot of an optimal "
+                        "assignment within each cluster (centroid distances)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=positive_int, default=None)
     group.add_argument("--epochs", type=positive_int, default=None, help="default 50 when --steps is not given")
@@ -56,7 +60,7 @@ def main(argv=None):
     config = AssemblyModelConfig(num_bands=args.num_bands, ramp=args.ramp, order=args.order,
                                  hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
                                  num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff,
-                                 conv=args.conv, heavy_atoms_only=args.heavy_atoms_only)
+                                 conv=args.conv, heavy_atoms_only=args.heavy_atoms_only, coupling=args.coupling)
     steps = args.steps or steps_for_epochs(store, args.epochs or 50, args.batch_size, args.data_seed)
     out = args.out or default_run_dir(args.dataset, args.num_bands)
     _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kflow.molecular.flow import RigidKFlow
+from kflow.molecular.flow import COUPLINGS, RigidKFlow
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 
 __all__ = ["AssemblyModelConfig", "build_assembly_model"]
@@ -20,7 +20,9 @@ __all__ = ["AssemblyModelConfig", "build_assembly_model"]
 class AssemblyModelConfig:
     """Everything that determines the model's parameters and the flow; saved in every checkpoint.
 
-    Flow: ``num_bands`` (K; 1 = rigid flow matching), band ``ramp``, ``order`` and ``overlap`` of the schedule.
+    Flow: ``num_bands`` (K; 1 = rigid flow matching), band ``ramp``, ``order`` and ``overlap`` of the schedule;
+    ``coupling``: which final slot each start molecule flows to in training, "index" (the data's pairing) or "ot"
+    (an optimal assignment within each cluster, ``flow.collate_clusters``).
     Network: see ``AssemblyNetwork`` for the meaning of each field.
     """
 
@@ -38,6 +40,11 @@ class AssemblyModelConfig:
     num_basis: int = 10
     conv: str = "uvu"  # "uvu" depthwise convolutions; "fctp" the fully connected network of kflow <= 0.2
     heavy_atoms_only: bool = True  # atom-level message passing without hydrogens (they ride along rigidly)
+    coupling: str = "index"  # "index" | "ot": start-to-final pairing used to build training paths
+
+    def __post_init__(self):
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +52,8 @@ class AssemblyModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AssemblyModelConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        # Configurations saved before these fields existed describe the all-atom fctp network of kflow <= 0.2.
+        # Configurations saved before these fields existed describe the all-atom fctp network of kflow <= 0.2
+        # (and, without "coupling", index-paired training: the dataclass default).
         known.setdefault("conv", "fctp")
         known.setdefault("heavy_atoms_only", False)
         return cls(**known)

@@ -24,11 +24,13 @@ import torch
 
 from kflow.core import BandSchedule, KFlow, LaplacianDecomposition
 from kflow.molecular.geometry import atoms_from_poses, kabsch, masked_centroids, pad_by_index, rigid_residuals
-from kflow.molecular.so3 import exp_map, log_map
+from kflow.molecular.so3 import exp_map, log_map, rotation_angle
 
-__all__ = ["AssemblyBatch", "collate_clusters", "RigidKFlow", "poses_from_chart", "RigidityError"]
+__all__ = ["AssemblyBatch", "collate_clusters", "optimal_coupling", "RigidKFlow", "poses_from_chart", "RigidityError",
+           "COUPLINGS"]
 
 MIN_ROTATION_SCALE = 0.5  # Å: floor of the radius of gyration that scales rotation coordinates (tiny molecules)
+COUPLINGS = ("index", "ot")  # which final slot each start molecule flows to: the data's pairing, or optimal
 
 
 class RigidityError(ValueError):
@@ -100,15 +102,69 @@ def _cluster_fields(item):
             torch.as_tensor(get("initial_positions")), torch.as_tensor(get("final_positions")), name)
 
 
-def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2) -> AssemblyBatch:
+def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor,
+                     rotation_scale: torch.Tensor | None = None, orientation_weight: float = 0.0,
+                     rigidity_tolerance: float = 1e-2) -> torch.Tensor:
+    """Optimal assignment of start molecules to final slots within each cluster of identical molecules.
+
+    For padded atoms initial, final [B, M, P, 3] (mask [B, M, P]; every molecule of a cluster the same molecule,
+    atoms in the same order) returns π [B, M]: start molecule i flows to final molecule π(i), the permutation
+    that minimises Σ_i c(i, π(i)) (``scipy.optimize.linear_sum_assignment``, one call per cluster) with
+
+        c(i, j) = |T⁰_i − T¹_j|² + w (ℓ θ_ij)²
+
+    T the molecule centroids, θ_ij the angle of the best rotation taking start molecule i onto final molecule j
+    atom for atom, ℓ = ``rotation_scale`` [B] (the chart's rotation scale, Å) and w = ``orientation_weight`` (0:
+    centroids only). Pairs that no proper rigid motion relates (RMS residual above ``rigidity_tolerance`` Å: the
+    copies of opposite handedness in a crystal with mirror or inversion symmetry, unless the molecule is planar)
+    are excluded, so every coupled pair is rigid; the index pairing, rigid by assumption, always qualifies.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if orientation_weight < 0:
+        raise ValueError(f"orientation_weight must be >= 0, got {orientation_weight}")
+    b, m, p, _ = initial.shape
+    initial, final = initial.double(), final.double()
+    w = mask.double()
+    count = w.sum(-1).clamp_min(1)  # [B, M]
+    c0 = (initial - masked_centroids(initial, mask)[:, :, None]) * w[..., None]
+    c1 = (final - masked_centroids(final, mask)[:, :, None]) * w[..., None]
+    # Best rotation and RMS residual of every (start i, final j) pair: [B, M, M].
+    mobile, target = c0[:, :, None].expand(b, m, m, p, 3), c1[:, None].expand(b, m, m, p, 3)
+    pair_w = w[:, :, None].expand(b, m, m, p)
+    rot, _ = kabsch(mobile, target, pair_w)
+    moved = torch.einsum("bijxy,bipy->bijpx", rot, c0)
+    residual = (((moved - target).square().sum(-1) * pair_w).sum(-1) / count[:, :, None]).sqrt()
+    cost = torch.cdist(masked_centroids(initial, mask), masked_centroids(final, mask)).square()
+    if orientation_weight > 0:
+        if rotation_scale is None:
+            raise ValueError("orientation_weight > 0 needs rotation_scale (the chart's ℓ per cluster)")
+        scale = torch.as_tensor(rotation_scale, dtype=cost.dtype, device=cost.device).reshape(-1, 1, 1)
+        cost = cost + orientation_weight * (scale * rotation_angle(rot)).square()
+    allowed = (residual <= rigidity_tolerance) | torch.eye(m, dtype=torch.bool, device=cost.device)
+    cost = cost.masked_fill(~allowed, float("inf")).cpu().numpy()
+    perm = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost])
+    return perm.to(initial.device)
+
+
+def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2,
+                     coupling: str = "index", orientation_weight: float = 0.0) -> AssemblyBatch:
     """Build an ``AssemblyBatch`` from clusters (``Cluster`` objects, PyG ``Data`` or dicts with the fields
     atomic_numbers [N], molecule_index [N], initial_positions [N, 3], final_positions [N, 3]).
+
+    ``coupling``: "index" pairs start molecule i with final molecule i, as the data lists them; "ot" re-assigns
+    the final slots within each cluster by ``optimal_coupling`` (centroid distances, plus ``orientation_weight``
+    × (ℓ × rotation angle)²) before the path is built: the final atoms of molecule i become those of molecule
+    π(i). All molecules of a cluster are copies of one molecule with one atom order, so this is a relabelling of
+    the final cluster (the same crystal), and the flow learns shorter, less crossed paths.
 
     Raises ``RigidityError`` naming the cluster and molecule when a final molecule is not a rigid copy of its
     initial one (RMS residual above ``rigidity_tolerance`` Å), and ``ValueError`` for inconsistent molecules.
     """
     if len(items) == 0:
         raise ValueError("collate_clusters got an empty list of clusters")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
     parsed = [_cluster_fields(it) for it in items]
     num_mol = {int(mi.max()) + 1 for _, mi, _, _, _ in parsed}
     if len(num_mol) != 1:
@@ -138,10 +194,19 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
         ci, mi = (residual > rigidity_tolerance).nonzero()[0].tolist()
         raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not a rigid motion of the "
                             f"initial ones (RMS residual {residual[ci, mi]:.3g} Å > {rigidity_tolerance} Å)")
-    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
     # Radius of gyration of the molecule (identical copies: use molecule 0).
     count = w[:, 0].sum(-1)
     scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count).sqrt().clamp_min(MIN_ROTATION_SCALE)
+    if coupling == "ot":
+        different = (z != z[:, :1]).any(-1)  # [B, M]: atoms differ from molecule 0's
+        if different.any():
+            ci, mi = different.nonzero()[0].tolist()
+            raise ValueError(f"cluster {parsed[ci][4]!r}: molecule {mi} has other elements (in atom order) than "
+                             "molecule 0; coupling='ot' needs identical copies of one molecule")
+        perm = optimal_coupling(x0, x1, mask, scale, orientation_weight, rigidity_tolerance)
+        x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
+        t1 = torch.gather(t1, 1, perm[:, :, None].expand_as(t1))
+    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
     return AssemblyBatch(z, mask, body.to(dtype), t0.to(dtype), t1.to(dtype), rot.to(dtype), scale.to(dtype),
                          [q[4] for q in parsed])
 

@@ -9,6 +9,7 @@ data set -> train -> predict -> evaluate.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -135,7 +136,8 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     run_config = {"model": config.to_dict(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
-    trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate_clusters, batch_size=batch_size, lr=lr,
+    collate = functools.partial(collate_clusters, coupling=config.coupling)
+    trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate, batch_size=batch_size, lr=lr,
                       max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
                       progress=progress, device=device, overwrite=overwrite, deterministic=deterministic,
