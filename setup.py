@@ -29,6 +29,8 @@ setup(
         "ptwt>=1.0",
         "torchdiffeq>=0.2.3",
         "lmdb>=1.4",
+        "packmol>=21",
+        "matplotlib>=3.7",  # learning curves and cluster pictures  # the PackMol binary (PyPI wheel ships it), for the classical baseline
         "huggingface_hub>=0.20",
     ],
     extras_require={

@@ -1,8 +1,9 @@
 """Molecular assembly: quality of identity / rigid FM (K=1) / K-Flow (K=2, 3) with equal budgets over several
 seeds on the embedded pyxtal benchmark and CSD-500, plus training/sampling speed and metric speed.
 
-Run from the repository root: python -m benchmarks.bench_assembly [--steps 200 --seeds 0 1 2]
-(writes the "assembly" section; --network-only the "assembly-network" section)
+Run from the repository root: python -m benchmarks.bench_assembly [--steps 150 --seeds 0 1 2]
+(writes the "assembly" section; --network-only the "assembly-network" section; --study [--quick] the converged
+study of benchmarks/assembly_study.py, also as python benchmarks/bench_assembly.py --study)
 """
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file (python benchmarks/bench_assembly.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -225,6 +230,11 @@ def bench_model_speed(store, test, num_bands, batch_size, out_dir, train_steps=3
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--study" in argv:
+        from benchmarks.assembly_study import main as study_main
+
+        return study_main(argv)
     p = argparse.ArgumentParser(description=__doc__)
     # Defaults are the configuration of the published tables, so `make bench` reproduces them.
     p.add_argument("--steps", type=int, default=150)

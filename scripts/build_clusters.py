@@ -14,9 +14,18 @@ be new, empty or an earlier build's folder. Equivalent Python:
 import sys
 from pathlib import Path
 
-from kflow.molecular.crystals import NoiseModel
+from dataclasses import replace
+
+from kflow.molecular.crystals import NOISE_PRESETS, NoiseModel
 from kflow.molecular.sources import build_clusters_from_files
 from kflow.utils.cli import ArgumentParser, positive_float, positive_int, run_main
+
+
+def _noise(args) -> NoiseModel:
+    preset = NOISE_PRESETS[args.noise]
+    if args.noise == "mild" and (args.expansion, args.jitter) != (preset.expansion, preset.jitter):
+        return replace(preset, expansion=args.expansion, jitter=args.jitter, name="custom")
+    return preset
 
 
 def main(argv=None) -> int:
@@ -27,16 +36,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw CSV layout, write only the LMDB store")
+    p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),
+                   help="start preset: mild (each molecule near its target) or hard (random placement at crystal "
+                        "density)")
     p.add_argument("--expansion", type=positive_float, default=NoiseModel.expansion,
-                   help="noise: centroid expansion factor")
-    p.add_argument("--jitter", type=float, default=NoiseModel.jitter, help="noise: centroid jitter (Å)")
+                   help="mild noise: centroid expansion factor")
+    p.add_argument("--jitter", type=float, default=NoiseModel.jitter, help="mild noise: centroid jitter (Å)")
     p.add_argument("--bond-factor", type=positive_float, default=1.2,
                    help="bond if d < factor × (r_cov,i + r_cov,j)")
     args = p.parse_args(argv)
     try:
         store, summary = build_clusters_from_files(
             args.inputs, args.out, args.draws, args.seed, args.workers, write_raw=not args.no_raw,
-            noise=NoiseModel(expansion=args.expansion, jitter=args.jitter), bond_factor=args.bond_factor)
+            noise=_noise(args), bond_factor=args.bond_factor)
     except (FileNotFoundError, ValueError) as err:  # no readable input: exit status 2, as for usage errors
         print(f"build_clusters: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@
 from kflow.core import SAMPLING_METHODS
 from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
 from kflow.molecular.datasets import ClusterDataset
+from kflow.molecular.crystals import NOISE_PRESETS
 from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
 
@@ -18,6 +19,9 @@ def main(argv=None):
     p.add_argument("--dataset", default="demo")
     p.add_argument("--subset", default="10k")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),
+                   help="start preset of clusters built from crystals (as in training): mild (each molecule near its target) or hard "
+                        "(molecules placed at random at crystal density, random orientations)")
     p.add_argument("--split", default=None, choices=["train", "valid", "test", "all"],
                    help="default: test for demo/csd500/cod, all for a file, folder or store given by path")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match training)")
@@ -33,7 +37,8 @@ def main(argv=None):
     p.add_argument("--extxyz-dir", default=None, help="also write <name>_predicted.extxyz (first repeat)")
     args = p.parse_args(argv)
     model, rigid, _ = load_assembly_model(args.checkpoint)
-    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed)
+    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
+                                  noise=args.noise)
     split = args.split or default_split(args.dataset)
     dataset = ClusterDataset(store, split=split, seed=args.data_seed)
     if len(dataset) == 0:

@@ -7,10 +7,13 @@ Examples:
     torchrun --nproc_per_node 2 scripts/train_assembly.py --dataset csd500 --steps 2000
 """
 
+import argparse
+
 from kflow.core import ORDERS, RAMPS
 from kflow.core.distributed import is_main_process
 from kflow.molecular.artifacts import default_run_dir
-from kflow.molecular.config import AssemblyModelConfig
+from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
+from kflow.molecular.crystals import NOISE_PRESETS
 from kflow.molecular.flow import COUPLINGS
 from kflow.molecular.network import CONVOLUTIONS
 from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
@@ -24,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k | 10k | all | PATH to an id list")
     p.add_argument("--data-root", default="data")
     p.add_argument("--draws-per-crystal", type=positive_int, default=4, help="noisy initial clusters per crystal")
+    p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),
+                   help="start preset of clusters built from crystals: mild (each molecule near its target) or hard "
+                        "(molecules placed at random at crystal density, random orientations)")
     p.add_argument("--num-bands", type=positive_int, default=2, help="1 = rigid flow matching (AssembleFlow-style)")
     p.add_argument("--ramp", default="linear", choices=RAMPS)
     p.add_argument("--order", default="low_to_high", choices=ORDERS)
@@ -33,10 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--inter-cutoff", type=positive_float, default=AssemblyModelConfig.inter_cutoff)
     p.add_argument("--conv", default=AssemblyModelConfig.conv, choices=sorted(CONVOLUTIONS),
                    help="uvu: depthwise convolutions (fast); fctp: fully connected (kflow <= 0.2)")
-    p.add_argument("--heavy-atoms-only", action="store_true", help="atom graph without hydrogens (faster)")
+    p.add_argument("--heavy-atoms-only", action=argparse.BooleanOptionalAction,
+                   default=AssemblyModelConfig.heavy_atoms_only,
+                   help="atom graph without hydrogens (default; faster); --no-heavy-atoms-only keeps every atom")
     p.add_argument("--coupling", default=AssemblyModelConfig.coupling, choices=COUPLINGS,
                    help="index: start molecule i flows to final molecule i; ot: to the final slot of an optimal "
                         "assignment within each cluster (centroid distances)")
+    p.add_argument("--objective", default="flow", choices=OBJECTIVES,
+                   help="flow: K-Flow / flow matching; regression: one-step prediction baseline (needs --num-bands 1)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=positive_int, default=None)
     group.add_argument("--epochs", type=positive_int, default=None, help="default 50 when --steps is not given")
@@ -56,11 +66,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, args.draws_per_crystal, args.data_seed,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, noise=args.noise)
     config = AssemblyModelConfig(num_bands=args.num_bands, ramp=args.ramp, order=args.order,
                                  hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
                                  num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff,
-                                 conv=args.conv, heavy_atoms_only=args.heavy_atoms_only, coupling=args.coupling)
+                                 conv=args.conv, heavy_atoms_only=args.heavy_atoms_only, coupling=args.coupling,
+                                 objective=args.objective)
     steps = args.steps or steps_for_epochs(store, args.epochs or 50, args.batch_size, args.data_seed)
     out = args.out or default_run_dir(args.dataset, args.num_bands)
     _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,

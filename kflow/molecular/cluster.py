@@ -1,6 +1,8 @@
 """The ``Cluster`` sample: M rigid copies of one molecule in an initial (noised) and a final (crystal) arrangement."""
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -101,19 +103,23 @@ class Cluster:
                     num_nodes=self.num_atoms)
 
     def to_numpy(self) -> dict:
-        """Compact serialisable form (float32 positions, uint8 elements)."""
-        return {"atomic_numbers": self.atomic_numbers.numpy().astype(np.uint8),
-                "molecule_index": self.molecule_index.numpy().astype(np.uint8),
-                "initial_positions": self.initial_positions.numpy().astype(np.float32),
-                "final_positions": self.final_positions.numpy().astype(np.float32),
-                "name": self.name, "crystal": self.crystal}
+        """Compact serialisable form (float32 positions, uint8 elements; ``info`` as a JSON string)."""
+        record = {"atomic_numbers": self.atomic_numbers.numpy().astype(np.uint8),
+                  "molecule_index": self.molecule_index.numpy().astype(np.uint8),
+                  "initial_positions": self.initial_positions.numpy().astype(np.float32),
+                  "final_positions": self.final_positions.numpy().astype(np.float32),
+                  "name": self.name, "crystal": self.crystal}
+        if self.info:
+            record["info"] = json.dumps(self.info, sort_keys=True)
+        return record
 
     @classmethod
     def from_numpy(cls, d: dict) -> "Cluster":
+        info = d.get("info")
         return cls(torch.from_numpy(d["atomic_numbers"].astype(np.int64)),
                    torch.from_numpy(d["molecule_index"].astype(np.int64)),
                    torch.from_numpy(d["initial_positions"]), torch.from_numpy(d["final_positions"]),
-                   d["name"], d["crystal"])
+                   d["name"], d["crystal"], json.loads(info) if isinstance(info, str) else {})
 
 
 class ClusterData(Data):

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 from kflow.molecular.flow import COUPLINGS, RigidKFlow
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 
-__all__ = ["AssemblyModelConfig", "build_assembly_model"]
+__all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES"]
+
+OBJECTIVES = ("flow", "regression")
 
 
 @dataclass
@@ -22,7 +24,9 @@ class AssemblyModelConfig:
 
     Flow: ``num_bands`` (K; 1 = rigid flow matching), band ``ramp``, ``order`` and ``overlap`` of the schedule;
     ``coupling``: which final slot each start molecule flows to in training, "index" (the data's pairing) or "ot"
-    (an optimal assignment within each cluster, ``flow.collate_clusters``).
+    (an optimal assignment within each cluster, ``flow.collate_clusters``). ``objective``: "flow" (K-Flow, or rigid
+    flow matching with K = 1) or "regression" (the same network and loss, trained at t = 0 only and sampled in
+    one step: the direct-regression baseline).
     Network: see ``AssemblyNetwork`` for the meaning of each field.
     """
 
@@ -41,10 +45,15 @@ class AssemblyModelConfig:
     conv: str = "uvu"  # "uvu" depthwise convolutions; "fctp" the fully connected network of kflow <= 0.2
     heavy_atoms_only: bool = True  # atom-level message passing without hydrogens (they ride along rigidly)
     coupling: str = "index"  # "index" | "ot": start-to-final pairing used to build training paths
+    objective: str = "flow"  # "flow" | "regression" (one-step prediction at t = 0; needs num_bands=1)
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "regression" and self.num_bands != 1:
+            raise ValueError(f"objective 'regression' has no bands: num_bands must be 1, got {self.num_bands}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +70,8 @@ class AssemblyModelConfig:
 
 def build_assembly_model(config: AssemblyModelConfig) -> tuple[AssemblyFlowModel, RigidKFlow]:
     """The x1-predicting flow model and the rigid K-Flow (schedule + Laplacian bands) described by ``config``."""
-    rigid = RigidKFlow(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap)
+    rigid = RigidKFlow(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap,
+                       regression=config.objective == "regression")
     net = AssemblyNetwork(config.hidden_irreps, config.num_atom_layers, config.num_molecule_layers,
                           config.intra_cutoff, config.inter_cutoff, config.molecule_cutoff, config.lmax,
                           config.num_basis, schedule=rigid.schedule, conv=config.conv,

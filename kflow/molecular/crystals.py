@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # ase is imported lazily at run time
     from ase import Atoms
 
 __all__ = ["read_crystals", "read_cif", "crystal_files", "cif_number", "ReadProblem", "build_cluster", "build_clusters",
-           "find_molecules", "NoiseModel"]
+           "find_molecules", "NoiseModel", "NOISE_PRESETS", "noise_model"]
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -691,37 +691,102 @@ def _canonical_order(z: np.ndarray, pos: np.ndarray, radii: np.ndarray) -> np.nd
 # -------------------------------------------------------------------------------------------------- noise model
 @dataclass
 class NoiseModel:
-    """How the initial (weakly correlated) cluster is made from the crystal cluster. The original COD-Cluster17
-    noise is unpublished; this one is explicit and seeded.
+    """How the start cluster is made from the crystal cluster; seeded, and recorded in each cluster's
+    ``info["noise"]``. The original COD-Cluster17 noise is unpublished; the presets (``NOISE_PRESETS``) are
+    explicit.
 
-    Each molecule keeps its shape and gets: a Haar-random orientation about its centroid (``rotation="haar"``) or
-    a random rotation of at most ``max_angle_deg``; its centroid moved away from the cluster centre by the factor
-    ``expansion`` and jittered by isotropic Gaussian noise of ``jitter`` Å. The central molecule is rotated too.
+    Every molecule keeps its shape and gets a Haar-random orientation about its centroid (``rotation="haar"``) or
+    a random rotation of at most ``max_angle_deg`` (``"bounded"``); the central molecule is rotated too. Its
+    centroid is placed by ``placement``:
+
+    - ``"expand"`` (preset ``mild``): the crystal centroid moved away from the cluster centre by the factor
+      ``expansion`` and jittered by isotropic Gaussian noise of ``jitter`` Å, so every molecule starts next to its
+      target and keeps its index correspondence.
+    - ``"random"`` (preset ``hard``): centroids drawn independently of the final cluster, uniformly in a sphere
+      around the cluster centre holding the molecules at crystal density (volume = molecules × crystal volume per
+      molecule × ``volume_factor``), no two closer than ``min_separation`` × (volume per molecule)^(1/3), and
+      numbered by distance from the centre (molecule 0 central, as in the final cluster). Only the molecule and
+      the crystal's density are used: the start a user has when just the molecule is known.
     """
 
     expansion: float = 1.25
     jitter: float = 0.5
     rotation: str = "haar"  # or "bounded"
     max_angle_deg: float = 180.0
+    placement: str = "expand"  # or "random"
+    volume_factor: float = 1.0
+    min_separation: float = 0.7
+    name: str = "custom"  # the preset's name, recorded in the metadata
 
-    def apply(self, positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """positions [M, P, 3] (final cluster) -> initial positions [M, P, 3]."""
+    def __post_init__(self):
+        if self.rotation not in ("haar", "bounded"):
+            raise ValueError(f"unknown rotation noise {self.rotation!r}; use 'haar' or 'bounded'")
+        if self.placement not in ("expand", "random"):
+            raise ValueError(f"unknown centroid placement {self.placement!r}; use 'expand' or 'random'")
+        if not (self.volume_factor > 0 and self.min_separation >= 0):
+            raise ValueError("volume_factor must be > 0 and min_separation >= 0")
+
+    def apply(self, positions: torch.Tensor, generator: torch.Generator,
+              volume_per_molecule: float | None = None) -> torch.Tensor:
+        """positions [M, P, 3] (final cluster) -> initial positions [M, P, 3]. ``volume_per_molecule`` (Å³, the
+        crystal's cell volume / molecules per cell) sets the density of the "random" placement; without it the
+        volume of the sphere enclosing the final centroids per molecule is used."""
+        centroids = positions.mean(1)  # [M, 3]
+        rot = self._rotations(positions.shape[0], positions.dtype, generator)  # [M, 3, 3]
+        if self.placement == "expand":
+            new_centroids = self._expanded(centroids, generator)
+        else:
+            new_centroids = self._random_placement(centroids, generator, volume_per_molecule)
+        return torch.einsum("mij,mpj->mpi", rot, positions - centroids[:, None]) + new_centroids[:, None]
+
+    def _rotations(self, m: int, dtype, generator) -> torch.Tensor:
         from kflow.molecular.so3 import exp_map
 
-        m = positions.shape[0]
-        centroids = positions.mean(1)  # [M, 3]
-        centre = centroids.mean(0)
         if self.rotation == "haar":
-            rot = random_rotations(m, dtype=positions.dtype, generator=generator)
-        elif self.rotation == "bounded":
-            axis = torch.nn.functional.normalize(torch.randn(m, 3, generator=generator, dtype=positions.dtype), dim=-1)
-            angle = torch.rand(m, 1, generator=generator, dtype=positions.dtype) * np.deg2rad(self.max_angle_deg)
-            rot = exp_map(axis * angle)
-        else:
-            raise ValueError(f"unknown rotation noise {self.rotation!r}; use 'haar' or 'bounded'")
-        new_centroids = centre + self.expansion * (centroids - centre) + self.jitter * torch.randn(
-            m, 3, generator=generator, dtype=positions.dtype)
-        return torch.einsum("mij,mpj->mpi", rot, positions - centroids[:, None]) + new_centroids[:, None]
+            return random_rotations(m, dtype=dtype, generator=generator)
+        axis = torch.nn.functional.normalize(torch.randn(m, 3, generator=generator, dtype=dtype), dim=-1)
+        angle = torch.rand(m, 1, generator=generator, dtype=dtype) * np.deg2rad(self.max_angle_deg)
+        return exp_map(axis * angle)
+
+    def _expanded(self, centroids: torch.Tensor, generator) -> torch.Tensor:
+        centre = centroids.mean(0)
+        jitter = torch.randn(centroids.shape, generator=generator, dtype=centroids.dtype)
+        return centre + self.expansion * (centroids - centre) + self.jitter * jitter
+
+    def _random_placement(self, centroids: torch.Tensor, generator, volume_per_molecule) -> torch.Tensor:
+        m, dtype = centroids.shape[0], centroids.dtype
+        centre = centroids.mean(0)
+        if volume_per_molecule is None:
+            volume_per_molecule = 4 / 3 * np.pi * float((centroids - centre).norm(dim=1).max()) ** 3 / m
+        radius = (3 * m * volume_per_molecule * self.volume_factor / (4 * np.pi)) ** (1 / 3)
+        min_distance = self.min_separation * volume_per_molecule ** (1 / 3)
+        placed = torch.empty(0, 3, dtype=dtype)
+        for _ in range(m):  # sequential random addition: 64 uniform candidates, first one far enough from all
+            direction = torch.nn.functional.normalize(torch.randn(64, 3, generator=generator, dtype=dtype), dim=-1)
+            candidates = direction * radius * torch.rand(64, 1, generator=generator, dtype=dtype) ** (1 / 3)
+            gap = torch.cdist(candidates, placed).amin(1) if len(placed) else torch.full((64,), np.inf, dtype=dtype)
+            ok = torch.nonzero(gap >= min_distance)
+            pick = int(ok[0]) if len(ok) else int(gap.argmax())  # too crowded: the roomiest candidate
+            placed = torch.cat([placed, candidates[pick:pick + 1]])
+        placed = placed[torch.argsort(placed.norm(dim=1), stable=True)]  # molecule 0 nearest the centre
+        return placed - placed.mean(0) + centre
+
+
+NOISE_PRESETS = {
+    "mild": NoiseModel(name="mild"),
+    "hard": NoiseModel(placement="random", name="hard"),
+}
+
+
+def noise_model(noise: "str | NoiseModel | None" = None) -> NoiseModel:
+    """A ``NoiseModel`` from a preset name ("mild", "hard"), a model (returned as is) or None ("mild")."""
+    if noise is None:
+        return NOISE_PRESETS["mild"]
+    if isinstance(noise, NoiseModel):
+        return noise
+    if noise not in NOISE_PRESETS:
+        raise ValueError(f"unknown start preset {noise!r}; choose one of {sorted(NOISE_PRESETS)}")
+    return NOISE_PRESETS[noise]
 
 
 # ------------------------------------------------------------------------------------------------------ builder
@@ -752,7 +817,7 @@ def _neighbour_copies(mols: Molecules, num_neighbors: int, radius: float = 20.0)
 
 
 def build_cluster(atoms, num_neighbors: int = NUM_MOLECULES - 1, seed: int = 0, name: str | None = None,
-                  noise: NoiseModel | None = None, bond_factor: float = 1.2, drop_flat: bool = False,
+                  noise: "str | NoiseModel | None" = None, bond_factor: float = 1.2, drop_flat: bool = False,
                   flat_tolerance: float = 0.05, min_contact: float = 0.7, molecules: Molecules | None = None,
                   draw: int = 0) -> Cluster:
     """Build one COD-Cluster17-style ``Cluster`` from a periodic molecular crystal (``ase.Atoms``).
@@ -760,7 +825,8 @@ def build_cluster(atoms, num_neighbors: int = NUM_MOLECULES - 1, seed: int = 0, 
     Args:
         num_neighbors: neighbours of the central molecule (16 for COD-Cluster17).
         seed, draw: seed the noise model; ``draw`` selects one of several independent noisy starts per crystal.
-        noise: the ``NoiseModel`` (default: Haar rotations, 1.25× expanded and 0.5 Å jittered centroids).
+        noise: the start distribution: a preset name ("mild", the default: Haar rotations, 1.25× expanded and
+            0.5 Å jittered centroids; "hard": random placement at crystal density) or a ``NoiseModel``.
         bond_factor: covalent-radius multiplier for bond perception.
         drop_flat: also reject planar molecules (smallest principal RMS extent < ``flat_tolerance`` Å; reason
             ``flat``), as COD-Cluster17 does. Off by default: planar molecules (benzene, naphthalene, most organic
@@ -794,12 +860,14 @@ def build_cluster(atoms, num_neighbors: int = NUM_MOLECULES - 1, seed: int = 0, 
         raise InvalidCrystal("overlap", f"molecules {i} and {j} have atoms {closest.min():.2f} Å apart "
                              f"(< {min_contact} Å)")
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw))
-    initial = (noise or NoiseModel()).apply(final, gen)
+    noise = noise_model(noise)
+    volume_per_molecule = abs(float(np.linalg.det(mols.cell))) / len(mols.positions)
+    initial = noise.apply(final, gen, volume_per_molecule)
     shift = initial.reshape(-1, 3).mean(0)
     z = torch.from_numpy(np.tile(mols.atomic_numbers, m)).long()
     cluster = Cluster(z, mol_id, (initial.reshape(-1, 3) - shift).float(), (flat_final - shift).float(),
                       f"{name}_draw{draw}", str(name))
-    cluster.info["noise"] = asdict(noise or NoiseModel())
+    cluster.info["noise"] = asdict(noise)
     return cluster.validate(num_neighbors + 1)
 
 

@@ -219,12 +219,16 @@ class RigidKFlow:
         ramp, order, overlap: passed to ``BandSchedule``.
         sigma: Laplacian kernel width in Å (default: per-cluster median centroid distance).
         normalized: use the normalised graph Laplacian.
+        regression: the direct-regression baseline instead of a flow: trained only at t = 0 (the network maps the
+            start cluster to the final one) and sampled in one step; needs ``num_bands=1``.
     """
 
     def __init__(self, num_bands: int = 2, ramp: str = "linear", order: str = "low_to_high", overlap: float = 0.0,
-                 sigma: float | None = None, normalized: bool = False):
+                 sigma: float | None = None, normalized: bool = False, regression: bool = False):
+        if regression and num_bands != 1:
+            raise ValueError(f"direct regression has no bands: num_bands must be 1, got {num_bands}")
         self.schedule = BandSchedule(num_bands, ramp=ramp, order=order, overlap=overlap)
-        self.sigma, self.normalized = sigma, normalized
+        self.sigma, self.normalized, self.regression = sigma, normalized, regression
 
     @property
     def num_bands(self) -> int:

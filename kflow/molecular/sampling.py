@@ -23,8 +23,11 @@ def sample_assembly(model, batch: AssemblyBatch, rigid_flow: RigidKFlow, steps: 
     steps), "euler", "heun" (2·steps NFE) or "dopri5" (adaptive). ``steps_per_band`` (one count per band) replaces
     ``steps`` with that many steps inside each band's window, e.g. more steps for the coarse band.
     ``reuse_graph=False`` rebuilds the fixed part of the network's graph at every step, as kflow <= 0.2 did (for
-    speed comparisons only; results are the same).
+    speed comparisons only; results are the same). A direct-regression model (``rigid_flow.regression``) is
+    always sampled in one step: its prediction at t = 0.
     """
+    if rigid_flow.regression:
+        steps, method, steps_per_band = 1, "euler", None
     flow = rigid_flow.for_batch(batch)
     z_init = batch.initial_chart()
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -19,7 +19,7 @@ import torch
 
 from kflow.molecular.cluster import InvalidCrystal, RejectionSummary
 from kflow.molecular.store import ClusterStore, close_store, serialize_cluster, staged_folder, write_cluster_store
-from kflow.utils.io import atomic_path, atomic_write_text
+from kflow.utils.io import atomic_path, atomic_write_text, safe_filename
 
 __all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
            "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17", "build_key",
@@ -37,7 +37,7 @@ COD_SUBSETS = {"5k": ("subset_5k.txt", "processed_5000"), "10k": ("subset_10k.tx
 # Bump when build_cluster's output or the store format changes, so cached stores are rebuilt (3: cluster stores
 # became pickle-free; 4: planar molecules accepted, linear ones rejected, CIFs read by kflow's reader). Cached
 # stores are also keyed by their inputs' content and the build parameters (``build_key``).
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder (editable install)
 CSD500_SHIPPED = DATA_ROOT / "csd500.extxyz.xz"
 CSD500_CACHE = DATA_ROOT / "cache" / "csd500.extxyz"
@@ -203,12 +203,12 @@ def build_key(files: Sequence[str | os.PathLike], draws_per_crystal: int, seed: 
     preset and every other build parameter with ``build_cluster``'s defaults filled in, and ``BUILDER_VERSION``."""
     import inspect
 
-    from kflow.molecular.crystals import NoiseModel, build_cluster
+    from kflow.molecular.crystals import build_cluster, noise_model
 
     params = {k: v.default for k, v in inspect.signature(build_cluster).parameters.items()
               if v.default is not inspect.Parameter.empty and k not in ("seed", "name", "molecules", "draw")}
     params.update(build_kwargs)
-    params["noise"] = params.get("noise") or NoiseModel()
+    params["noise"] = noise_model(params.get("noise"))
     spec = {"inputs": files_fingerprint(files), "draws": draws_per_crystal, "seed": seed,
             "builder_version": BUILDER_VERSION, "params": _jsonable(params)}
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -247,19 +247,21 @@ def pyxtal_crystal_sources() -> list[Path]:
 
 
 def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal: int = 4, seed: int = 0,
-                       num_workers: int | None = None, rebuild: bool = False, progress: bool = True):
+                       num_workers: int | None = None, rebuild: bool = False, progress: bool = True,
+                       noise: str = "mild"):
     """The embedded benchmark: clusters from the single-component organic CSD crystals shipped with pyxtal.
 
-    Cached at ``root/pyxtal_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when its
+    ``noise``: the start preset ("mild" or "hard", ``crystals.NOISE_PRESETS``). Cached at
+    ``root/pyxtal_{noise}_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when its
     key (``build_key``: pyxtal's database files, parameters, builder version) changes. Returns a ``ClusterStore``;
     ``store.splits(seed)`` gives the crystal-level train/valid/test ``ClusterDataset`` views (or
     ``ClusterDataset(store, split=...)``).
     """
     from kflow.molecular.crystals import read_crystals
 
-    path = Path(root) / f"pyxtal_d{draws_per_crystal}_s{seed}.lmdb"
+    path = Path(root) / f"pyxtal_{_preset_name(noise)}_d{draws_per_crystal}_s{seed}.lmdb"
     databases = pyxtal_crystal_sources()
-    key = build_key(databases, draws_per_crystal, seed)
+    key = build_key(databases, draws_per_crystal, seed, noise=noise)
     cached = None if rebuild else _cached_store(path, key)
     if cached is not None:
         return cached
@@ -270,9 +272,16 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
                 seen.add(name)
                 sources.append((name, atoms))
     store, summary = build_cluster_dataset(sources, path, draws_per_crystal, seed, num_workers, progress,
-                                           meta={"build_key": key})
+                                           meta={"build_key": key}, noise=noise)
     report_build("demo data set", store, summary)
     return store
+
+
+def _preset_name(noise) -> str:
+    """The start preset's name for file names ("mild", "hard"; "custom" for a hand-made ``NoiseModel``)."""
+    from kflow.molecular.crystals import noise_model
+
+    return safe_filename(noise_model(noise).name)
 
 
 def report_build(label: str, store: ClusterStore, summary: RejectionSummary) -> None:
@@ -321,20 +330,20 @@ def _decompressed(source: Path, cache: Path) -> Path:
 
 def build_csd500_dataset(root: str | os.PathLike = "data/csd500", path: str | os.PathLike | None = None,
                          draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
-                         rebuild: bool = False, progress: bool = True) -> "ClusterStore":
-    """Clusters from the CSD-500 extxyz crystals (refcodes from ``NAME``), cached at
-    ``root/csd500_d{draws}_s{seed}.lmdb`` and rebuilt when the file (e.g. ``$KFLOW_CSD500``), the parameters or
+                         rebuild: bool = False, progress: bool = True, noise: str = "mild") -> "ClusterStore":
+    """Clusters from the CSD-500 extxyz crystals (refcodes from ``NAME``) with the start preset ``noise``, cached
+    at ``root/csd500_{noise}_d{draws}_s{seed}.lmdb`` and rebuilt when the file (e.g. ``$KFLOW_CSD500``), the parameters or
     the builder change; 418 of the 500 crystals are kept (81 are multi-component, one polymeric)."""
     from kflow.molecular.crystals import read_crystals
 
-    store_path = Path(root) / f"csd500_d{draws_per_crystal}_s{seed}.lmdb"
+    store_path = Path(root) / f"csd500_{_preset_name(noise)}_d{draws_per_crystal}_s{seed}.lmdb"
     source = csd500_path(path)
-    key = build_key([source], draws_per_crystal, seed)
+    key = build_key([source], draws_per_crystal, seed, noise=noise)
     cached = None if rebuild else _cached_store(store_path, key)
     if cached is not None:
         return cached
     store, summary = build_cluster_dataset(read_crystals(source), store_path, draws_per_crystal, seed, num_workers,
-                                           progress, meta={"build_key": key})
+                                           progress, meta={"build_key": key}, noise=noise)
     report_build("CSD-500", store, summary)
     return store
 

@@ -22,6 +22,7 @@ from kflow.core import distributed as dist_utils
 from kflow.core.training import Trainer
 from kflow.molecular.artifacts import load_assembly_model
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.crystals import noise_model
 from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
@@ -46,12 +47,16 @@ METRIC_LABELS = {"pm_atom": "PM-atom (Å)", "pm_center": "PM-center (Å)", "pm_a
 
 def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", subset: str = "10k",
                           draws_per_crystal: int = 4, seed: int = 0, num_workers: int | None = None,
-                          progress: bool = True):
+                          progress: bool = True, noise: str = "mild"):
     """A cluster store by name: "demo" (pyxtal's embedded CSD crystals), "csd500" (the CSD-500 extxyz file,
     ``$KFLOW_CSD500`` or the copy shipped in data/), "cod" (COD-Cluster17 ``subset`` under root/COD-Cluster17, or
     root/COD in AssembleFlow's layout), or a path: an existing cluster store (folder with data.mdb), a
     COD-Cluster17 folder (``raw/FinalPositions``; ``subset`` as for "cod"), the output folder of
     ``scripts/build_clusters.py``, a CIF file/folder, an ASE database or an extxyz file.
+
+    ``noise`` is the start preset of clusters built from crystals ("mild": each molecule near its target, "hard":
+    placed at random at crystal density; ``crystals.NOISE_PRESETS``). Stores and COD-Cluster17 carry their own
+    starts, so it must stay "mild" for them.
 
     Crystal files are built once and cached under root/built/ as ``<name>_<key>.lmdb``, the key covering the
     files' content, draws, seed, build parameters and builder version (``sources.build_key``), so adding or
@@ -61,9 +66,11 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     from kflow.molecular.crystals import crystal_files
 
     root = Path(root)
+    noise_model(noise)  # an unknown preset fails here, before any work
     if name == "demo":
-        return build_demo_dataset(root / "demo", draws_per_crystal, seed, num_workers, progress=progress)
+        return build_demo_dataset(root / "demo", draws_per_crystal, seed, num_workers, progress=progress, noise=noise)
     if name == "cod":
+        _starts_fixed(noise, "COD-Cluster17 ships its own start clusters")
         cod_root = root / "COD-Cluster17"
         if not cod_root.exists() and (root / "COD" / "raw" / "FinalPositions").is_dir():
             cod_root = root / "COD"  # AssembleFlow's folder name
@@ -73,6 +80,7 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     else:
         path = Path(name)
         if (path / "data.mdb").exists():
+            _starts_fixed(noise, f"{path} is a built cluster store")
             return ClusterStore(path)
         if (path / "summary.json").is_file() and (path / "processed" / "clusters.lmdb" / "data.mdb").exists():
             return ClusterStore(path / "processed" / "clusters.lmdb")  # a build_clusters.py output folder
@@ -81,14 +89,15 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
         if not path.exists():
             raise FileNotFoundError(f"dataset {name!r}: not 'demo', 'csd500', 'cod' or an existing path")
     files = crystal_files(path)
-    key = build_key(files, draws_per_crystal, seed)
+    key = build_key(files, draws_per_crystal, seed, noise=noise)
     store_path = root / "built" / f"{safe_filename(path.stem or path.name)}_{key}.lmdb"
     cached = _cached_store(store_path, key)
     if cached is not None:
         return cached
     sources, summary = read_crystal_inputs(files)
     store, summary = build_cluster_dataset(sources, store_path, draws_per_crystal, seed, num_workers, progress,
-                                           summary=summary, meta={"build_key": key, "inputs": str(path)})
+                                           summary=summary, meta={"build_key": key, "inputs": str(path)},
+                                           noise=noise)
     report = store_path.with_name(store_path.name.removesuffix(".lmdb") + ".summary.json")
     atomic_write_text(report, json.dumps({"inputs": str(path), "store": str(store_path), "clusters": len(store),
                                           **summary.as_dict()}, indent=1) + "\n")
@@ -96,6 +105,11 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"every input file's outcome: {report}")
     return store
+
+
+def _starts_fixed(noise, why: str):
+    if noise_model(noise).name != "mild":
+        raise ValueError(f"--noise {noise} applies to data sets built from crystals; {why}")
 
 
 NAMED_DATASETS = ("demo", "csd500", "cod")
@@ -122,11 +136,13 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                    steps: int = 1000, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, resume: bool = False,
                    ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
                    num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None,
-                   split_seed: int | None = None, overwrite: bool = False, deterministic: bool = False):
+                   split_seed: int | None = None, overwrite: bool = False, deterministic: bool = False,
+                   eval_fn=None, eval_every: int | None = None):
     """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
     flow, trainer summary). ``seed`` drives initialisation and data order; ``split_seed`` (default: ``seed``)
     the crystal-level train/valid/test split. A fresh run (not ``resume``) refuses a folder holding another run
-    unless ``overwrite``; ``deterministic``: bit-identical runs and resumes on CPU (see ``Trainer``)."""
+    unless ``overwrite``; ``deterministic``: bit-identical runs and resumes on CPU (see ``Trainer``).
+    ``eval_fn(ema_model, step) -> dict`` runs every ``eval_every`` steps; its numbers go to metrics.jsonl."""
     config = config or AssemblyModelConfig()
     split_seed = seed if split_seed is None else split_seed
     train = ClusterDataset(store, split="train", seed=split_seed)
@@ -141,7 +157,8 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                       max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
                       progress=progress, device=device, overwrite=overwrite, deterministic=deterministic,
-                      structural_keys=["model", "data_seed", "dataset_size", "batch_size", "lr", "ema_decay"])
+                      structural_keys=["model", "data_seed", "dataset_size", "batch_size", "lr", "ema_decay"],
+                      eval_fn=eval_fn, eval_every=eval_every)
     try:
         summary = trainer.fit(resume=resume)
     finally:

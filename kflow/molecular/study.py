@@ -1,0 +1,255 @@
+"""Resumable comparison studies for molecular assembly: train each (model, seed) with validation-based checkpoint
+selection, score it on one fixed test split, and compare models per test cluster.
+
+A study is a set of cells (data set × start preset × model × seed). Each finished cell is one JSON file
+(``StudyCell.result_path``) written atomically as soon as it exists; a rerun loads it instead of training again,
+and an interrupted training run resumes from its last checkpoint. So a study of hours can span several sittings.
+
+Model selection: every ``eval_every`` steps the EMA model samples the first ``val_clusters`` clusters of the
+validation split and the checkpoint with the lowest ``select_metric`` (PM-center, index-paired for the ``mild``
+start and permutation-invariant for ``hard``) is kept (``best.pt``); the test split is scored with it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.datasets import ClusterDataset
+from kflow.molecular.flow import AssemblyBatch, collate_clusters
+from kflow.molecular.sampling import predict_assembly
+from kflow.molecular.workflow import evaluate_assembly, train_assembly
+from kflow.utils.io import atomic_save, atomic_write_text, safe_filename
+
+__all__ = ["StudyBudget", "StudyCell", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
+           "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
+
+# The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
+SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm"}
+RESULT_VERSION = 1
+
+
+@dataclass
+class StudyBudget:
+    """Training and evaluation budget shared by every model of a study."""
+
+    epochs: float = 10.0  # passes over the train split
+    batch_size: int = 4
+    lr: float = 2e-3
+    evals: int = 8  # validation evaluations per run (evenly spaced; the last at the final step)
+    val_clusters: int = 48
+    test_clusters: int | None = None  # None: the whole test split
+    sample_steps: int = 10
+    packmol_nloop: int | None = None
+
+    def steps(self, train_size: int) -> int:
+        return max(int(round(self.epochs * train_size / self.batch_size)), 1)
+
+    def eval_every(self, train_size: int) -> int:
+        return max(self.steps(train_size) // self.evals, 1)
+
+
+@dataclass
+class StudyCell:
+    """One (table, row, seed) of a study; ``out`` is the study's result folder, ``work`` its checkpoint folder."""
+
+    dataset: str
+    preset: str
+    row: str
+    seed: int
+    out: Path
+    work: Path
+    config: AssemblyModelConfig | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return safe_filename(f"{self.dataset}_{self.preset}") + "/" + safe_filename(self.row) + f"_s{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return self.out / f"{self.slug}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / self.slug
+
+    def load(self) -> dict | None:
+        """The saved result, or None when the cell has not finished (or was saved by another study version)."""
+        try:
+            result = json.loads(self.result_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return result if result.get("version") == RESULT_VERSION else None
+
+    def save(self, result: dict) -> dict:
+        result = {"version": RESULT_VERSION, "dataset": self.dataset, "preset": self.preset, "row": self.row,
+                  "seed": self.seed, **result}
+        atomic_write_text(self.result_path, json.dumps(result, indent=1) + "\n")
+        return result
+
+
+def study_models(preset: str, rows: tuple[str, ...] | None = None) -> dict[str, AssemblyModelConfig]:
+    """The trained rows of the study, all with the default network: the direct-regression baseline, rigid flow
+    matching (K=1), K-Flow K=2 and K=3, and K-Flow K=2 travelling from high to low frequencies. Training pairs
+    molecules by index for the ``mild`` start (each start molecule is next to its target) and by an optimal
+    assignment (``coupling="ot"``) for ``hard`` (the start's numbering says nothing about the targets)."""
+    coupling = "index" if preset == "mild" else "ot"
+    models = {
+        "regression": AssemblyModelConfig(num_bands=1, objective="regression", coupling=coupling),
+        "rigid FM (K=1)": AssemblyModelConfig(num_bands=1, coupling=coupling),
+        "K-Flow (K=2)": AssemblyModelConfig(num_bands=2, coupling=coupling),
+        "K-Flow (K=3)": AssemblyModelConfig(num_bands=3, coupling=coupling),
+        "K-Flow (K=2, high→low)": AssemblyModelConfig(num_bands=2, order="high_to_low", coupling=coupling),
+    }
+    return models if rows is None else {r: models[r] for r in rows}
+
+
+def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
+    """A view of the first ``n`` clusters of ``dataset`` (all when ``n`` is None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    view = copy.copy(dataset)
+    view.indices_ = list(dataset.indices_[:n])
+    return view
+
+
+def _metrics_summary(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(v, dict) and "per_cluster" in v}
+
+
+def _eval_record(results: dict) -> dict:
+    return {k: v["mean"] for k, v in _metrics_summary(results).items()}
+
+
+class _BestCheckpoint:
+    """eval_fn for ``train_assembly``: scores the EMA model on validation clusters and keeps the best weights
+    (``best.pt`` + ``best.json``, atomic, so a resumed run keeps the best of its earlier part)."""
+
+    def __init__(self, run_dir: Path, val, rigid, metric: str, sample_steps: int):
+        self.run_dir, self.val, self.rigid, self.metric, self.sample_steps = run_dir, val, rigid, metric, sample_steps
+        try:
+            self.best = json.loads((run_dir / "best.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.best = {"value": math.inf, "step": None}
+
+    def __call__(self, model, step: int) -> dict:
+        preds = predict_assembly(model, self.rigid, self.val, steps=self.sample_steps)
+        record = _eval_record(evaluate_assembly(self.val, preds))
+        value = record[self.metric]
+        if value < self.best["value"]:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.run_dir / "best.pt")
+            self.best = {"value": value, "step": step}
+            atomic_write_text(self.run_dir / "best.json", json.dumps(self.best))
+        return record
+
+
+def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False, log=print) -> dict:
+    """Train ``cell.config`` with ``cell.seed`` on the train split (crystal split and start draws fixed by data seed
+    0, so every seed is scored on the same test clusters), keep the best validation checkpoint, score the test
+    split with it and save the result. A finished cell is loaded, not retrained."""
+    done = cell.load()
+    if done is not None:
+        return done
+    train = ClusterDataset(store, split="train", seed=0)
+    val = first_clusters(ClusterDataset(store, split="valid", seed=0), budget.val_clusters)
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    steps, eval_every = budget.steps(len(train)), budget.eval_every(len(train))
+    _, rigid = build_assembly_model(cell.config)
+    selector = _BestCheckpoint(cell.run_dir, val, rigid, SELECT_METRIC[cell.preset], budget.sample_steps)
+    log(f"[{cell.slug}] {steps} steps ({budget.epochs:g} epochs of {len(train)} clusters), validation every "
+        f"{eval_every}")
+    t0 = time.perf_counter()
+    model, rigid, summary = train_assembly(store, cell.run_dir, cell.config, steps=steps,
+                                           batch_size=budget.batch_size, lr=budget.lr, seed=cell.seed,
+                                           split_seed=0, resume=True, checkpoint_every=eval_every,
+                                           progress=progress, eval_fn=selector, eval_every=eval_every)
+    train_s = time.perf_counter() - t0
+    if selector.best["step"] is None:  # no evaluation happened (e.g. finished before eval_every): use the end
+        selector(model, steps)
+    model.load_state_dict(torch.load(cell.run_dir / "best.pt", weights_only=True))
+    t0 = time.perf_counter()
+    preds = predict_assembly(model.eval(), rigid, test, steps=budget.sample_steps)
+    results = evaluate_assembly(test, preds)
+    result = {"kind": "model", "config": cell.config.to_dict(), "budget": asdict(budget), "steps": steps,
+              "epochs": steps * budget.batch_size / len(train), "train_clusters": len(train),
+              "best_step": selector.best["step"], "best_val": selector.best["value"],
+              "select_metric": SELECT_METRIC[cell.preset], "train_s": train_s,
+              "steps_run": summary.get("steps_run"), "test_s": time.perf_counter() - t0,
+              "test_names": [test.cluster(i).name for i in range(len(test))], "metrics": _metrics_summary(results)}
+    return cell.save(result)
+
+
+def run_identity_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
+    """The start cluster unchanged, scored like a model."""
+    done = cell.load()
+    if done is not None:
+        return done
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    results = evaluate_assembly(test)
+    return cell.save({"kind": "identity", "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
+def run_packmol_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False) -> dict:
+    """The PackMol baseline (``packmol.packmol_predictions``, the real binary) with PackMol seed ``cell.seed``."""
+    from kflow.molecular.packmol import find_packmol, packmol_predictions
+
+    done = cell.load()
+    if done is not None:
+        return done
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    t0 = time.perf_counter()
+    preds = packmol_predictions(test, seed=cell.seed, nloop=budget.packmol_nloop, progress=progress)
+    results = evaluate_assembly(test, preds)
+    return cell.save({"kind": "packmol", "binary": str(find_packmol()), "seconds": time.perf_counter() - t0,
+                      "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
+def paired_comparison(a: list[list[float]], b: list[list[float]]) -> dict:
+    """Per-test-cluster comparison of model ``a`` against ``b`` (lower is better): the inputs are per-seed lists of
+    per-cluster values on the same clusters; each cluster's value is its mean over seeds. Returns the fraction of
+    clusters where ``a`` is better, the mean difference a − b and the two-sided Wilcoxon signed-rank p-value."""
+    from scipy.stats import wilcoxon
+
+    x, y = np.mean(np.asarray(a, dtype=float), 0), np.mean(np.asarray(b, dtype=float), 0)
+    if x.shape != y.shape:
+        raise ValueError(f"paired comparison needs the same clusters: {x.shape} vs {y.shape}")
+    diff = x - y
+    p = float(wilcoxon(x, y).pvalue) if np.any(diff != 0) else 1.0
+    return {"improved": float(np.mean(diff < 0)), "mean_diff": float(diff.mean()), "p": p, "n": int(diff.size)}
+
+
+@torch.no_grad()
+def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_size: int = 16) -> dict:
+    """How the start→final motion of each cluster spreads over ``num_bands`` Laplacian bands of its start
+    centroids (the decomposition K-Flow uses): per band, the share of the squared rigid-body chart displacement
+    (translations in Å, rotations scaled by the molecule's radius of gyration) summed over clusters, and the
+    mean over clusters of each cluster's share. Band 0 holds the smoothest collective motions. ``coupling``: the
+    start-to-final pairing, as in training ("index" or "ot")."""
+    from kflow.molecular.flow import RigidKFlow
+
+    rigid = RigidKFlow(num_bands)
+    totals = torch.zeros(num_bands, dtype=torch.float64)
+    per_cluster = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch: AssemblyBatch = collate_clusters(items, coupling=coupling)
+        dec = rigid.for_batch(batch).decomposition
+        displacement = (batch.final_chart() - batch.initial_chart()).double()  # [B, M, 6]
+        energy = dec.band_energies(displacement).double()  # [B, K]
+        totals += energy.sum(0)
+        per_cluster.append(energy / energy.sum(1, keepdim=True).clamp_min(1e-12))
+    shares = torch.cat(per_cluster)
+    return {"pooled": (totals / totals.sum()).tolist(), "mean": shares.mean(0).tolist(),
+            "std": shares.std(0, unbiased=False).tolist(), "clusters": int(shares.shape[0])}
