@@ -145,7 +145,7 @@ def _curves(found: dict, work: Path, dataset: str, preset: str, figures: Path) -
     png = figures / f"assembly_study_{dataset}_{preset}.png"
     plot_learning_curves(runs, png, metrics=(f"eval_{metric}", "eval_rmsd15"),
                          title=f"{dataset}, {preset} start: training loss and validation metrics (first seed)")
-    return png.relative_to(REPO).as_posix()
+    return png.relative_to(REPO).as_posix() if png.is_relative_to(REPO) else str(png)
 
 
 def _energy_table(tables, quick: bool) -> str:
@@ -187,7 +187,7 @@ def _verdict(found: dict, preset: str) -> str:
 
 
 def report(out: Path, work: Path, budget: StudyBudget, seeds, tables, command: str, quick: bool) -> str:
-    figures = REPO / "docs" / "figures"
+    figures = out / "figures" if quick else REPO / "docs" / "figures"
     parts = [
         "## Molecular assembly study (`python benchmarks/bench_assembly.py --study`)\n",
         f"Command: `{command}` (resumable; results in `{out.relative_to(REPO).as_posix()}/`). Every trained row: "
