@@ -6,6 +6,7 @@ PCA-projection ratio along sampled trajectories (Fig. 4), as PNGs and analysis.j
 """
 
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
+from kflow.vision.data import add_data_root_argument
 from kflow.vision.workflow import analyze_runs
 
 
@@ -18,6 +19,7 @@ def main(argv=None):
     p.add_argument("--trajectories", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    add_data_root_argument(p)  # the flag every image script takes; the analyses read the runs' cached latents
     args = p.parse_args(argv)
     result = analyze_runs(args.runs, args.out, args.num_bands, args.latents, args.trajectories, args.steps,
                           seed=args.seed)

@@ -4,9 +4,12 @@ class-aware FID and the Class-Dropping-Ratio when samples with the condition kep
 
     python scripts/evaluate_image.py --samples runs/RUN/samples.npz --reference fashion-mnist-test
     python scripts/evaluate_image.py --samples full.npz --dropped dropped.npz --reference fashion-mnist-test
+
+Per-class FIDs (for the CDR) warn when a class has fewer than 100 samples on either side.
 """
 
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
+from kflow.vision.data import add_data_root_argument
 from kflow.vision.workflow import evaluate_images
 
 
@@ -16,13 +19,14 @@ def main(argv=None):
     p.add_argument("--dropped", default=None, help="samples generated with the condition dropped after tau")
     p.add_argument("--reference", default="fashion-mnist-test",
                    help="fashion-mnist-test | digits-test | .npz | image folder")
+    add_data_root_argument(p)
     p.add_argument("--max-reference", type=positive_int, default=10000)
     p.add_argument("--feature-net", default=None, help="TorchScript feature network instead of InceptionV3")
     p.add_argument("--k", type=positive_int, default=3)
     p.add_argument("--json", default=None, help="results file (default <samples>.metrics.json)")
     args = p.parse_args(argv)
     result, path = evaluate_images(args.samples, args.reference, args.dropped, args.max_reference, args.feature_net,
-                                   args.k, args.json)
+                                   args.k, args.json, args.data_root)
     for k, v in result.items():
         if not isinstance(v, dict):
             print(f"{k:>14}: {v:.4f}" if isinstance(v, float) else f"{k:>14}: {v}")

@@ -10,6 +10,7 @@ from kflow.core import ORDERS, PREDICTIONS, RAMPS
 from kflow.utils.cli import ArgumentParser, add_run_arguments, positive_int, run_main
 from kflow.vision.artifacts import default_run_dir
 from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
+from kflow.vision.data import add_data_root_argument
 from kflow.vision.models import DiT_models
 from kflow.vision.workflow import train_image_model
 
@@ -17,7 +18,7 @@ from kflow.vision.workflow import train_image_model
 def main(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits | image folder")
-    p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    add_data_root_argument(p)
     p.add_argument("--autoencoder", default="conv",
                    help="conv (trained here) | identity (pixels) | PATH to a saved one | diffusers:FOLDER_OR_HUB_ID")
     p.add_argument("--ae-steps", type=positive_int, default=1500)

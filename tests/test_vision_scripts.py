@@ -49,7 +49,7 @@ def test_train_resume_and_sample_through_the_scripts(tmp_path):
     assert data["images"].shape == (6, 1, 8, 8) and data["images"].dtype == np.float32
     assert data["images"].min() >= 0 and data["images"].max() <= 1
     assert data["labels"].tolist() == [0, 1, 2, 3, 4, 5]
-    for name in ("s.png", "share_low_bands.png", "share_high_bands.png", "condition_kept_vs_dropped.png"):
+    for name in ("s.png", "s_share_low_bands.png", "s_share_high_bands.png", "s_condition_kept_vs_dropped.png"):
         assert (tmp_path / name).stat().st_size > 100, name
 
     sample_image.main(["--run", str(run), "--num", "4", "--method", "euler", "--steps-per-band", "2", "1",

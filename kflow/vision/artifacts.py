@@ -12,7 +12,8 @@ Run folder (written by ``kflow.vision.workflow.train_image_model``):
     pca.pt              the fitted PCA basis (PCA decomposition only)
     checkpoints/        the Trainer's checkpoints (``last.pt`` is loaded); metrics.jsonl / metrics.csv its logs
 
-Samples (``sample_image.py`` writes, ``evaluate_image.py`` reads): ``<prefix>.npz`` with ``images`` float32
+Samples (``sample_image.py`` writes, ``evaluate_image.py`` reads; the default prefix names the sampling settings,
+``samples_paths``/``default_samples_prefix``, and an existing file is never replaced silently): ``<prefix>.npz`` with ``images`` float32
 [N, C, H, W] in [0, 1] (uint8 [N, H, W] or [N, H, W, C] images are accepted when reading) and ``labels`` int64 [N]
 (−1 for unconditional samples), beside a PNG grid ``<prefix>.png``; metrics go to ``<prefix>.metrics.json``.
 
@@ -34,7 +35,7 @@ import torch
 
 from kflow.core import PCADecomposition
 from kflow.core.training import load_checkpoint
-from kflow.utils.io import atomic_path, atomic_write_bytes, atomic_write_text
+from kflow.utils.io import atomic_path, atomic_write_bytes, atomic_write_text, safe_filename
 from kflow.utils.store import RecordStore, RecordStoreError, write_record_store
 from kflow.vision.autoencoders import DiffusersVAE, IdentityAutoencoder, load_autoencoder
 from kflow.vision.config import ImageModelConfig, build_image_model
@@ -42,7 +43,7 @@ from kflow.vision.config import ImageModelConfig, build_image_model
 __all__ = ["IMAGE_CONFIG_FILE", "PCA_FILE", "CHECKPOINT_FILE", "AUTOENCODER_FILE", "LATENT_CACHE_DIR",
            "default_run_dir", "write_run_config", "read_run_config", "load_latent_space", "load_image_model",
            "LatentCacheError", "write_latent_cache", "read_latent_cache", "load_or_build_latent_cache",
-           "write_samples", "read_samples", "sample_paths", "write_metrics", "save_image_grid"]
+           "write_samples", "read_samples", "sample_paths", "default_samples_prefix", "write_metrics", "save_image_grid"]
 
 IMAGE_CONFIG_FILE = "image_config.json"
 PCA_FILE = "pca.pt"
@@ -167,6 +168,24 @@ def sample_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
     """(samples .npz, PNG grid) for an output prefix."""
     prefix = Path(prefix)
     return prefix.with_suffix(".npz"), prefix.with_suffix(".png")
+
+
+def default_samples_prefix(run_dir: str | os.PathLike, num_samples: int, sampling, class_id: int | None = None) -> Path:
+    """<run>/samples_<method><steps>_n<num>[_cfg<s>][_tau<τ>][_share<bands>][_class<c>][_seed<s>]: every sampling
+    variant of a run gets its own file, so one never replaces another's samples."""
+    steps = "-".join(map(str, sampling.steps_per_band)) + "perband" if sampling.steps_per_band else sampling.steps
+    parts = [f"samples_{sampling.method}{steps}", f"n{num_samples}"]
+    if sampling.cfg_scale != 1.0:
+        parts.append(f"cfg{sampling.cfg_scale:g}")
+    if sampling.condition_tau is not None:
+        parts.append(f"tau{sampling.condition_tau:g}")
+    if sampling.share_noise_bands is not None:
+        parts.append("share" + "-".join(map(str, sampling.share_noise_bands)))
+    if class_id is not None:
+        parts.append(f"class{class_id}")
+    if sampling.seed:
+        parts.append(f"seed{sampling.seed}")
+    return Path(run_dir) / safe_filename("_".join(parts))
 
 
 def write_samples(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor | None) -> Path:

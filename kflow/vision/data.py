@@ -13,9 +13,29 @@ import numpy as np
 import torch
 
 __all__ = ["read_idx", "load_fashion_mnist", "load_digits", "load_image_folder", "load_image_dataset",
-           "FASHION_MNIST_DIR", "pad_to", "crop_to"]
+           "FASHION_MNIST_DIR", "FASHION_MNIST_ENV", "DataNotFoundError", "fashion_mnist_root",
+           "add_data_root_argument", "pad_to", "crop_to"]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package installs the IDX files
+FASHION_MNIST_ENV = "KFLOW_FASHION_MNIST"  # another folder holding them
+FASHION_MNIST_INSTALL = (f"as root run `apt-get install dataset-fashion-mnist` (or `make data`), or set "
+                         f"{FASHION_MNIST_ENV} or --data-root to a folder holding the four IDX files")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set that is not on this machine; the message says what to run (scripts print it as one line)."""
+
+
+def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
+    """The Fashion-MNIST folder: ``root`` if given, else $KFLOW_FASHION_MNIST, else the Debian package's folder."""
+    return Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def add_data_root_argument(parser) -> None:
+    """The one ``--data-root`` flag every image script takes."""
+    parser.add_argument("--data-root", default=None,
+                        help=f"folder with the Fashion-MNIST IDX files (default: ${FASHION_MNIST_ENV}, else "
+                             f"{FASHION_MNIST_DIR}, where `apt-get install dataset-fashion-mnist` puts them)")
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -50,18 +70,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None):
-    """Fashion-MNIST from IDX files (Debian package ``dataset-fashion-mnist`` installs them at
-    /usr/share/datasets/fashion-mnist/). Returns ([N, 1, 28, 28] in [0, 1], labels [N])."""
-    root = Path(root or os.environ.get("KFLOW_FASHION_MNIST", FASHION_MNIST_DIR))
+    """Fashion-MNIST from IDX files in ``fashion_mnist_root(root)`` (the Debian package ``dataset-fashion-mnist``
+    installs them at /usr/share/datasets/fashion-mnist/). Returns ([N, 1, 28, 28] in [0, 1], labels [N]).
+    Missing files raise ``DataNotFoundError`` saying how to get them."""
+    root = fashion_mnist_root(root)
     prefix = {"train": "train", "test": "t10k"}[split]
     found = {}
     for kind, nd in (("images", "idx3"), ("labels", "idx1")):
         candidates = [root / f"{prefix}-{kind}-{nd}-ubyte.gz", root / f"{prefix}-{kind}-{nd}-ubyte"]
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
-            raise FileNotFoundError(f"Fashion-MNIST {split} {kind} not found in {root} (looked for "
-                                    f"{candidates[0].name}); install the Debian package dataset-fashion-mnist or "
-                                    f"pass root=/path/to/idx/files")
+            raise DataNotFoundError(f"Fashion-MNIST not found: no {candidates[1].name}[.gz] in {root}; "
+                                    f"{FASHION_MNIST_INSTALL}")
         found[kind] = read_idx(path)
     images, labels = found["images"], found["labels"]
     if len(images) != len(labels):

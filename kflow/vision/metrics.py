@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -16,7 +17,17 @@ import torch
 from torch import nn
 
 __all__ = ["InceptionFeatures", "extract_features", "feature_statistics", "frechet_distance", "precision_recall",
-           "class_conditional_fid", "class_dropping_ratio", "condition_dropping_scores", "default_inception_path"]
+           "class_conditional_fid", "class_dropping_ratio", "condition_dropping_scores", "default_inception_path",
+           "MIN_CLASS_SAMPLES", "SmallSampleWarning"]
+
+# A per-class FID from fewer samples than this, on either side, is flagged. FID's bias grows like 1/N (Chong &
+# Forsyth, CVPR 2020) and a 2048-d covariance from N < 100 points has rank < 100, so below it the per-class values,
+# and a CDR built from them, mostly compare sample sizes rather than models. (The vision benchmark uses 200.)
+MIN_CLASS_SAMPLES = 100
+
+
+class SmallSampleWarning(UserWarning):
+    """A metric computed from too few samples to be compared across models."""
 
 
 def default_inception_path() -> Path:
@@ -142,11 +153,28 @@ def precision_recall(real_features, fake_features, k: int = 3, chunk: int = 1024
     return precision, recall
 
 
-def class_conditional_fid(real_features, real_labels, fake_features, fake_labels) -> dict[int, float]:
-    """FID per class c between real and generated samples of class c: {class: FID}."""
+def class_conditional_fid(real_features, real_labels, fake_features, fake_labels, progress: bool = False,
+                          min_samples: int = MIN_CLASS_SAMPLES) -> dict[int, float]:
+    """FID per class c between real and generated samples of class c: {class: FID}. Each class costs two
+    eigen-decompositions of 2048×2048 matrices (seconds on a CPU), so ``progress`` shows a bar. A class with fewer
+    than ``min_samples`` real or generated samples raises a ``SmallSampleWarning`` (see ``MIN_CLASS_SAMPLES``)."""
     real_labels, fake_labels = torch.as_tensor(real_labels), torch.as_tensor(fake_labels)
+    classes = sorted(set(real_labels.tolist()) & set(fake_labels.tolist()))
+    counts = {c: (int((real_labels == c).sum()), int((fake_labels == c).sum())) for c in classes}
+    few = {c: n for c, n in counts.items() if min(n) < min_samples}
+    if few:
+        worst = min(few, key=lambda c: min(few[c]))
+        warnings.warn(f"{len(few)} of {len(classes)} per-class FIDs rest on fewer than {min_samples} samples "
+                      f"(class {worst}: {few[worst][0]} real, {few[worst][1]} generated); they are dominated by "
+                      f"small-sample bias, so compare them only between runs with the same counts",
+                      SmallSampleWarning, stacklevel=2)
+    iterator = classes
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(classes, desc="per-class FID", unit="class")
     out = {}
-    for c in sorted(set(real_labels.tolist()) & set(fake_labels.tolist())):
+    for c in iterator:
         out[int(c)] = frechet_distance(torch.as_tensor(real_features)[real_labels == c],
                                        torch.as_tensor(fake_features)[fake_labels == c])
     return out
@@ -165,10 +193,14 @@ def class_dropping_ratio(fid_full: dict[int, float], fid_dropped: dict[int, floa
 
 
 def condition_dropping_scores(real_features, real_labels, full_features, full_labels, dropped_features,
-                              dropped_labels) -> dict:
+                              dropped_labels, progress: bool = False) -> dict:
     """Class-aware FIDs of samples generated with the condition for the whole path ("full") and with it dropped
     after τ ("dropped"), against the same real features, and their Class-Dropping-Ratio:
-    {"class_fid_full": {c: FID}, "class_fid_dropped": {c: FID}, "cdr": float}."""
-    full = class_conditional_fid(real_features, real_labels, full_features, full_labels)
-    dropped = class_conditional_fid(real_features, real_labels, dropped_features, dropped_labels)
-    return {"class_fid_full": full, "class_fid_dropped": dropped, "cdr": class_dropping_ratio(full, dropped)}
+    {"class_fid_full": {c: FID}, "class_fid_dropped": {c: FID}, "cdr": float, "min_class_samples": int} (the
+    smallest per-class count on any side; ``SmallSampleWarning`` below ``MIN_CLASS_SAMPLES``)."""
+    full = class_conditional_fid(real_features, real_labels, full_features, full_labels, progress)
+    dropped = class_conditional_fid(real_features, real_labels, dropped_features, dropped_labels, progress)
+    counts = [int((torch.as_tensor(lab) == c).sum()) for c in full
+              for lab in (real_labels, full_labels, dropped_labels)]
+    return {"class_fid_full": full, "class_fid_dropped": dropped, "cdr": class_dropping_ratio(full, dropped),
+            "min_class_samples": min(counts)}

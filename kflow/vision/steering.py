@@ -52,8 +52,8 @@ def sample_kept_and_dropped(dit, flow, labels: torch.Tensor, tau: float = 0.3, n
 
 @torch.no_grad()
 def steering_figures(dit, flow, autoencoder, out_dir: str | os.PathLike, pairs: int = 6, steps: int = 20,
-                     tau: float = 0.3, seed: int = 0, method: str = "heun") -> dict[str, Path]:
-    """Write the paper-style grids under out_dir and return {name: path}:
+                     tau: float = 0.3, seed: int = 0, method: str = "heun", prefix: str = "") -> dict[str, Path]:
+    """Write the paper-style grids under out_dir (file names start with ``prefix``) and return {name: path}:
 
     share_high_bands.png: pairs (side by side) with the same high-band noise, different low bands (Fig. 9);
     share_low_bands.png: pairs with the same low-band noise (band 0), different high bands (Fig. 11);
@@ -72,10 +72,11 @@ def steering_figures(dit, flow, autoencoder, out_dir: str | os.PathLike, pairs: 
             continue
         noise = grouped_noise(shape, flow.decomposition, bands, group_size=2, seed=seed)
         images = generate_images(dit, flow, autoencoder, labels, 2 * pairs, sampling, noise=noise)
-        figures[name] = save_image_grid(images, out / f"{name}.png", nrow=nrow)
+        figures[name] = save_image_grid(images, out / f"{prefix}{name}.png", nrow=nrow)
     if dit.num_classes:
         kept, dropped = sample_kept_and_dropped(dit, flow, torch.arange(pairs) % dit.num_classes, tau, steps=steps,
                                                 method=method, seed=seed)
         both = torch.stack([decode_latents(autoencoder, kept), decode_latents(autoencoder, dropped)], 1).flatten(0, 1)
-        figures["condition_kept_vs_dropped"] = save_image_grid(both, out / "condition_kept_vs_dropped.png", nrow=nrow)
+        figures["condition_kept_vs_dropped"] = save_image_grid(both, out / f"{prefix}condition_kept_vs_dropped.png",
+                                                               nrow=nrow)
     return figures

@@ -21,9 +21,10 @@ from kflow.core import distributed as dist_utils
 from kflow.core.training import Trainer, check_fresh_run_folder
 from kflow.utils.io import atomic_write_text
 from kflow.vision.analysis import band_energy_profile, pca_projection_ratio, plot_band_energy, plot_projection_ratio
-from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, PCA_FILE, load_image_model, load_latent_space,
-                                    load_or_build_latent_cache, read_latent_cache, read_samples, sample_paths,
-                                    save_image_grid, write_metrics, write_run_config, write_samples)
+from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, PCA_FILE, default_samples_prefix,
+                                    load_image_model, load_latent_space, load_or_build_latent_cache,
+                                    read_latent_cache, read_samples, sample_paths, save_image_grid, write_metrics,
+                                    write_run_config, write_samples)
 from kflow.vision.autoencoders import DiffusersVAE, encode_dataset, train_autoencoder
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition, build_image_model
 from kflow.vision.data import load_image_dataset, load_image_folder, pad_to
@@ -136,32 +137,38 @@ def _stack_pairs(items):
 # ---------------------------------------------------------------------------------------------- sampling
 def sample_images(run_dir: str | os.PathLike, num_samples: int, out: str | os.PathLike | None = None,
                   sampling: SamplingConfig = SamplingConfig(), class_id: int | None = None,
-                  with_steering_figures: bool = False) -> dict[str, Path]:
+                  with_steering_figures: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Sample ``num_samples`` images from a trained run: ``<out>.npz`` (images in [0, 1], labels), a PNG grid
-    ``<out>.png`` and, with ``with_steering_figures``, the paper-style steering grids beside them. Labels cycle
-    through the classes unless ``class_id`` fixes one. ``out`` defaults to <run>/samples. Returns
-    {"samples": npz, "grid": png, <figure name>: png}."""
+    ``<out>.png`` and, with ``with_steering_figures``, the paper-style steering grids beside them
+    (``<out>_share_low_bands.png``, ...). Labels cycle through the classes unless ``class_id`` fixes one. ``out``
+    defaults to a name of the sampling settings in the run folder (``default_samples_prefix``), so variants never
+    share a file; an existing ``<out>.npz`` is refused (``ValueError``, before any sampling) unless ``overwrite``.
+    Returns {"samples": npz, "grid": png, <figure name>: png}."""
+    npz, png = sample_paths(out or default_samples_prefix(run_dir, num_samples, sampling, class_id))
+    if npz.exists() and not overwrite:
+        raise ValueError(f"{npz} exists (samples of an earlier run); give another --out or pass --overwrite")
     dit, flow, ae, record = load_image_model(run_dir)
     labels = None
     if record["num_classes"]:
         labels = torch.full((num_samples,), class_id) if class_id is not None else \
             torch.arange(num_samples) % record["num_classes"]
     images = generate_images(dit, flow, ae, labels, num_samples, sampling)
-    npz, png = sample_paths(out or Path(run_dir) / "samples")
     save_image_grid(images[:GRID_SAMPLES], png)
     paths = {"samples": write_samples(npz, images, labels), "grid": png}
     if with_steering_figures:
-        paths.update(steering_figures(dit, flow, ae, npz.parent, steps=sampling.steps, seed=sampling.seed))
+        paths.update(steering_figures(dit, flow, ae, npz.parent, steps=sampling.steps, seed=sampling.seed,
+                                      prefix=f"{npz.stem}_"))
     return paths
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def load_reference_images(reference: str, max_images: int | None = None):
+def load_reference_images(reference: str, max_images: int | None = None, data_root: str | None = None):
     """Real images to compare with: a test split named in ``REFERENCE_SETS`` ("fashion-mnist-test",
-    "digits-test"), a samples-style .npz, or an image folder. Returns (images [N, C, H, W] in [0, 1], labels [N] or
-    None), the first ``max_images``."""
+    "digits-test"; Fashion-MNIST read from ``data_root``, see ``kflow.vision.data.fashion_mnist_root``), a
+    samples-style .npz, or an image folder. Returns (images [N, C, H, W] in [0, 1], labels [N] or None), the first
+    ``max_images``."""
     if reference in REFERENCE_SETS:
-        images, labels = load_image_dataset(REFERENCE_SETS[reference], "test")
+        images, labels = load_image_dataset(REFERENCE_SETS[reference], "test", data_root)
     elif reference.endswith(".npz"):
         images, labels = read_samples(reference)
     else:
@@ -171,23 +178,31 @@ def load_reference_images(reference: str, max_images: int | None = None):
 
 def evaluate_images(samples: str | os.PathLike, reference: str = "fashion-mnist-test",
                     dropped: str | os.PathLike | None = None, max_reference: int = 10000,
-                    feature_net: str | None = None, k: int = 3, out: str | os.PathLike | None = None):
-    """FID, precision and recall of a samples .npz against ``reference`` (see ``load_reference_images``) with
-    offline Inception-v3 features (or ``feature_net``, a TorchScript file); with ``dropped`` (samples generated with
-    the condition dropped after τ) and labels on both sides, also class-aware FIDs and the Class-Dropping-Ratio.
-    Writes the results to ``out`` (default <samples>.metrics.json); returns (results, path)."""
-    ref, ref_labels = load_reference_images(reference, max_reference)
+                    feature_net: str | None = None, k: int = 3, out: str | os.PathLike | None = None,
+                    data_root: str | None = None, log=print):
+    """FID, precision and recall of a samples .npz against ``reference`` (see ``load_reference_images``;
+    ``data_root`` is the Fashion-MNIST folder) with offline Inception-v3 features (or ``feature_net``, a TorchScript
+    file); with ``dropped`` (samples generated with the condition dropped after τ) and labels on both sides, also
+    class-aware FIDs and the Class-Dropping-Ratio (progress bars throughout; a ``SmallSampleWarning`` when a class
+    has fewer than ``metrics.MIN_CLASS_SAMPLES`` samples). Writes the results to ``out`` (default
+    <samples>.metrics.json); returns (results, path)."""
+    ref, ref_labels = load_reference_images(reference, max_reference, data_root)
     net = InceptionFeatures(feature_net)
+    log(f"Inception features: {len(ref)} reference images")
     f_ref = extract_features(net, ref, progress=True)
     images, labels = read_samples(samples)
+    log(f"Inception features: {len(images)} samples from {samples}")
     f_gen = extract_features(net, images, progress=True)
     precision, recall = precision_recall(f_ref, f_gen, k=k)
     result = {"fid": frechet_distance(f_ref, f_gen), "precision": precision, "recall": recall,
               "num_samples": len(images), "num_reference": len(ref)}
     if dropped and labels is not None and ref_labels is not None:
         dropped_images, dropped_labels = read_samples(dropped)
+        log(f"Inception features: {len(dropped_images)} condition-dropped samples from {dropped}")
         f_drop = extract_features(net, dropped_images, progress=True)
-        result.update(condition_dropping_scores(f_ref, ref_labels, f_gen, labels, f_drop, dropped_labels))
+        log("class-aware FIDs (two 2048×2048 eigen-decompositions per class and set)")
+        result.update(condition_dropping_scores(f_ref, ref_labels, f_gen, labels, f_drop, dropped_labels,
+                                                progress=True))
     return result, write_metrics(out or Path(samples).with_suffix(".metrics.json"), result)
 
 
