@@ -7,7 +7,7 @@
 """
 
 from kflow.core import ORDERS, PREDICTIONS, RAMPS
-from kflow.utils.cli import ArgumentParser, add_run_arguments, positive_int, run_main
+from kflow.utils.cli import ArgumentParser, add_run_arguments, positive_float, positive_int, run_main
 from kflow.vision.artifacts import default_run_dir
 from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
 from kflow.vision.data import add_data_root_argument
@@ -23,6 +23,9 @@ def main(argv=None):
                    help="conv (trained here) | identity (pixels) | PATH to a saved one | diffusers:FOLDER_OR_HUB_ID")
     p.add_argument("--ae-steps", type=positive_int, default=1500)
     p.add_argument("--ae-width", type=positive_int, default=32)
+    p.add_argument("--latent-channels", type=positive_int, default=4, help="channels of the conv autoencoder's latent")
+    p.add_argument("--ae-downsample", type=positive_int, default=None,
+                   help="times the conv autoencoder halves the image (default: 2 for 32x32 images, 1 for smaller)")
     p.add_argument("--max-images", type=positive_int, default=None, help="use the first N training images only")
     p.add_argument("--latent-dir", default=None, help="folder for the autoencoder + latent cache (default --out)")
     p.add_argument("--decomposition", default="fourier", choices=DECOMPOSITIONS)
@@ -31,6 +34,8 @@ def main(argv=None):
     p.add_argument("--order", default="low_to_high", choices=ORDERS)
     p.add_argument("--ramp", default="linear", choices=sorted(RAMPS))
     p.add_argument("--overlap", type=float, default=0.0, help="overlap of consecutive band windows, in [0, 1)")
+    p.add_argument("--band-weights", type=positive_float, nargs="+", default=None,
+                   help="window widths proportional to these (one per band, e.g. band energies; default equal)")
     p.add_argument("--prediction", default="velocity", choices=PREDICTIONS)
     p.add_argument("--model", default="DiT-T/2", choices=sorted(DiT_models))
     p.add_argument("--unconditional", action="store_true")
@@ -45,9 +50,10 @@ def main(argv=None):
     add_run_arguments(p)
     args = p.parse_args(argv)
     data = ImageDataConfig(args.dataset, args.autoencoder, args.ae_steps, args.ae_width, args.max_images, args.seed,
-                           args.data_root)
+                           args.data_root, args.latent_channels, args.ae_downsample)
     config = ImageModelConfig(model=args.model, decomposition=args.decomposition, num_bands=args.num_bands,
                               wavelet=args.wavelet, ramp=args.ramp, order=args.order, overlap=args.overlap,
+                              band_weights=args.band_weights and tuple(args.band_weights),
                               prediction=args.prediction, num_classes=0 if args.unconditional else None)
     out = args.out or default_run_dir(args.dataset, args.decomposition, args.num_bands)
     trainer, _ = train_image_model(data, out, config, latent_dir=args.latent_dir, steps=args.steps,

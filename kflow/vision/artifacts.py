@@ -4,6 +4,9 @@ Latent folder (``latent_dir``; by default the run folder itself, and shareable b
 
     autoencoder.pt      the trained ConvAutoencoder (``ConvAutoencoder.save`` / ``load_autoencoder``)
     latents.lmdb/       the latent cache: a ``kflow.utils.store`` record store
+    latents.json        what the folder's latents were made from (``ImageDataConfig.description()``) and their
+                        fingerprint; a run asking for other latents in the same folder is refused, so runs that
+                        share a latent folder share one latent space
 
 Run folder (written by ``kflow.vision.workflow.train_image_model``):
 
@@ -42,7 +45,8 @@ from kflow.vision.config import ImageModelConfig, build_image_model
 
 __all__ = ["IMAGE_CONFIG_FILE", "PCA_FILE", "CHECKPOINT_FILE", "AUTOENCODER_FILE", "LATENT_CACHE_DIR",
            "default_run_dir", "write_run_config", "read_run_config", "load_latent_space", "load_image_model",
-           "LatentCacheError", "write_latent_cache", "read_latent_cache", "load_or_build_latent_cache",
+           "LatentCacheError", "LATENT_RECORD_FILE", "read_latent_record", "write_latent_record", "latent_fingerprint",
+           "write_latent_cache", "read_latent_cache", "load_or_build_latent_cache",
            "write_samples", "read_samples", "sample_paths", "default_samples_prefix", "write_metrics", "save_image_grid"]
 
 IMAGE_CONFIG_FILE = "image_config.json"
@@ -50,6 +54,7 @@ PCA_FILE = "pca.pt"
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 AUTOENCODER_FILE = "autoencoder.pt"
 LATENT_CACHE_DIR = "latents.lmdb"
+LATENT_RECORD_FILE = "latents.json"
 LATENT_CACHE_CHUNK = 1024  # latents per record of the latent cache
 DEFAULT_PIXEL_SHAPE = (1, 32, 32)  # the identity latent space's image shape when a run does not record one
 
@@ -102,6 +107,32 @@ def load_image_model(run_dir: str | os.PathLike, use_ema: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------- latent cache
+def latent_fingerprint(latent_dir: str | os.PathLike, description: dict) -> str:
+    """A short content hash of a latent folder's latent space: the autoencoder file's bytes when there is one
+    (a retrained autoencoder changes it), else the description."""
+    import hashlib
+
+    ae = Path(latent_dir) / AUTOENCODER_FILE
+    data = ae.read_bytes() if ae.is_file() else json.dumps(description, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_latent_record(latent_dir: str | os.PathLike) -> dict | None:
+    """{"description": ..., "fingerprint": ...} of a latent folder, or None when it has none (yet)."""
+    try:
+        return json.loads((Path(latent_dir) / LATENT_RECORD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{Path(latent_dir) / LATENT_RECORD_FILE}: not readable ({err})") from err
+
+
+def write_latent_record(latent_dir: str | os.PathLike, description: dict) -> dict:
+    record = {"description": description, "fingerprint": latent_fingerprint(latent_dir, description)}
+    atomic_write_text(Path(latent_dir) / LATENT_RECORD_FILE, json.dumps(record, indent=1))
+    return record
+
+
 class LatentCacheError(RecordStoreError):
     """A latent cache that exists but cannot be used (missing chunks, wrong counts, unreadable records)."""
 

@@ -97,6 +97,7 @@ class ImageModelConfig:
     ramp: str = "linear"
     order: str = "low_to_high"
     overlap: float = 0.0
+    band_weights: tuple[float, ...] | None = None  # window widths ∝ these (e.g. band energies); None: equal
     prediction: str = "velocity"
     class_dropout_prob: float = 0.1
     latent_shape: tuple[int, int, int] | None = None
@@ -112,6 +113,11 @@ class ImageModelConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose from {allowed}")
         if self.decomposition != "wavelet":
             object.__setattr__(self, "wavelet", None)
+        if self.band_weights is not None:
+            weights = tuple(float(w) for w in self.band_weights)
+            if len(weights) != self.num_bands or not all(w > 0 for w in weights):
+                raise ValueError(f"band_weights must be {self.num_bands} positive numbers, got {list(weights)}")
+            object.__setattr__(self, "band_weights", weights)
         if self.latent_shape is not None:
             shape = tuple(int(s) for s in self.latent_shape)
             if len(shape) != 3:
@@ -134,6 +140,7 @@ class ImageModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape) if self.latent_shape is not None else None
+        d["band_weights"] = list(self.band_weights) if self.band_weights is not None else None
         return d
 
     @classmethod
@@ -147,9 +154,10 @@ class ImageDataConfig:
     """Which images, and which latent space encodes them.
 
     ``autoencoder``: "conv" (trained on the training images, ``ae_steps`` steps of width ``ae_width``, seed
-    ``seed``), "identity" (pixel space), a saved kflow autoencoder file, or ``diffusers:<folder or hub id>``
-    (Stable Diffusion's VAE). ``max_images`` keeps the first training images only. ``data_root``: where the
-    Fashion-MNIST IDX files are (default: the Debian package's folder).
+    ``seed``, ``ae_latent_channels`` latent channels, halving the image ``ae_downsample`` times: None = twice for
+    32×32 images, once for smaller ones), "identity" (pixel space), a saved kflow autoencoder file, or
+    ``diffusers:<folder or hub id>`` (Stable Diffusion's VAE). ``max_images`` keeps the first training images
+    only. ``data_root``: where the Fashion-MNIST IDX files are (default: ``kflow.vision.data.fashion_mnist_root``).
     """
 
     dataset: str = "fashion-mnist"
@@ -159,11 +167,19 @@ class ImageDataConfig:
     max_images: int | None = None
     seed: int = 0
     data_root: str | None = None
+    ae_latent_channels: int = 4
+    ae_downsample: int | None = None
 
     def description(self) -> dict:
-        """What the cached latents depend on (the cache is rebuilt when any of it changes)."""
-        return {"dataset": str(self.dataset), "autoencoder": self.autoencoder, "max_images": self.max_images,
-                "ae_steps": self.ae_steps, "ae_width": self.ae_width, "seed": self.seed}
+        """What the cached latents depend on (a latent folder made from another description is refused)."""
+        d = {"dataset": str(self.dataset), "autoencoder": self.autoencoder, "max_images": self.max_images,
+             "ae_steps": self.ae_steps, "ae_width": self.ae_width, "seed": self.seed}
+        # Listed only when not the default, so latent folders made before these options existed stay valid.
+        if self.ae_latent_channels != 4:
+            d["ae_latent_channels"] = self.ae_latent_channels
+        if self.ae_downsample is not None:
+            d["ae_downsample"] = self.ae_downsample
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- the builder
@@ -184,7 +200,8 @@ def build_image_model(config: ImageModelConfig, fit_data: torch.Tensor | None = 
     decomposition = pca if pca is not None else build_decomposition(
         config.decomposition, config.latent_shape, config.num_bands, fit_data=fit_data, wavelet=config.wavelet,
         pca_patch_size=config.pca_patch_size)
-    schedule = BandSchedule(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap)
+    schedule = BandSchedule(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap,
+                            weights=config.band_weights)
     flow = KFlow(decomposition, schedule, prediction=config.prediction)
     if seed is not None:
         torch.manual_seed(seed)

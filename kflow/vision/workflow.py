@@ -21,9 +21,10 @@ from kflow.core import distributed as dist_utils
 from kflow.core.training import Trainer, check_fresh_run_folder
 from kflow.utils.io import atomic_write_text
 from kflow.vision.analysis import band_energy_profile, pca_projection_ratio, plot_band_energy, plot_projection_ratio
-from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, PCA_FILE, default_samples_prefix,
-                                    load_image_model, load_latent_space, load_or_build_latent_cache,
-                                    read_latent_cache, read_samples, sample_paths, save_image_grid, write_metrics,
+from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, LATENT_RECORD_FILE, PCA_FILE,
+                                    LatentCacheError, default_samples_prefix, load_image_model, load_latent_space,
+                                    load_or_build_latent_cache, read_latent_cache, read_latent_record, read_samples,
+                                    sample_paths, save_image_grid, write_latent_record, write_metrics,
                                     write_run_config, write_samples)
 from kflow.vision.autoencoders import DiffusersVAE, encode_dataset, train_autoencoder
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition, build_image_model
@@ -34,7 +35,7 @@ from kflow.vision.objective import ImageFlowLoss
 from kflow.vision.sampling import SamplingConfig, generate_images, sample_latents
 from kflow.vision.steering import steering_figures
 
-__all__ = ["prepare_latents", "train_image_model", "sample_images", "load_reference_images", "evaluate_images",
+__all__ = ["prepare_latents", "clear_latent_folder", "train_image_model", "sample_images", "load_reference_images", "evaluate_images",
            "analyze_runs", "PADDED_SIZE", "WARMUP_FRACTION", "MAX_WARMUP_STEPS"]
 
 PADDED_SIZE = 32  # 28×28 images (Fashion-MNIST) are zero-padded to 32×32, a grid the autoencoder halves twice
@@ -51,7 +52,8 @@ def prepare_latents(data: ImageDataConfig, latent_dir: str | os.PathLike, progre
     (autoencoder, latents [N, C, h, w], labels [N]).
 
     A "conv" autoencoder is trained on the training images and saved as latent_dir/autoencoder.pt (reused when
-    present). Under torchrun, rank 0 trains and encodes while the other ranks wait, then read.
+    present); latent_dir/latents.json records what the folder's latents were made from, and a folder made from
+    another ``data.description()`` raises ``ValueError`` instead of being reused or re-encoded. Under torchrun, rank 0 trains and encodes while the other ranks wait, then read.
     """
     latent_dir = Path(latent_dir)
     if dist_utils.is_main_process():
@@ -64,6 +66,8 @@ def prepare_latents(data: ImageDataConfig, latent_dir: str | os.PathLike, progre
 
 
 def _prepare_latents_here(data: ImageDataConfig, latent_dir: Path, progress: bool):
+    wanted = data.description()
+    _check_latent_folder(latent_dir, wanted)
     images, labels = load_image_dataset(data.dataset, "train", data.data_root)
     if data.max_images:
         images, labels = images[:data.max_images], labels[:data.max_images]
@@ -71,17 +75,50 @@ def _prepare_latents_here(data: ImageDataConfig, latent_dir: Path, progress: boo
         images = pad_to(images, PADDED_SIZE)
     ae_path = latent_dir / AUTOENCODER_FILE
     if data.autoencoder == "conv" and not ae_path.exists():
-        downsample = DOWNSAMPLE if images.shape[-1] >= PADDED_SIZE else SMALL_IMAGE_DOWNSAMPLE
+        downsample = data.ae_downsample if data.ae_downsample is not None else (
+            DOWNSAMPLE if images.shape[-1] >= PADDED_SIZE else SMALL_IMAGE_DOWNSAMPLE)
         ae = train_autoencoder(images, steps=data.ae_steps, seed=data.seed, progress=progress, downsample=downsample,
-                               width=data.ae_width)
+                               width=data.ae_width, latent_channels=data.ae_latent_channels)
         ae.save(ae_path)
     else:
         ae = load_latent_space(data.autoencoder, latent_dir, tuple(images.shape[1:]))
     if isinstance(ae, DiffusersVAE):
         ae.image_size = images.shape[-1]
-    latents, labels, _ = load_or_build_latent_cache(latent_dir / LATENT_CACHE_DIR, data.description(),
+    latents, labels, _ = load_or_build_latent_cache(latent_dir / LATENT_CACHE_DIR, wanted,
                                                     lambda: (encode_dataset(ae, images), labels))
+    if read_latent_record(latent_dir) is None:
+        write_latent_record(latent_dir, wanted)
     return ae, latents, labels
+
+
+def _check_latent_folder(latent_dir: Path, wanted: dict) -> None:
+    """Refuse a latent folder whose autoencoder or latents were made from another description: reusing its
+    autoencoder for other settings, or re-encoding its cache, would silently change the latent space of every
+    run that shares the folder."""
+    record = read_latent_record(latent_dir)
+    made = record["description"] if record else None
+    if made is None and (latent_dir / LATENT_CACHE_DIR).exists():  # a folder from before latents.json
+        try:
+            meta = read_latent_cache(latent_dir / LATENT_CACHE_DIR)[2]
+            made = {k: meta.get(k) for k in wanted}
+        except (FileNotFoundError, LatentCacheError):
+            made = None
+    if made is not None and made != wanted:
+        diff = ", ".join(f"{k} {made.get(k)!r} there vs {wanted.get(k)!r} now"
+                         for k in sorted(set(made) | set(wanted)) if made.get(k) != wanted.get(k))
+        raise ValueError(f"{latent_dir} holds latents made with other settings ({diff}); runs that share a latent "
+                         f"folder must share its latent space: use the same data settings, another --latent-dir, "
+                         f"or --overwrite when the folder is the run's own")
+
+
+def clear_latent_folder(latent_dir: str | os.PathLike) -> None:
+    """Remove a latent folder's autoencoder, latent cache and record (a fresh run that owns the folder)."""
+    import shutil
+
+    latent_dir = Path(latent_dir)
+    (latent_dir / AUTOENCODER_FILE).unlink(missing_ok=True)
+    (latent_dir / LATENT_RECORD_FILE).unlink(missing_ok=True)
+    shutil.rmtree(latent_dir / LATENT_CACHE_DIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -92,7 +129,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                       gradient_checkpointing: bool = False, overwrite: bool = False, deterministic: bool = False):
     """Train a DiT with K-Flow on cached latents through ``kflow.core.training.Trainer``; returns (trainer, flow).
 
-    ``latent_dir`` (default ``out_dir``) holds the autoencoder and the latent cache, so several runs can share them.
+    ``latent_dir`` (default ``out_dir``) holds the autoencoder and the latent cache, so several runs can share them
+    (runs that are compared should: a folder made with other data settings is refused, see ``prepare_latents``).
     The model config gets its latent shape and classes from the data (``config.for_data``). The run folder gets
     image_config.json, pca.pt (PCA only; reused on resume), the Trainer's checkpoints and metric logs.
     ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``. A fresh run (not
@@ -104,6 +142,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
     latent_dir = Path(latent_dir or out)
     dist_utils.setup_distributed()  # under torchrun: join the process group first, so only rank 0 prepares latents
     try:
+        if overwrite and not resume and latent_dir == out and dist_utils.is_main_process():
+            clear_latent_folder(latent_dir)  # the run's own latents go with it; a shared folder is never cleared
         _, latents, labels = prepare_latents(data, latent_dir, progress)
         config = (config or ImageModelConfig()).for_data(latents.shape[1:], int(labels.max()) + 1)
         pca = PCADecomposition.load(out / PCA_FILE) if (
