@@ -137,16 +137,18 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                    ema_decay: float = 0.99, checkpoint_every: int = 200, warmup_steps: int = 20,
                    num_workers: int = 0, progress: bool = True, extra_config: dict | None = None, device=None,
                    split_seed: int | None = None, overwrite: bool = False, deterministic: bool = False,
-                   eval_fn=None, eval_every: int | None = None):
+                   eval_fn=None, eval_every: int | None = None, train_split: str = "train"):
     """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
     flow, trainer summary). ``seed`` drives initialisation and data order; ``split_seed`` (default: ``seed``)
-    the crystal-level train/valid/test split. A fresh run (not ``resume``) refuses a folder holding another run
-    unless ``overwrite``; ``deterministic``: bit-identical runs and resumes on CPU (see ``Trainer``).
+    the crystal-level train/valid/test split; ``train_split="all"`` trains on every cluster of ``store`` (a store
+    holding only training crystals, e.g. the merged store of ``kflow.molecular.pretrained``). A fresh run (not
+    ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: bit-identical runs
+    and resumes on CPU (see ``Trainer``).
     ``eval_fn(ema_model, step) -> dict`` runs every ``eval_every`` steps; its numbers go to metrics.jsonl."""
     config = config or AssemblyModelConfig()
     split_seed = seed if split_seed is None else split_seed
-    train = ClusterDataset(store, split="train", seed=split_seed)
-    _check_split(train, "train")
+    train = ClusterDataset(store, split=train_split, seed=split_seed)
+    _check_split(train, train_split)
     torch.manual_seed(seed)
     model, rigid = build_assembly_model(config)
     run_config = {"model": config.to_dict(), "data_seed": split_seed, "dataset_size": len(store),
