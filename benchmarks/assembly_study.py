@@ -36,7 +36,7 @@ TABLES = (
     ("demo", "hard", ("regression", "rigid FM (K=1)", "K-Flow (K=2)"), 4),
 )
 SEEDS = (0, 1, 2)
-FULL = StudyBudget(epochs=12, evals=6, val_clusters=32, sample_steps=10)
+FULL = StudyBudget(epochs=8, evals=6, val_clusters=32, sample_steps=10)
 QUICK = StudyBudget(epochs=0.05, evals=2, val_clusters=4, test_clusters=6, sample_steps=4, packmol_nloop=5)
 COLUMNS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "collision")
 LABELS = {"pm_atom": "PM-atom", "pm_center": "PM-center", "pm_atom_perm": "PM-atom, matched",
