@@ -82,6 +82,9 @@ def save_pretrained(path: str | os.PathLike, model: torch.nn.Module, config: Ass
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_save({"format": PRETRAINED_FORMAT, "version": PRETRAINED_VERSION, "config": config.to_dict(),
                  "weights": weights, "meta": meta}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # a file to ship: readable like any other (the temporary file was private)
     return path
 
 
@@ -252,6 +255,9 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
         raise ValueError(f"mirror must be one of {MIRROR_MODES}, got {mirror!r}")
     if not datasets:
         raise ValueError("train_pretrained needs at least one data set")
+    if config.objective == "flow" and sample_steps < config.num_bands:
+        raise ValueError(f"--sample-steps {sample_steps} is fewer than the {config.num_bands} bands (one step per "
+                         "band at least)")
     out = Path(out)
     work = Path(work) if work is not None else Path("runs") / f"pretrained_{safe_filename(out.stem)}"
     run_dir = work / "run"
