@@ -14,6 +14,9 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["kflow", "kflow.*"]),
+    # The pretrained assembly models (kflow.molecular.pretrained.load_pretrained finds them by name).
+    package_data={"kflow.molecular": ["pretrained/*.pt", "pretrained/README.md"]},
+    include_package_data=True,
     install_requires=[
         # Any torch >= 2.1 works; `make install` pins the CPU build 2.13.0 first so pip never pulls CUDA wheels.
         "torch>=2.1",
@@ -29,8 +32,8 @@ setup(
         "ptwt>=1.0",
         "torchdiffeq>=0.2.3",
         "lmdb>=1.4",
-        "packmol>=21",
-        "matplotlib>=3.7",  # learning curves and cluster pictures  # the PackMol binary (PyPI wheel ships it), for the classical baseline
+        "packmol>=21",  # the PackMol binary (PyPI wheel ships it), for the classical baseline
+        "matplotlib>=3.7",  # learning curves and cluster pictures
         "huggingface_hub>=0.20",
     ],
     extras_require={
@@ -46,7 +49,7 @@ setup(
             "safetensors>=0.4",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["kflow = kflow.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Chemistry",

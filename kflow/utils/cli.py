@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "add_run_arguments", "run_main"]
+__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "add_run_arguments", "run_main",
+           "user_errors"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -56,11 +57,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a command reports as one line (the user's mistake), not as a traceback (a bug)."""
     from kflow.core.training import CheckpointError
 
     return FileNotFoundError, ValueError, CheckpointError
 
+
+_user_errors = user_errors  # the earlier private name
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -1,0 +1,379 @@
+"""The molecular command lines, one parser and one ``main`` per command: ``kflow train|sample|evaluate|assemble``
+and the scripts (``scripts/train_assembly.py``, ``sample_assembly.py``, ``evaluate_assembly.py``,
+``train_pretrained.py``) both call these, so a flag or a behaviour exists once.
+
+Every ``*_main(argv=None, prog=None)`` parses ``argv`` (default ``sys.argv[1:]``) and calls the workflow; user
+errors are raised (``ValueError``, ``FileNotFoundError``) and turned into one line by ``kflow.cli.main`` or
+``kflow.utils.cli.run_main``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from kflow.utils.cli import ArgumentParser, add_run_arguments, nonnegative_int, positive_float, positive_int
+
+__all__ = ["train_main", "sample_main", "evaluate_main", "assemble_main", "train_pretrained_main", "train_parser",
+           "sample_parser", "evaluate_parser", "assemble_parser", "train_pretrained_parser",
+           "add_model_arguments", "model_config_from_args", "TRAIN_HELP", "SAMPLE_HELP", "EVALUATE_HELP",
+           "ASSEMBLE_HELP", "TRAIN_PRETRAINED_HELP"]
+
+TRAIN_HELP = """Train rigid-body K-Flow for molecular assembly (also: python scripts/train_assembly.py ...).
+
+Examples:
+    kflow train --dataset demo --steps 300              # K-Flow (2 bands) on the embedded crystals
+    kflow train --dataset demo --num-bands 1            # rigid flow-matching baseline, embedded data
+    kflow train --subset 10k                            # COD-Cluster17 10K (data/COD-Cluster17)
+    kflow train --dataset my_cifs/ --noise hard --coupling ot --resume
+    torchrun --nproc_per_node 2 scripts/train_assembly.py --dataset csd500 --steps 2000
+"""
+
+SAMPLE_HELP = """Sample assembled clusters from a trained checkpoint: writes an .npz (and optional extxyz files)
+(also: python scripts/sample_assembly.py ...).
+
+Example:
+    kflow sample --checkpoint runs/assembly_demo_k2/checkpoints/last.pt --dataset demo \\
+        --steps 20 --repeats 3 --out runs/assembly_demo_k2/predictions.npz --extxyz-dir runs/assembly_demo_k2/xyz
+"""
+
+EVALUATE_HELP = """Evaluate sampled clusters: PM-atom, PM-center, RMSD_15 (min over repeats), collision and separation
+rates, mean ± std over clusters, next to the identity baseline (prediction = initial cluster). Table + JSON
+(also: python scripts/evaluate_assembly.py ...).
+
+Example:
+    kflow evaluate --predictions runs/assembly_demo_k2/predictions.npz --dataset demo
+"""
+
+ASSEMBLE_HELP = """Predict how 17 rigid copies of a molecule pack (a local crystal cluster) with a pretrained model.
+
+INPUT is a molecule (XYZ, MOL or SDF file; or --smiles) or a crystal (CIF, extxyz with a cell, ASE database).
+A file with several structures needs PATH@N: the row id of an ASE database (crystals.db@3), else the 0-based
+number of the structure (CIF data block, extxyz frame). For a crystal the true cluster is built too and the
+prediction is scored against it (PM-atom, PM-center, RMSD15, collisions).
+
+Writes DIR/pred.extxyz (molecule ids in the mol_idx column), DIR/pred.pdb (one residue and chain per molecule),
+DIR/start.extxyz, DIR/samples.extxyz (all samples, best first), DIR/truth.extxyz (crystals), DIR/summary.json and
+DIR/cluster.png; all of them or none.
+
+Examples:
+    kflow assemble data/examples/GASXON.sdf --out runs/gasxon
+    kflow assemble data/examples/GASXON.cif --out runs/gasxon_crystal --samples 8
+    kflow assemble --smiles "c1ccccc1" --out runs/benzene --mirror none
+    kflow assemble crystals.db@12 --out runs/row12 --model mild
+"""
+
+TRAIN_PRETRAINED_HELP = """Train, test and package a pretrained model for `kflow assemble`: the train split of
+CSD-500 plus the embedded pyxtal crystals (compounds of the CSD-500 validation/test splits removed), checkpoint
+selection on the CSD-500 validation split, metrics on the CSD-500 test split, written with save_pretrained.
+
+Examples:
+    python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained/hard.pt
+    python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained/mild.pt --num-bands 2
+    python scripts/train_pretrained.py --preset hard --out /tmp/tiny.pt --steps 4 --evals 1 --val-clusters 2 \\
+        --hidden-irreps "8x0e + 2x1o + 2x1e" --molecule-layers 1      # a smoke test
+"""
+
+
+def _parser(description: str, prog: str | None) -> ArgumentParser:
+    return ArgumentParser(description, prog=prog)
+
+
+def _noise_argument(p, help_suffix: str = ""):
+    from kflow.molecular.crystals import NOISE_PRESETS
+
+    p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),
+                   help="start preset of clusters built from crystals" + help_suffix + ": mild (each molecule near "
+                        "its target) or hard (molecules placed at random at crystal density, random orientations)")
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None = None) -> None:
+    """The ``AssemblyModelConfig`` flags shared by ``kflow train`` and ``scripts/train_pretrained.py``."""
+    from kflow.core import ORDERS, RAMPS
+    from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
+    from kflow.molecular.flow import COUPLINGS
+    from kflow.molecular.network import CONVOLUTIONS
+
+    p.add_argument("--num-bands", type=positive_int, default=2, help="1 = rigid flow matching (AssembleFlow-style)")
+    p.add_argument("--ramp", default="linear", choices=RAMPS)
+    p.add_argument("--order", default="low_to_high", choices=ORDERS)
+    p.add_argument("--hidden-irreps", default=AssemblyModelConfig.hidden_irreps)
+    p.add_argument("--atom-layers", type=positive_int, default=AssemblyModelConfig.num_atom_layers)
+    p.add_argument("--molecule-layers", type=positive_int, default=AssemblyModelConfig.num_molecule_layers)
+    p.add_argument("--inter-cutoff", type=positive_float, default=AssemblyModelConfig.inter_cutoff)
+    p.add_argument("--conv", default=AssemblyModelConfig.conv, choices=sorted(CONVOLUTIONS),
+                   help="uvu: depthwise convolutions (fast); fctp: fully connected (kflow <= 0.2)")
+    p.add_argument("--heavy-atoms-only", action=argparse.BooleanOptionalAction,
+                   default=AssemblyModelConfig.heavy_atoms_only,
+                   help="atom graph without hydrogens (default; faster); --no-heavy-atoms-only keeps every atom")
+    p.add_argument("--coupling", default=coupling_default or AssemblyModelConfig.coupling, choices=COUPLINGS,
+                   help="index: start molecule i flows to final molecule i; ot: to the final slot of an optimal "
+                        "assignment within each cluster (centroid distances)")
+    p.add_argument("--objective", default="flow", choices=OBJECTIVES,
+                   help="flow: K-Flow / flow matching; regression: one-step prediction baseline (needs --num-bands 1)")
+
+
+def model_config_from_args(args, coupling: str | None = None):
+    from kflow.molecular.config import AssemblyModelConfig
+
+    return AssemblyModelConfig(num_bands=args.num_bands, ramp=args.ramp, order=args.order,
+                               hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
+                               num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff,
+                               conv=args.conv, heavy_atoms_only=args.heavy_atoms_only,
+                               coupling=coupling or args.coupling, objective=args.objective)
+
+
+def train_parser(prog: str | None = None) -> ArgumentParser:
+    p = _parser(TRAIN_HELP, prog)
+    p.add_argument("--dataset", default="cod", help="cod | demo | csd500 | PATH (store, CIF(s), ASE db, extxyz)")
+    p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k | 10k | all | PATH to an id list")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--draws-per-crystal", type=positive_int, default=4, help="noisy initial clusters per crystal")
+    _noise_argument(p)
+    add_model_arguments(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=positive_int, default=None)
+    group.add_argument("--epochs", type=positive_int, default=None, help="default 50 when --steps is not given")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="clusters per process")
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--checkpoint-every", type=positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="start-cluster draws and the crystal-level split (keep it fixed to compare seeds)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/assembly_<dataset>_k<bands>)")
+    add_run_arguments(p)
+    return p
+
+
+def train_main(argv=None, prog: str | None = None):
+    from kflow.core.distributed import is_main_process
+    from kflow.molecular.artifacts import default_run_dir
+    from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
+
+    args = train_parser(prog).parse_args(argv)
+    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, args.draws_per_crystal, args.data_seed,
+                                  progress=not args.no_progress, noise=args.noise)
+    config = model_config_from_args(args)
+    steps = args.steps or steps_for_epochs(store, args.epochs or 50, args.batch_size, args.data_seed)
+    out = args.out or default_run_dir(args.dataset, args.num_bands)
+    _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                                   seed=args.seed, split_seed=args.data_seed, resume=args.resume,
+                                   ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+                                   num_workers=args.num_workers, progress=not args.no_progress,
+                                   overwrite=args.overwrite, deterministic=args.deterministic)
+    if not is_main_process():
+        return
+    resumed = f" (resumed at step {summary['resumed_from']}, now at {summary['step']})" if summary["resumed_from"] else ""
+    print(f"trained {summary['steps_run']} steps{resumed} in {summary['wall_time_s']:.0f} s "
+          f"({summary['samples_per_s']:.2f} clusters/s), final loss {summary['loss']:.4g}, "
+          f"skipped {summary['skipped_steps']}; checkpoints in {out}/checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------- sample
+def sample_parser(prog: str | None = None) -> ArgumentParser:
+    from kflow.core import SAMPLING_METHODS
+
+    p = _parser(SAMPLE_HELP, prog)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default="demo")
+    p.add_argument("--subset", default="10k")
+    p.add_argument("--data-root", default="data")
+    _noise_argument(p, " (as in training)")
+    p.add_argument("--split", default=None, choices=["train", "valid", "test", "all"],
+                   help="default: test for demo/csd500/cod, all for a file, folder or store given by path")
+    p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match training)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (start perturbation of repeats > 0)")
+    p.add_argument("--steps", type=positive_int, default=20, help="integration steps (NFE for euler/band)")
+    p.add_argument("--method", default="band", choices=SAMPLING_METHODS)
+    p.add_argument("--steps-per-band", type=positive_int, nargs="+", default=None,
+                   help="steps inside each band's window (one count per band; replaces --steps)")
+    p.add_argument("--repeats", type=positive_int, default=1)
+    p.add_argument("--repeat-noise", type=float, default=0.1, help="Å; perturbation of the start for repeats > 0")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--out", required=True, help="predictions .npz")
+    p.add_argument("--extxyz-dir", default=None, help="also write <name>_predicted.extxyz (first repeat)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def sample_main(argv=None, prog: str | None = None):
+    from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
+    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
+
+    args = sample_parser(prog).parse_args(argv)
+    model, rigid, _ = load_assembly_model(args.checkpoint)
+    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
+                                  noise=args.noise, progress=not args.no_progress)
+    split = args.split or default_split(args.dataset)
+    dataset = ClusterDataset(store, split=split, seed=args.data_seed)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split of {args.dataset} is empty (too few crystals for an 80/10/10 split? "
+                         "use --split all)")
+    preds = predict_assembly(model, rigid, dataset, args.steps, args.method, args.repeats, args.repeat_noise,
+                             args.batch_size, seed=args.seed, progress=not args.no_progress,
+                             steps_per_band=args.steps_per_band)
+    write_predictions(args.out, dataset, preds)
+    if args.extxyz_dir:
+        export_predictions(args.extxyz_dir, dataset, preds)
+    print(f"wrote {len(preds)} clusters × {args.repeats} repeats to {args.out}")
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+def evaluate_parser(prog: str | None = None) -> ArgumentParser:
+    p = _parser(EVALUATE_HELP, prog)
+    p.add_argument("--predictions", required=True, nargs="+", help="one or more .npz from kflow sample")
+    p.add_argument("--labels", nargs="+", default=None, help="method names for the table")
+    p.add_argument("--dataset", default="demo")
+    p.add_argument("--subset", default="10k")
+    p.add_argument("--data-root", default="data")
+    _noise_argument(p, " (as in training)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match sampling)")
+    p.add_argument("--json", default=None, help="write the results here (default: next to the first predictions)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def evaluate_main(argv=None, prog: str | None = None):
+    from kflow.molecular.artifacts import metrics_path, read_predictions, write_metrics
+    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.workflow import evaluate_assembly, format_results_table, load_assembly_dataset
+
+    args = evaluate_parser(prog).parse_args(argv)
+    store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
+                                  noise=args.noise, progress=not args.no_progress)
+    dataset = ClusterDataset(store, split=args.split, seed=args.data_seed)
+    labels = args.labels or [Path(x).parent.name or Path(x).stem for x in args.predictions]
+    methods = [("identity", None)] + [(label, path) for label, path in zip(labels, args.predictions)]
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        methods = tqdm(methods, desc="evaluating", unit="method", leave=False)
+    results = {label: evaluate_assembly(dataset, None if path is None else read_predictions(path, dataset))
+               for label, path in methods}
+    print(format_results_table(results, f"{args.dataset} {args.split} split ({len(dataset)} clusters)"))
+    out = write_metrics(args.json or metrics_path(args.predictions[0]), results)
+    print(f"results written to {out}")
+
+
+# --------------------------------------------------------------------------------------------------- assemble
+def assemble_parser(prog: str | None = None) -> ArgumentParser:
+    from kflow.molecular.pretrained import MIRROR_MODES
+
+    p = _parser(ASSEMBLE_HELP, prog)
+    p.add_argument("input", nargs="?", default=None, help="molecule or crystal file (PATH or PATH@N)")
+    p.add_argument("--smiles", default=None, help="a molecule as SMILES instead of INPUT (RDKit conformer)")
+    p.add_argument("--out", required=True, help="output folder (created, or replaced if it holds an earlier "
+                                                "kflow assemble output)")
+    p.add_argument("--model", default="hard", help="shipped model name (hard: a molecule alone; mild: a rough "
+                                                   "packing to refine) or a pretrained .pt file")
+    p.add_argument("--samples", type=positive_int, default=8, help="starts to sample and rank")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="start draws (and the SMILES conformer)")
+    p.add_argument("--mirror", default=None, choices=MIRROR_MODES,
+                   help="copies of a lone molecule: none (all the same conformer) or half (8 of 17 mirrored, a "
+                        "racemic mix); default: what the model was trained with")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def assemble_main(argv=None, prog: str | None = None):
+    from kflow.molecular.assemble import assemble
+
+    p = assemble_parser(prog)
+    args = p.parse_args(argv)
+    if (args.input is None) == (args.smiles is None):
+        p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
+    source = args.smiles if args.smiles is not None else args.input
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    summary = assemble(source, args.out, model=args.model, smiles=args.smiles is not None, samples=args.samples,
+                       steps=args.steps, seed=args.seed, mirror=args.mirror, progress=not args.no_progress, log=log)
+    inp = summary["input"]
+    print(f"{inp['name']} ({inp['kind']}, {inp['formula']}, {inp['atoms_per_molecule']} atoms) with model "
+          f"{summary['model']['name']!r}: {summary['num_samples']} sample(s), {summary['steps']} steps, start "
+          f"{summary['start']['preset']}, mirror {summary['start']['mirror']}")
+    truth = "metrics" in summary
+    head = f"{'sample':>6} {'rank':>4} {'contacts':>8} {'Rg/Å':>6}" + (
+        f" {'PM-atom':>7} {'PM-ctr':>7} {'PM-ctr matched':>14} {'RMSD15':>7}" if truth else "")
+    print(head)
+    for row in sorted(summary["samples"], key=lambda r: r["rank"]):
+        line = f"{row['sample']:>6} {row['rank']:>4} {row['close_contacts']:>8} {row['radius_of_gyration']:>6.2f}"
+        if truth:
+            m = row["metrics"]
+            line += (f" {_fmt(m['pm_atom']):>7} {_fmt(m['pm_center']):>7} {_fmt(m['pm_center_matched']):>14} "
+                     f"{_fmt(m['rmsd15']):>7}")
+        print(line)
+    best = summary["samples"][summary["chosen_sample"]]
+    print(f"ranked first: sample {best['sample']} ({best['close_contacts']} close contacts, centroid radius of "
+          f"gyration {best['radius_of_gyration']:.2f} Å)")
+    if truth:
+        m, s = summary["metrics"], summary["start_metrics"]
+        print(f"against the crystal: PM-atom {m['pm_atom']:.2f} Å, PM-center {m['pm_center']:.2f} Å (matched "
+              f"{m['pm_center_matched']:.2f}), RMSD15 {m['rmsd15']:.2f} Å, collisions {m['collision_pct']:.2f} % "
+              f"(start: PM-center matched {s['pm_center_matched']:.2f}, RMSD15 {s['rmsd15']:.2f} Å)")
+    print(f"rigid to {summary['rigidity']['sampler_residual_A']:.1e} Å before snapping; wrote {args.out}/: "
+          f"{', '.join(summary['files'])} in {summary['total_s']:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------ train_pretrained
+def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
+    from kflow.molecular.pretrained import MIRROR_MODES, PRESETS
+
+    p = _parser(TRAIN_PRETRAINED_HELP, prog)
+    p.add_argument("--out", required=True, help="the pretrained file (kflow/molecular/pretrained/<name>.pt ships "
+                                                "it as model <name>)")
+    p.add_argument("--preset", required=True, choices=PRESETS, help="start preset of the training clusters")
+    p.add_argument("--mirror", default="none", choices=MIRROR_MODES,
+                   help="how kflow assemble makes the copies of a lone molecule for this model (recorded)")
+    p.add_argument("--datasets", nargs="+", default=["csd500", "demo"],
+                   help="the first gives the held-out validation and test splits; the rest are training data")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--draws-per-crystal", type=positive_int, default=2)
+    p.add_argument("--data-seed", type=int, default=0, help="start draws and the crystal-level split")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    add_model_arguments(p, coupling_default=None)
+    p.set_defaults(coupling=None)  # default: ot for hard, index for mild (the study's choice)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=positive_int, default=None)
+    group.add_argument("--epochs", type=positive_float, default=8.0, help="passes over the training store")
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--evals", type=positive_int, default=6, help="validation evaluations (checkpoint selection)")
+    p.add_argument("--val-clusters", type=positive_int, default=32)
+    p.add_argument("--sample-steps", type=positive_int, default=10, help="sampling steps (validation, test, and "
+                                                                        "kflow assemble's default)")
+    p.add_argument("--work", default=None, help="run folder (default runs/pretrained_<name>)")
+    add_run_arguments(p)
+    return p
+
+
+def train_pretrained_main(argv=None, prog: str | None = None):
+    from kflow.molecular.pretrained import train_pretrained
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = train_pretrained_parser(prog).parse_args(argv)
+    coupling = args.coupling or ("ot" if args.preset == "hard" else "index")
+    config = model_config_from_args(args, coupling)
+    meta = train_pretrained(args.out, config, preset=args.preset, datasets=args.datasets, root=args.data_root,
+                            work=args.work, draws_per_crystal=args.draws_per_crystal, data_seed=args.data_seed,
+                            seed=args.seed, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, evals=args.evals, val_clusters=args.val_clusters,
+                            sample_steps=args.sample_steps, mirror=args.mirror,
+                            command="python scripts/train_pretrained.py " + shlex.join(argv), resume=args.resume,
+                            overwrite=args.overwrite, deterministic=args.deterministic,
+                            progress=not args.no_progress)
+    test = meta["test_metrics"]
+    model, identity = test["model"], test["identity"]
+    print(f"wrote {args.out}: {meta['data']['train_clusters']} training clusters, best step "
+          f"{meta['training']['best_step']}; {test['dataset']} test ({test['clusters']} clusters): PM-center matched "
+          f"{model['pm_center_perm']['mean']:.3f} (identity {identity['pm_center_perm']['mean']:.3f}), PM-atom "
+          f"{model['pm_atom']['mean']:.3f}, RMSD15 {model['rmsd15']['mean']:.3f}")
