@@ -196,9 +196,12 @@ def load_or_build_latent_cache(path: str | os.PathLike, meta: dict,
 
 # ---------------------------------------------------------------------------------------------- samples
 def sample_paths(prefix: str | os.PathLike) -> tuple[Path, Path]:
-    """(samples .npz, PNG grid) for an output prefix."""
+    """(samples .npz, PNG grid) for an output prefix (a trailing .npz or .png is dropped; other dots, as in
+    samples_tau0.3, are part of the name)."""
     prefix = Path(prefix)
-    return prefix.with_suffix(".npz"), prefix.with_suffix(".png")
+    if prefix.suffix in (".npz", ".png"):
+        prefix = prefix.with_suffix("")
+    return prefix.with_name(prefix.name + ".npz"), prefix.with_name(prefix.name + ".png")
 
 
 def default_samples_prefix(run_dir: str | os.PathLike, num_samples: int, sampling, class_id: int | None = None) -> Path:

@@ -126,7 +126,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                       latent_dir: str | os.PathLike | None = None, steps: int = 2000, batch_size: int = 64,
                       lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, warmup_steps: int | None = None,
                       checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
-                      gradient_checkpointing: bool = False, overwrite: bool = False, deterministic: bool = False):
+                      gradient_checkpointing: bool = False, overwrite: bool = False, deterministic: bool = False,
+                      eval_fn=None, eval_every: int | None = None):
     """Train a DiT with K-Flow on cached latents through ``kflow.core.training.Trainer``; returns (trainer, flow).
 
     ``latent_dir`` (default ``out_dir``) holds the autoencoder and the latent cache, so several runs can share them
@@ -135,6 +136,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
     image_config.json, pca.pt (PCA only; reused on resume), the Trainer's checkpoints and metric logs.
     ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``. A fresh run (not
     ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: see ``Trainer``.
+    ``eval_fn(ema_model, flow, step) -> dict`` runs every ``eval_every`` steps (logged as eval_<key>; e.g. a
+    validation FID that keeps the best checkpoint, ``kflow.vision.study``).
     """
     out = Path(out_dir)
     if not resume:
@@ -162,7 +165,9 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                           torch.utils.data.TensorDataset(latents, labels), collate_fn=_stack_pairs,
                           batch_size=batch_size, lr=lr, max_steps=steps, out_dir=out, config=record,
                           ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, progress=progress,
-                          warmup_steps=warmup_steps, overwrite=overwrite, deterministic=deterministic)
+                          warmup_steps=warmup_steps, overwrite=overwrite, deterministic=deterministic,
+                          eval_fn=None if eval_fn is None else (lambda model, step: eval_fn(model, flow, step)),
+                          eval_every=eval_every)
         trainer.fit(resume=resume)
     finally:
         dist_utils.cleanup_distributed()

@@ -1,0 +1,206 @@
+"""The image study's tooling (issue 13): --data-root on every image script, the missing-data message, distinct
+sample files, the per-class FID warning, resumable study cells and the study's code path on a miniature budget
+(a tiny feature network stands in for Inception-v3)."""
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyFeatures(torch.nn.Module):
+    """16 features from a fixed random convolution: a fast stand-in for Inception-v3 (FID needs no meaning here)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 2).flatten(1)
+
+
+@pytest.fixture
+def tiny_features(monkeypatch):
+    from kflow.vision import study
+    from kflow.vision.metrics import InceptionFeatures
+
+    monkeypatch.setattr(study, "feature_network", lambda: InceptionFeatures(TinyFeatures(), resize=16))
+
+
+def image_folder(root: Path, per_class: int = 16, classes: int = 2) -> Path:
+    """32×32 grey PNGs in one folder per class (class c: a bright square in a class-dependent corner)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, size=(32, 32)).astype(np.uint8)
+            img[4 + 12 * c:16 + 12 * c, 4:16] = 220
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_every_image_script_takes_data_root():
+    import analyze_image
+    import evaluate_image
+    import sample_image
+    import train_image
+
+    for script in (train_image, sample_image, evaluate_image, analyze_image):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--help"])
+        assert exit_.value.code == 0
+    # parse only: each parser accepts the same flag (the functions are not reached with a bad run folder)
+    for script, argv in ((sample_image, ["--run", "/nonexistent"]), (analyze_image, ["--runs", "/x", "--out", "/y"]),
+                         (evaluate_image, ["--samples", "/nonexistent.npz"])):
+        with pytest.raises((FileNotFoundError, ValueError)):
+            script.main(argv + ["--data-root", "/somewhere"])
+
+
+def test_missing_fashion_mnist_says_what_to_run(tmp_path, capsys, monkeypatch):
+    import evaluate_image
+    import train_image
+
+    from kflow.utils.cli import run_main
+
+    monkeypatch.delenv("KFLOW_FASHION_MNIST", raising=False)
+    for script, argv in ((train_image, ["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1",
+                                        "--no-progress"]),
+                         (evaluate_image, ["--samples", str(tmp_path / "s.npz"), "--data-root", str(tmp_path)])):
+        monkeypatch.setattr(sys, "argv", ["x", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            run_main(lambda: script.main(argv))
+        message = str(exit_.value.code)
+        assert message.startswith("error: Fashion-MNIST not found") and "\n" not in message
+        assert "apt-get install dataset-fashion-mnist" in message and "--data-root" in message
+        assert "KFLOW_FASHION_MNIST" in message and "root=" not in message
+    monkeypatch.setenv("KFLOW_FASHION_MNIST", str(tmp_path / "env"))
+    from kflow.vision.data import DataNotFoundError, load_fashion_mnist
+
+    with pytest.raises(DataNotFoundError, match="env"):
+        load_fashion_mnist("test")
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def test_sampling_variants_write_distinct_files_and_never_overwrite(tmp_path):
+    import sample_image
+    import train_image
+
+    run = tmp_path / "run"
+    train_image.main(["--dataset", "digits", "--model", "DiT-M/1", "--decomposition", "fourier", "--num-bands", "2",
+                      "--steps", "2", "--batch-size", "8", "--ae-steps", "2", "--ae-width", "8", "--out", str(run),
+                      "--no-progress"])
+    common = ["--run", str(run), "--num", "4", "--steps", "2"]
+    sample_image.main(common)
+    sample_image.main(common + ["--condition-tau", "0.3"])
+    sample_image.main(common + ["--method", "euler"])
+    names = sorted(p.name for p in run.glob("samples_*.npz"))
+    assert names == ["samples_euler2_n4.npz", "samples_heun2_n4.npz", "samples_heun2_n4_tau0.3.npz"]
+    before = (run / "samples_heun2_n4.npz").read_bytes()
+    with pytest.raises(ValueError, match="exists.*--out.*--overwrite"):
+        sample_image.main(common + ["--seed", "0"])
+    assert (run / "samples_heun2_n4.npz").read_bytes() == before
+    sample_image.main(common + ["--overwrite", "--seed", "0"])
+    sample_image.main(common + ["--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine.npz").exists() and (tmp_path / "mine.png").exists()
+
+
+def test_shared_latent_folder_refuses_other_settings(tmp_path):
+    import train_image
+
+    args = ["--dataset", "digits", "--model", "DiT-M/1", "--steps", "1", "--batch-size", "8", "--ae-width", "8",
+            "--latent-dir", str(tmp_path / "latents"), "--no-progress"]
+    train_image.main(args + ["--ae-steps", "2", "--out", str(tmp_path / "a"), "--decomposition", "none",
+                             "--num-bands", "1"])
+    record = json.loads((tmp_path / "latents" / "latents.json").read_text())
+    train_image.main(args + ["--ae-steps", "2", "--out", str(tmp_path / "b")])  # same latents: fine
+    assert json.loads((tmp_path / "latents" / "latents.json").read_text()) == record
+    with pytest.raises(ValueError, match="ae_steps 2 there vs 3 now"):
+        train_image.main(args + ["--ae-steps", "3", "--out", str(tmp_path / "c")])
+
+
+def test_per_class_fid_warns_below_the_threshold_and_reports_counts():
+    from kflow.vision.metrics import MIN_CLASS_SAMPLES, SmallSampleWarning, condition_dropping_scores
+
+    gen = torch.Generator().manual_seed(0)
+
+    def feats(n):
+        return torch.randn(n, 4, generator=gen, dtype=torch.float64)
+
+    labels = torch.arange(40) % 2
+    with pytest.warns(SmallSampleWarning, match=f"fewer than {MIN_CLASS_SAMPLES} samples"):
+        scores = condition_dropping_scores(feats(40), labels, feats(40), labels, feats(40), labels)
+    assert scores["min_class_samples"] == 20 and set(scores["class_fid_full"]) == {0, 1}
+    big = torch.arange(2 * MIN_CLASS_SAMPLES) % 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallSampleWarning)
+        n = 4 * MIN_CLASS_SAMPLES
+        condition_dropping_scores(feats(n), torch.arange(n) % 2, feats(len(big)), big, feats(len(big)), big)
+
+
+# ----------------------------------------------------------------------------------------------- the study
+MINI = ["train_images=24", "batch_size=8", "val_images=8", "ae_steps=2", "ae_width=8", "steps=4", "ablation_steps=4",
+        "eval_every=2", "val_samples=8", "ref_samples=16", "sweep_samples=8", "nfe=4", "cdr_per_class=4",
+        "correlation_pairs=2", "figure_pairs=2"]
+
+
+def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, capsys):
+    from benchmarks import bench_vision
+    from benchmarks.vision_study import KFLOW_ROWS, QUICK, Plan, _override
+
+    data = image_folder(tmp_path / "images")
+    out = tmp_path / "study"
+    argv = ["--study", "--quick", "--jobs", "1", "--out", str(out), "--set", f"dataset={data}", *MINI]
+    bench_vision.main(argv)
+    text = capsys.readouterr().out
+    for heading in ("Converged comparison", "Sampling budget", "Schedule ablation", "Steerability", "Verdict"):
+        assert heading in text, heading
+    results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "work" not in p.parts)
+    model_cells = [r for r in results if r.startswith("model/")]
+    # FM ×2, three K-Flow rows, the best K-Flow's second seed, three ablations; three steering cells
+    assert len(model_cells) == 9 and len([r for r in results if r.startswith("steering/")]) == 3
+    budget = _override(QUICK, [f"dataset={data}", *MINI])
+    plan = Plan(out, out / "work", budget, out / "figures")
+    best = plan.best_kflow()
+    assert best in KFLOW_ROWS
+    fm = plan.model_cell("flow matching", 0).load()
+    assert fm["steps_run"] == 4 and fm["best_step"] in (2, 4) and set(fm["sweep"]) == {"euler@4", "heun@4"}
+    kflow = plan.model_cell(best, 0).load()
+    assert set(kflow["sweep"]) == {"euler@4", "heun@4", "band@4"} and kflow["latents"] == fm["latents"]
+    assert kflow["config"]["wavelet"] in (None, "db6")
+    assert (out / "figures" / "vision_study_curves.png").stat().st_size > 1000
+    assert list((out / "figures").glob("vision_study_flow_matching_share_low_bands.png"))
+    steering = json.loads(next((out / "steering").glob("flow_matching_s0.json")).read_text())
+    assert set(steering["band_correlation"]) == {"share_low", "share_high", "independent"}
+    assert set(steering["cdr"]) == {"0.3", "0.6"}
+
+    # a rerun recomputes nothing: every cell is loaded from its JSON
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if "work" not in p.parts}
+    bench_vision.main(argv)
+    assert "training up to" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a cell whose JSON is gone is redone from its saved training (no retraining, cached features)
+    cell = plan.model_cell("flow matching", 1)
+    saved = cell.load()
+    cell.result_path.unlink()
+    bench_vision.main(argv)
+    assert "training up to" not in capsys.readouterr().out
+    assert cell.load()["sweep"] == saved["sweep"]
