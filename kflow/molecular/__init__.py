@@ -8,6 +8,8 @@ Model: ``AssemblyModelConfig`` + ``build_assembly_model``, ``RigidKFlow`` (Lapla
 ``AssemblyNetwork`` (e3nn), ``AssemblyLoss``, ``sample_assembly``/``predict_assembly``.
 Metrics: ``compute_packing_matching``, ``collision_rate``, ``separation_rate``, ``rmsd15``.
 Workflow: ``load_assembly_dataset``, ``train_assembly``, ``load_assembly_model``, ``evaluate_assembly``.
+Pretrained models: ``load_pretrained`` (a shipped name or a file), ``save_pretrained``, ``list_pretrained``; one
+molecule or crystal end to end: ``kflow.molecular.assemble.assemble`` (``kflow assemble``).
 See docs/ARCHITECTURE.md for which module owns what.
 """
 from kflow.molecular.artifacts import load_assembly_model, read_predictions, write_predictions
@@ -22,6 +24,7 @@ from kflow.molecular.metrics import (PackingMatching, aggregate_min_over_repeats
                                      compute_packing_matching, rmsd15, separation_rate)
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.objective import AssemblyLoss
+from kflow.molecular.pretrained import list_pretrained, load_pretrained, save_pretrained
 from kflow.molecular.sampling import predict_assembly, sample_assembly
 from kflow.molecular.sources import (build_cluster_dataset, build_clusters_from_files, build_csd500_dataset,
                                      build_demo_dataset)
@@ -38,5 +41,5 @@ __all__ = [
     "collision_rate", "compute_packing_matching", "rmsd15", "separation_rate", "AssemblyFlowModel",
     "AssemblyNetwork", "sample_assembly", "predict_assembly", "AssemblyLoss", "AssemblyModelConfig",
     "build_assembly_model", "load_assembly_model", "read_predictions", "write_predictions", "load_assembly_dataset",
-    "train_assembly", "evaluate_assembly",
+    "train_assembly", "evaluate_assembly", "load_pretrained", "save_pretrained", "list_pretrained",
 ]
