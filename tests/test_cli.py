@@ -99,7 +99,7 @@ def test_assemble_molecule_file_with_mirrored_copies(tiny_model, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["input"]["kind"] == "molecule" and "metrics" not in summary and not (out / "truth.extxyz").exists()
     assert summary["start"]["mirror"] == "half" and summary["start"]["mirrored_copies"] == 8
-    assert 150 < summary["start"]["volume_per_molecule"] < 300  # GASXON's crystal: 236 Å³ per molecule
+    assert 200 < summary["start"]["volume_per_molecule"] < 280  # GASXON's crystal: 230 Å³ per molecule
     from rdkit import Chem
 
     mol = Chem.MolFromMolFile(str(SDF), removeHs=False)
