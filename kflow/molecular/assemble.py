@@ -27,6 +27,7 @@ swapped in when complete (``store.staged_folder``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -675,9 +676,33 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
-def _timer():
-    t0 = time.perf_counter()
-    return lambda: round(time.perf_counter() - t0, 3)
+class _Phases:
+    """One progress line over the steps of ``assemble`` (each may take a second or more: the first imports, the
+    conformer, the model, sampling, plotting) and their wall times."""
+
+    NAMES = ("reading input", "loading model", "building starts", "sampling", "scoring", "writing")
+
+    def __init__(self, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(self.NAMES), bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
+                        disable=not enabled, leave=False)
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.bar.set_description_str(f"kflow assemble: {name}")
+        t0 = time.perf_counter()
+        yield
+        self.timings[name.replace(" ", "_") + "_s"] = round(time.perf_counter() - t0, 3)
+        self.bar.update(1)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+    def close(self):
+        self.bar.close()
 
 
 def assemble(source: str, out_dir: str | os.PathLike, model: str = "hard", smiles: bool = False,
@@ -690,9 +715,6 @@ def assemble(source: str, out_dir: str | os.PathLike, model: str = "hard", smile
     ``seed`` are sampled in ``steps`` band steps (default: the model's ``sample_steps``) and ranked by
     ``contact_scores``; ``mirror`` ("none" | "half", default: the model's) applies to lone molecules.
     Every failure (bad input, missing model) raises before anything is written."""
-    from kflow.molecular.pretrained import load_pretrained, resolve_pretrained
-
-    total, timings = _timer(), {}
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     if steps is not None and steps < 1:
@@ -701,55 +723,65 @@ def assemble(source: str, out_dir: str | os.PathLike, model: str = "hard", smile
         raise ValueError(f"--mirror must be one of {MIRROR_MODES}, got {mirror!r}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    clock = _timer()
-    inp = read_assembly_input(source, smiles=smiles, seed=seed)
-    timings["read_input_s"] = clock()
-    clock = _timer()
-    model_path = resolve_pretrained(model)
-    net, rigid, meta = load_pretrained(model_path)
-    check_input(inp, meta, f"model {model!r}")
-    timings["load_model_s"] = clock()
+    phase = _Phases(progress)
+    try:
+        summary = _assemble(source, out_dir, model, smiles, samples, steps, seed, mirror, progress, phase)
+    finally:
+        phase.close()
+    if log is not None:
+        for line in summary["input"]["notes"]:
+            log(f"note: {line}")
+    return {**summary, "total_s": phase.elapsed()}
+
+
+def _assemble(source, out_dir: Path, model, smiles, samples, steps, seed, mirror, progress, phase: _Phases) -> dict:
+    from kflow.molecular.pretrained import load_pretrained, resolve_pretrained
+
+    with phase("reading input"):
+        inp = read_assembly_input(source, smiles=smiles, seed=seed)
+    with phase("loading model"):
+        model_path = resolve_pretrained(model)
+        net, rigid, meta = load_pretrained(model_path)
+        check_input(inp, meta, f"model {model!r}")
     notes = list(inp.notes)
     mirror_mode = mirror or meta["mirror"]
-    clock = _timer()
-    if inp.kind == "molecule":
-        volume = estimate_volume_per_molecule(inp.atomic_numbers, inp.positions)
-        clusters = lone_molecule_starts(inp, samples, seed, mirror_mode, volume)
-        references = torch.from_numpy(_reference_copies(inp, mirror_mode))[None].expand(samples, -1, -1, -1)
-        start = {"preset": "hard", "mirror": mirror_mode, "mirrored_copies": int(_mirrored(mirror_mode).sum()),
-                 "volume_per_molecule": volume,
-                 "volume_source": f"van der Waals volume / packing coefficient {PACKING_COEFFICIENT}"}
-        if meta["preset"] != "hard":
-            notes.append(f"model {model!r} was trained on {meta['preset']!r} starts (each molecule near its target); a "
-                         "lone molecule gets a 'hard' start, which it was not trained for")
-    else:
-        clusters = crystal_starts(inp, samples, seed, meta["preset"])
-        references = torch.stack([_molecules(c.final_positions.double()[None], clusters)[0] for c in clusters])
-        cell_volume = abs(float(np.linalg.det(inp.molecules.cell))) / len(inp.molecules.positions)
-        start = {"preset": meta["preset"], "mirror": "as in the crystal", "volume_per_molecule": cell_volume,
-                 "volume_source": "crystal cell"}
-        if mirror is not None:
-            notes.append("--mirror applies to lone molecules; a crystal's copies keep their own handedness")
-    timings["starts_s"] = clock()
+    with phase("building starts"):
+        if inp.kind == "molecule":
+            volume = estimate_volume_per_molecule(inp.atomic_numbers, inp.positions)
+            clusters = lone_molecule_starts(inp, samples, seed, mirror_mode, volume)
+            references = torch.from_numpy(_reference_copies(inp, mirror_mode))[None].expand(samples, -1, -1, -1)
+            start = {"preset": "hard", "mirror": mirror_mode, "mirrored_copies": int(_mirrored(mirror_mode).sum()),
+                     "volume_per_molecule": volume,
+                     "volume_source": f"van der Waals volume / packing coefficient {PACKING_COEFFICIENT}"}
+            if meta["preset"] != "hard":
+                notes.append(f"model {model!r} was trained on {meta['preset']!r} starts (each molecule near its "
+                             "target); a lone molecule gets a 'hard' start, which it was not trained for")
+        else:
+            clusters = crystal_starts(inp, samples, seed, meta["preset"])
+            references = torch.stack([_molecules(c.final_positions.double()[None], clusters)[0] for c in clusters])
+            cell_volume = abs(float(np.linalg.det(inp.molecules.cell))) / len(inp.molecules.positions)
+            start = {"preset": meta["preset"], "mirror": "as in the crystal", "volume_per_molecule": cell_volume,
+                     "volume_source": "crystal cell"}
+            if mirror is not None:
+                notes.append("--mirror applies to lone molecules; a crystal's copies keep their own handedness")
     steps = steps or int(meta.get("sample_steps", 10))
-    clock = _timer()
-    positions, sampler_residual = predict_clusters(net, rigid, clusters, references.contiguous(), steps, seed,
-                                                   progress)
-    timings["sampling_s"] = clock()
-    clock = _timer()
-    _check_rigid(positions, references, clusters, sampler_residual)
-    scores = [contact_scores(positions[k], clusters[k]) for k in range(samples)]
-    order = rank_samples(scores)
+    with phase("sampling"):
+        positions, sampler_residual = predict_clusters(net, rigid, clusters, references.contiguous(), steps, seed,
+                                                       progress)
     truth = inp.kind == "crystal"
-    sample_rows = []
-    for k, score in enumerate(scores):
-        row = {"sample": k, "rank": order.index(k) + 1, "start_seed": clusters[k].info.get("start_seed"),
-               "draw": k if truth else None, **score}
-        if truth:
-            row["metrics"] = truth_metrics(clusters[k], positions[k])
-        sample_rows.append({key: v for key, v in row.items() if v is not None})
+    with phase("scoring"):
+        _check_rigid(positions, references, clusters, sampler_residual)
+        scores = [contact_scores(positions[k], clusters[k]) for k in range(samples)]
+        order = rank_samples(scores)
+        sample_rows = []
+        for k, score in enumerate(scores):
+            row = {"sample": k, "rank": order.index(k) + 1, "start_seed": clusters[k].info.get("start_seed"),
+                   "draw": k if truth else None, **score}
+            if truth:
+                row["metrics"] = truth_metrics(clusters[k], positions[k])
+            sample_rows.append({key: v for key, v in row.items() if v is not None})
+        start_metrics = truth_metrics(clusters[order[0]], clusters[order[0]].initial_positions) if truth else None
     best = order[0]
-    timings["scoring_s"] = clock()
     summary = {
         "input": {"kind": inp.kind, "source": inp.source, "name": inp.name, "reader": inp.reader,
                   "formula": inp.formula, "atoms_per_molecule": len(inp.atomic_numbers),
@@ -768,14 +800,12 @@ def assemble(source: str, out_dir: str | os.PathLike, model: str = "hard", smile
     }
     if truth:
         summary["metrics"] = sample_rows[best]["metrics"]
-        summary["start_metrics"] = truth_metrics(clusters[best], clusters[best].initial_positions)
-    timings["total_before_writing_s"] = total()  # summary.json is written with the outputs, so it cannot time them
-    summary["timings"] = timings
-    files = write_assembly_outputs(out_dir, clusters, positions, order, summary, truth)
-    if log is not None:
-        for line in notes:
-            log(f"note: {line}")
-    return {**summary, "files": files, "total_s": total()}
+        summary["start_metrics"] = start_metrics
+    # summary.json is written with the outputs, so it holds the times up to writing
+    summary["timings"] = {**phase.timings, "total_before_writing_s": phase.elapsed()}
+    with phase("writing"):
+        files = write_assembly_outputs(out_dir, clusters, positions, order, summary, truth)
+    return {**summary, "files": files}
 
 
 def _check_rigid(positions: torch.Tensor, references: torch.Tensor, clusters: Sequence[Cluster],
