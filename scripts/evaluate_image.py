@@ -2,7 +2,7 @@
 """FID, precision and recall of generated images against a reference set (offline Inception-v3 features);
 class-aware FID and the Class-Dropping-Ratio when samples with the condition kept and dropped are given.
 
-    python scripts/evaluate_image.py --samples runs/RUN/samples.npz --reference fashion-mnist-test
+    python scripts/evaluate_image.py --samples runs/RUN/samples_heun50_n1000.npz --reference fashion-mnist-test
     python scripts/evaluate_image.py --samples full.npz --dropped dropped.npz --reference fashion-mnist-test
 
 Per-class FIDs (for the CDR) warn when a class has fewer than 100 samples on either side.

@@ -157,7 +157,7 @@ def test_per_class_fid_warns_below_the_threshold_and_reports_counts():
 
 # ----------------------------------------------------------------------------------------------- the study
 MINI = ["train_images=24", "batch_size=8", "val_images=8", "ae_steps=2", "ae_width=8", "steps=4", "ablation_steps=4",
-        "eval_every=2", "val_samples=8", "ref_samples=16", "sweep_samples=8", "nfe=4", "cdr_per_class=4",
+        "eval_every=2", "val_samples=8", "ref_samples=16", "sweep_samples=8", "nfe=4,20", "cdr_per_class=4",
         "correlation_pairs=2", "figure_pairs=2"]
 
 
@@ -181,9 +181,13 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     best = plan.best_kflow()
     assert best in KFLOW_ROWS
     fm = plan.model_cell("flow matching", 0).load()
-    assert fm["steps_run"] == 4 and fm["best_step"] in (2, 4) and set(fm["sweep"]) == {"euler@4", "heun@4"}
+    assert fm["steps_run"] == 4 and fm["best_step"] in (2, 4)
+    assert set(fm["sweep"]) == {"euler@4", "heun@4", "euler@20", "heun@20"}
     kflow = plan.model_cell(best, 0).load()
-    assert set(kflow["sweep"]) == {"euler@4", "heun@4", "band@4"} and kflow["latents"] == fm["latents"]
+    assert set(kflow["sweep"]) == {f"{m}@{n}" for m in ("euler", "heun", "band") for n in (4, 20)}
+    assert kflow["latents"] == fm["latents"]
+    ablation = json.loads(next((out / "model").glob("*high_low_s0.json")).read_text())
+    assert set(ablation["sweep"]) == {"heun@20", "band@20"} and ablation["config"]["order"] == "high_to_low"
     assert kflow["config"]["wavelet"] in (None, "db6")
     assert (out / "figures" / "vision_study_curves.png").stat().st_size > 1000
     assert list((out / "figures").glob("vision_study_flow_matching_share_low_bands.png"))

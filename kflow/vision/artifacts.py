@@ -15,8 +15,8 @@ Run folder (written by ``kflow.vision.workflow.train_image_model``):
     pca.pt              the fitted PCA basis (PCA decomposition only)
     checkpoints/        the Trainer's checkpoints (``last.pt`` is loaded); metrics.jsonl / metrics.csv its logs
 
-Samples (``sample_image.py`` writes, ``evaluate_image.py`` reads; the default prefix names the sampling settings,
-``samples_paths``/``default_samples_prefix``, and an existing file is never replaced silently): ``<prefix>.npz`` with ``images`` float32
+Samples (``sample_image.py`` writes, ``evaluate_image.py`` reads; ``default_samples_prefix`` names the sampling
+settings, and an existing file is never replaced silently): ``<prefix>.npz`` with ``images`` float32
 [N, C, H, W] in [0, 1] (uint8 [N, H, W] or [N, H, W, C] images are accepted when reading) and ``labels`` int64 [N]
 (−1 for unconditional samples), beside a PNG grid ``<prefix>.png``; metrics go to ``<prefix>.metrics.json``.
 
@@ -47,7 +47,8 @@ __all__ = ["IMAGE_CONFIG_FILE", "PCA_FILE", "CHECKPOINT_FILE", "AUTOENCODER_FILE
            "default_run_dir", "write_run_config", "read_run_config", "load_latent_space", "load_image_model",
            "LatentCacheError", "LATENT_RECORD_FILE", "read_latent_record", "write_latent_record", "latent_fingerprint",
            "write_latent_cache", "read_latent_cache", "load_or_build_latent_cache",
-           "write_samples", "read_samples", "sample_paths", "default_samples_prefix", "write_metrics", "save_image_grid"]
+           "write_samples", "read_samples", "sample_paths", "default_samples_prefix", "write_metrics",
+           "save_image_grid"]
 
 IMAGE_CONFIG_FILE = "image_config.json"
 PCA_FILE = "pca.pt"

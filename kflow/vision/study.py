@@ -295,8 +295,9 @@ class _ValidationFID:
 
 def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, log=print) -> dict:
     """Train ``cell.config`` (seed ``cell.seed``) for at most ``cell.steps`` steps with validation-FID checkpoint
-    selection, then sample the best weights at every sweep setting and score FID / precision / recall against the
-    test reference. A finished cell is loaded, not recomputed."""
+    selection, then sample the best weights at every sweep setting (``sweep_settings``; ``cell.extra`` may keep
+    only some "methods" and "nfe") and score FID / precision / recall against the test reference. A finished cell
+    is loaded, not recomputed."""
     done = cell.load()
     if done is not None:
         return done
@@ -328,7 +329,9 @@ def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
     dit.eval()
     labels = ctx.balanced_labels(budget.sweep_samples)
     sweep, t1 = {}, time.perf_counter()
-    for method, nfe, steps in sweep_settings(cell.config, budget.nfe):
+    settings = [(m, n, k) for m, n, k in sweep_settings(cell.config, budget.nfe)
+                if m in cell.extra.get("methods", (m,)) and n in cell.extra.get("nfe", (n,))]
+    for method, nfe, steps in settings:
         f = ctx.features(cell.run_dir / f"features_{method}_nfe{nfe}_n{budget.sweep_samples}.pt",
                          lambda: ctx.images(dit, flow, labels, steps, method, TEST_SEED), progress)
         precision, recall = precision_recall(ctx.test_features, f)

@@ -35,7 +35,8 @@ from kflow.vision.objective import ImageFlowLoss
 from kflow.vision.sampling import SamplingConfig, generate_images, sample_latents
 from kflow.vision.steering import steering_figures
 
-__all__ = ["prepare_latents", "clear_latent_folder", "train_image_model", "sample_images", "load_reference_images", "evaluate_images",
+__all__ = ["prepare_latents", "clear_latent_folder", "train_image_model", "sample_images", "load_reference_images",
+           "evaluate_images",
            "analyze_runs", "PADDED_SIZE", "WARMUP_FRACTION", "MAX_WARMUP_STEPS"]
 
 PADDED_SIZE = 32  # 28×28 images (Fashion-MNIST) are zero-padded to 32×32, a grid the autoencoder halves twice
@@ -53,7 +54,8 @@ def prepare_latents(data: ImageDataConfig, latent_dir: str | os.PathLike, progre
 
     A "conv" autoencoder is trained on the training images and saved as latent_dir/autoencoder.pt (reused when
     present); latent_dir/latents.json records what the folder's latents were made from, and a folder made from
-    another ``data.description()`` raises ``ValueError`` instead of being reused or re-encoded. Under torchrun, rank 0 trains and encodes while the other ranks wait, then read.
+    another ``data.description()`` raises ``ValueError`` instead of being reused or re-encoded. Under torchrun,
+    rank 0 trains and encodes while the other ranks wait, then read.
     """
     latent_dir = Path(latent_dir)
     if dist_utils.is_main_process():
