@@ -5,7 +5,7 @@ Input (``read_assembly_input``) is one of
   hydrogens added, one ETKDG conformer embedded with the seed, MMFF-optimised, UFF where MMFF lacks parameters);
 - a crystal: a CIF, an extxyz (or any ASE-readable file) with a periodic cell, or an ASE database row. A file with
   several structures needs ``PATH@N``: for an ASE database N is the row id (``crystals.db@3``), for other files
-  the 0-based position of the structure (CIF data block, extxyz frame).
+  the 0-based position of the structure (CIF data block, SDF record, extxyz frame).
 
 A molecule alone gets 17 start copies with the ``hard`` preset logic (random orientations, centroids placed at
 random without overlap at crystal density). The density comes from the molecule alone: its van der Waals volume
