@@ -507,7 +507,8 @@ def contact_scores(positions: torch.Tensor, cluster: Cluster) -> dict:
     centroids = index_centroids(x, mol, cluster.num_molecules)
     rg = (centroids - centroids.mean(0)).square().sum(-1).mean().sqrt().item()
     return {"close_contacts": int(close.sum().item() // 2), "radius_of_gyration": rg,
-            "collision_pct": float(collision_rate(x, mol, z)[0]), "separation_pct": float(separation_rate(x, mol, z)[0])}
+            "collision_pct": float(collision_rate(x, mol, z)[0]),
+            "separation_pct": float(separation_rate(x, mol, z)[0])}
 
 
 def _polar_hydrogens(x: torch.Tensor, z: torch.Tensor, mol: torch.Tensor) -> torch.Tensor:

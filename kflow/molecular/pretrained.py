@@ -202,7 +202,8 @@ def merge_training_store(primary, extras: Sequence, path: str | os.PathLike, spl
     sources, excluded, picks = [], set(), []
     picks.append((primary, train.indices_))
     sources.append({"dataset": names[0], "store": str(primary.path), "build_key": primary.meta.get("build_key"),
-                    "split": f"train (seed {split_seed})", "clusters": len(train), "crystals": len(set(train.crystals))})
+                    "split": f"train (seed {split_seed})", "clusters": len(train),
+                    "crystals": len(set(train.crystals))})
     for name, store in zip(names[1:], extras):
         keep = [i for i, c in enumerate(store.crystals) if _family(c) not in held_out]
         excluded.update(c for c in store.crystals if _family(c) in held_out)
