@@ -18,18 +18,17 @@ on a free one, as bench_vision measured; sampling is cheap next to both). Two wo
 
     shared: autoencoder 1000 steps (~4/s, 250 s), encoding, reference features 1000 val + 2000 test (300 s)
             -> ~600 s on one worker while the other waits                                        ~1,200 worker-s
-    7 trainings of <= 6000 steps (FM ×2, Fourier, Wavelet, PCA, best K-Flow seed 1, 3 ablations = 9 in all)
-            9 × 600 s                                                                            ~5,400
+    9 trainings of <= 6000 steps (FM ×2, Fourier, Wavelet, PCA, best K-Flow seed 1, 3 ablations): 9 × 600 s ~5,400
     validation: 8 evaluations a run × 500 samples (~55 s with sampling) × 9 runs                 ~4,000
     sweep: FM 8 settings, K-Flow 12 (NFE 4/10/20/50 × Euler/Heun[/band]); 2 FM + 4 K-Flow runs = 64 settings
-            × 500 samples (~55 s); ablations: none (their validation curves and headline rows come from the same
-            validation protocol, see below)                                                         ~3,500
+            × 500 samples (~55 s)                                                                ~3,500
+    ablations: Heun and band step at 20 NFE only, 3 × 2 × 55 s                                      ~330
     steering: CDR for FM and the best K-Flow (1000 kept + 2 × 1000 dropped, ~330 s each + 20 per-class FIDs),
-            correlations and grids for 3 models                                                     ~1,000
-    total ~15,100 worker-s = ~126 min with two workers, ~20 min of slack for imbalance and load.
+            correlations and grids for 3 models                                                  ~1,000
+    total ~15,400 worker-s = ~128 min with two workers, ~20 min of slack for imbalance and load.
 
-The ablation rows train the same 6000 steps but are swept only at the headline sampler (Heun, 20 NFE) and the band
-step at 20 NFE. Early stopping (3 validation evaluations without improvement) only shortens this. 6000 steps is
+The ablation rows train the same 6000 steps; their schedules are compared on validation FID at equal steps and on
+test FID at 20 NFE. Early stopping (3 validation evaluations without improvement) only shortens this. 6000 steps is
 well below the ~15k the issue expected: 15k steps for 9 runs alone would take ~225 worker-minutes, and the FID
 evaluations cost as much again on a CPU; the table states each row's steps and whether its validation FID had
 stopped improving.

@@ -39,7 +39,7 @@ def tiny_features(monkeypatch):
     from kflow.vision import study
     from kflow.vision.metrics import InceptionFeatures
 
-    monkeypatch.setattr(study, "feature_network", lambda: InceptionFeatures(TinyFeatures(), resize=16))
+    monkeypatch.setattr(study, "feature_network", lambda path: InceptionFeatures(TinyFeatures(), resize=16))
 
 
 def image_folder(root: Path, per_class: int = 16, classes: int = 2) -> Path:
@@ -208,3 +208,29 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     bench_vision.main(argv)
     assert "training up to" not in capsys.readouterr().out
     assert cell.load()["sweep"] == saved["sweep"]
+
+
+def test_validation_fid_keeps_the_best_weights_and_stops_on_a_plateau(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kflow.vision import study
+
+    fids = iter([5.0, 4.0, 4.5, 4.6, 3.0])
+    monkeypatch.setattr(study, "frechet_distance", lambda a, b: next(fids))
+    monkeypatch.setattr(study, "extract_features", lambda net, images: images)
+    ctx = SimpleNamespace(budget=study.VisionStudyBudget(patience=2, val_samples=4), val_features=None, net=None,
+                          balanced_labels=lambda n: torch.zeros(n), images=lambda *a, **k: torch.zeros(4, 2))
+    model = torch.nn.Linear(2, 2)
+    selector = study._ValidationFID(ctx, tmp_path / "run")
+    for step, weight in ((2, 0.0), (4, 1.0)):
+        torch.nn.init.constant_(model.weight, weight)
+        assert selector(model, None, step) == {"fid": 5.0 if step == 2 else 4.0}
+    torch.nn.init.constant_(model.weight, 2.0)
+    selector(model, None, 6)  # worse: one evaluation without improvement
+    resumed = study._ValidationFID(ctx, tmp_path / "run")  # an interrupted run reads its history back
+    with pytest.raises(study.PlateauReached):
+        resumed(model, None, 8)  # worse again: patience 2 reached
+    state = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert state["best_step"] == 4 and state["best_fid"] == 4.0 and state["stopped"]
+    assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
+    assert torch.equal(torch.load(tmp_path / "run" / "best.pt")["weight"], torch.ones(2, 2))  # step 4's weights

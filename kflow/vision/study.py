@@ -80,6 +80,7 @@ class VisionStudyBudget:
     correlation_pairs: int = 64
     figure_pairs: int = 6
     threads: int = 1  # torch threads per worker process
+    feature_net: str | None = None  # a TorchScript feature network instead of Inception-v3 (development only)
 
     def __post_init__(self):
         object.__setattr__(self, "nfe", tuple(int(n) for n in self.nfe))
@@ -173,9 +174,9 @@ class StudyCell:
 
 
 # ---------------------------------------------------------------------------------------------- shared context
-def feature_network():
-    """The FID feature network (offline Inception-v3); the tests replace this with a tiny one."""
-    return InceptionFeatures()
+def feature_network(path: str | None = None):
+    """The FID feature network: the offline Inception-v3, or a TorchScript file (development and tests)."""
+    return InceptionFeatures(path)
 
 
 @dataclass
@@ -235,12 +236,16 @@ def prepare_study(budget: VisionStudyBudget, work: str | Path, data_root: str | 
     record = read_latent_record(work / "latents")
     val, test, test_labels = _split_images(budget, data_root)
     ctx = StudyContext(budget, work, ae.eval(), latents, labels, record["fingerprint"], val.shape[-1],
-                       int(labels.max()) + 1, feature_network(), torch.empty(0), torch.empty(0), test_labels,
+                       int(labels.max()) + 1, feature_network(budget.feature_net), torch.empty(0), torch.empty(0), test_labels,
                        data_root)
+    t1 = time.perf_counter()
+    cached = (work / f"features_test_{budget.ref_samples}.pt").exists()
     ctx.val_features = ctx.features(work / f"features_val_{budget.val_images}.pt", lambda: val, progress)
     ctx.test_features = ctx.features(work / f"features_test_{budget.ref_samples}.pt", lambda: test, progress)
+    # The FID feature rate sizes the whole study (see benchmarks/vision_study.py): report it when measured.
+    rate = "" if cached else f", {(len(val) + len(test)) / (time.perf_counter() - t1):.1f} images/s"
     log(f"[prepare] latents {tuple(latents.shape)} (fingerprint {ctx.fingerprint}), reference features "
-        f"{len(ctx.val_features)} val + {len(ctx.test_features)} test ({time.perf_counter() - t0:.0f} s)")
+        f"{len(ctx.val_features)} val + {len(ctx.test_features)} test{rate} ({time.perf_counter() - t0:.0f} s)")
     return ctx
 
 
