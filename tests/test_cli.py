@@ -294,6 +294,25 @@ def test_train_pretrained_script_packages_a_model(tiny_stores, tmp_path, capsys)
     assert 6 in meta["elements"] and meta["max_atoms"] >= 3
 
 
+def test_train_pretrained_on_one_data_set_reproduces_the_study_cell(tiny_stores, tmp_path):
+    """With the study's data set alone, the packaged model is the study's cell: same split, budget, selection and
+    test metrics (so a shipped model can be checked against the study's row)."""
+    from kflow.molecular.pretrained import train_pretrained
+    from kflow.molecular.store import ClusterStore
+    from kflow.molecular.study import StudyBudget, StudyCell, run_model_cell
+
+    config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1)
+    budget = StudyBudget(epochs=1, evals=1, val_clusters=1, sample_steps=2)
+    cell = run_model_cell(StudyCell("tiny", "mild", "k2", 0, tmp_path / "study", tmp_path / "work", config),
+                          ClusterStore(tiny_stores[0]), budget, log=lambda *_: None)
+    meta = train_pretrained(tmp_path / "m.pt", config, preset="mild", datasets=[tiny_stores[0]], root=tmp_path,
+                            work=tmp_path / "pre", epochs=1, evals=1, val_clusters=1, sample_steps=2, progress=False,
+                            log=lambda *_: None)
+    assert meta["training"]["steps"] == cell["steps"] and meta["training"]["best_step"] == cell["best_step"]
+    for metric, value in cell["metrics"].items():
+        assert meta["test_metrics"]["model"][metric]["mean"] == pytest.approx(value["mean"], abs=1e-5), metric
+
+
 def test_python_dash_m_kflow_help():
     result = subprocess.run([sys.executable, "-m", "kflow", "--help"], capture_output=True, text=True, timeout=120,
                             cwd=REPO)

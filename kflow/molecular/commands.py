@@ -68,9 +68,13 @@ TRAIN_PRETRAINED_HELP = """Train, test and package a pretrained model for `kflow
 CSD-500 plus the embedded pyxtal crystals (compounds of the CSD-500 validation/test splits removed), checkpoint
 selection on the CSD-500 validation split, metrics on the CSD-500 test split, written with save_pretrained.
 
+With --datasets csd500 alone it trains exactly the study's cell for that configuration and seed (same split,
+budget and checkpoint selection; benchmarks/assembly_study.py), so its test metrics are the study's row.
+
 Examples:
     python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained/hard.pt
     python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained/mild.pt --num-bands 2
+    python scripts/train_pretrained.py --preset hard --datasets csd500 --out /tmp/hard_study.pt   # the study's cell
     python scripts/train_pretrained.py --preset hard --out /tmp/tiny.pt --steps 4 --evals 1 --val-clusters 2 \\
         --hidden-irreps "8x0e + 2x1o + 2x1e" --molecule-layers 1      # a smoke test
 """

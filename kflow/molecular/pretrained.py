@@ -244,6 +244,9 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
     holds the run; ``resume`` continues an interrupted one (``overwrite``, ``deterministic``: as in
     ``train_assembly``). ``mirror``: how ``kflow assemble`` makes the copies
     of a lone molecule for this model (recorded, see README "For chemists").
+
+    With one data set, and the study's budget (the defaults), this is exactly ``study.run_model_cell`` of that
+    configuration and seed: same clusters in the same order, steps, selection and test metrics.
     """
     from kflow.molecular.datasets import ClusterDataset
     from kflow.molecular.sampling import predict_assembly
