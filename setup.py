@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kflow", "kflow.*"]),
     # The pretrained assembly models (kflow.molecular.pretrained.load_pretrained finds them by name).
-    package_data={"kflow.molecular": ["pretrained/*.pt", "pretrained/README.md"]},
+    package_data={"kflow.molecular": ["pretrained_models/*.pt", "pretrained_models/README.md"]},
     include_package_data=True,
     install_requires=[
         # Any torch >= 2.1 works; `make install` pins the CPU build 2.13.0 first so pip never pulls CUDA wheels.

@@ -2,8 +2,8 @@
 """Train, test and package a pretrained model for `kflow assemble` (kflow.molecular.pretrained.train_pretrained,
 argument parsing in kflow.molecular.commands.train_pretrained_main).
 
-    python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained/hard.pt
-    python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained/mild.pt
+    python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained_models/hard.pt
+    python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained_models/mild.pt
 """
 
 from kflow.molecular.commands import train_pretrained_main

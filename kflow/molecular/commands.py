@@ -72,8 +72,8 @@ With --datasets csd500 alone it trains exactly the study's cell for that configu
 budget and checkpoint selection; benchmarks/assembly_study.py), so its test metrics are the study's row.
 
 Examples:
-    python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained/hard.pt
-    python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained/mild.pt --num-bands 2
+    python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained_models/hard.pt
+    python scripts/train_pretrained.py --preset mild --out kflow/molecular/pretrained_models/mild.pt --num-bands 2
     python scripts/train_pretrained.py --preset hard --datasets csd500 --out /tmp/hard_study.pt   # the study's cell
     python scripts/train_pretrained.py --preset hard --out /tmp/tiny.pt --steps 4 --evals 1 --val-clusters 2 \\
         --hidden-irreps "8x0e + 2x1o + 2x1e" --molecule-layers 1      # a smoke test
@@ -333,7 +333,7 @@ def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
     from kflow.molecular.pretrained import MIRROR_MODES, PRESETS
 
     p = _parser(TRAIN_PRETRAINED_HELP, prog)
-    p.add_argument("--out", required=True, help="the pretrained file (kflow/molecular/pretrained/<name>.pt ships "
+    p.add_argument("--out", required=True, help="the pretrained file (kflow/molecular/pretrained_models/<name>.pt ships "
                                                 "it as model <name>)")
     p.add_argument("--preset", required=True, choices=PRESETS, help="start preset of the training clusters")
     p.add_argument("--mirror", default="none", choices=MIRROR_MODES,

@@ -10,7 +10,7 @@ code), holding
                 ("hard" | "mild"), the --mirror mode, the largest molecule and the elements of the training data,
                 and the test metrics}
 
-Names resolve to ``kflow/molecular/pretrained/<name>.pt`` (package data, so editable and normal installs find
+Names resolve to ``kflow/molecular/pretrained_models/<name>.pt`` (package data, so editable and normal installs find
 them); any other path is read as it is.
 
     model, rigid, meta = load_pretrained("hard")
@@ -45,7 +45,7 @@ __all__ = ["save_pretrained", "load_pretrained", "read_pretrained", "list_pretra
 
 PRETRAINED_FORMAT = "kflow-pretrained"
 PRETRAINED_VERSION = 1
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained_models"
 # What ``kflow assemble`` needs to know about a model before it predicts: which start it was trained for, how the
 # copies of a lone molecule are made, and which molecules it has seen (elements, size).
 REQUIRED_META = ("preset", "mirror", "elements", "max_atoms")
@@ -89,7 +89,7 @@ def save_pretrained(path: str | os.PathLike, model: torch.nn.Module, config: Ass
 
 
 def list_pretrained() -> list[str]:
-    """Names of the pretrained models shipped with this installation (``kflow/molecular/pretrained/*.pt``)."""
+    """Names of the pretrained models shipped with this installation (``kflow/molecular/pretrained_models/*.pt``)."""
     return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt")) if PRETRAINED_DIR.is_dir() else []
 
 
@@ -250,7 +250,7 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
     """
     from kflow.molecular.datasets import ClusterDataset
     from kflow.molecular.sampling import predict_assembly
-    from kflow.molecular.study import SELECT_METRIC, _BestCheckpoint, first_clusters
+    from kflow.molecular.study import SELECT_METRIC, BestCheckpoint, first_clusters
     from kflow.molecular.workflow import evaluate_assembly, load_assembly_dataset, train_assembly
 
     if preset not in PRESETS:
@@ -280,7 +280,7 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
             (run_dir / stale).unlink(missing_ok=True)
     _, rigid = build_assembly_model(config)
     metric = SELECT_METRIC[preset]
-    selector = _BestCheckpoint(run_dir, val, rigid, metric, sample_steps)
+    selector = BestCheckpoint(run_dir, val, rigid, metric, sample_steps)
     log(f"training {out.name}: {len(store)} clusters, {steps} steps, validation on {len(val)} {datasets[0]} "
         f"clusters every {eval_every} steps ({metric})")
     t0 = time.perf_counter()

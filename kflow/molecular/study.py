@@ -29,7 +29,7 @@ from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
 from kflow.utils.io import atomic_save, atomic_write_text, safe_filename
 
-__all__ = ["StudyBudget", "StudyCell", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
+__all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
            "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
@@ -130,7 +130,7 @@ def _eval_record(results: dict) -> dict:
     return {k: v["mean"] for k, v in _metrics_summary(results).items()}
 
 
-class _BestCheckpoint:
+class BestCheckpoint:
     """eval_fn for ``train_assembly``: scores the EMA model on validation clusters and keeps the best weights
     (``best.pt`` + ``best.json``, atomic, so a resumed run keeps the best of its earlier part)."""
 
@@ -165,7 +165,7 @@ def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool =
     test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
     steps, eval_every = budget.steps(len(train)), budget.eval_every(len(train))
     _, rigid = build_assembly_model(cell.config)
-    selector = _BestCheckpoint(cell.run_dir, val, rigid, SELECT_METRIC[cell.preset], budget.sample_steps)
+    selector = BestCheckpoint(cell.run_dir, val, rigid, SELECT_METRIC[cell.preset], budget.sample_steps)
     log(f"[{cell.slug}] {steps} steps ({budget.epochs:g} epochs of {len(train)} clusters), validation every "
         f"{eval_every}")
     t0 = time.perf_counter()
