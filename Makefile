@@ -31,6 +31,7 @@ bench: install
 	-$(PY) -m benchmarks.bench_moldata
 	-$(PY) -m benchmarks.bench_assembly --network-only
 	-$(PY) -m benchmarks.bench_assembly
+	-$(PY) -m benchmarks.bench_assemble
 	-$(MAKE) --no-print-directory data && $(PY) -m benchmarks.bench_vision
 
 # Fashion-MNIST for the image scripts: the Debian package's IDX files (root installs them; anyone else is told
