@@ -221,17 +221,17 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
 def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, configs: dict[str, AssemblyModelConfig],
                             steps: int, batch_size: int = 4, sample_steps: int = 20, repeats: int = 1,
                             seed: int = 0, split_seed: int = 0, log=print):
-    """Train every model of ``configs`` (label -> config) with the same budget in ``out_dir/<label index>``
+    """Train every model of ``configs`` (label -> config) with the same budget in ``out_dir/<label>``
     (resuming finished or interrupted runs), sample the test split and evaluate it next to the identity baseline.
 
     Returns ({label: evaluate_assembly results}, {label: timings}); "identity (initial cluster)" comes first."""
     test = ClusterDataset(store, split="test", seed=split_seed)
     _check_split(test, "test")
     results, timings = {"identity (initial cluster)": evaluate_assembly(test)}, {}
-    for i, (label, config) in enumerate(configs.items()):
+    for label, config in configs.items():
         log(f"== training {label}: {steps} steps, batch {batch_size}")
         t0 = time.time()
-        model, rigid, summary = train_assembly(store, Path(out_dir) / f"model{i}_k{config.num_bands}", config,
+        model, rigid, summary = train_assembly(store, Path(out_dir) / safe_filename(label), config,
                                                steps=steps, batch_size=batch_size, seed=seed, resume=True,
                                                split_seed=split_seed)
         t1 = time.time()
