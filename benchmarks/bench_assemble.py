@@ -13,8 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-if not __package__:  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python benchmarks/bench_assemble.py): run as the module, repository importable
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_assemble", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                 os.environ.get("PYTHONPATH")]))})
 
 from benchmarks.report import markdown_table, write_section  # noqa: E402
 

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as a file (python benchmarks/bench_assembly.py): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python benchmarks/bench_assembly.py): run as the module, repository importable
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_assembly", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                 os.environ.get("PYTHONPATH")]))})
 
 import numpy as np
 import torch

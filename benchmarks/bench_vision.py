@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-if not __package__:  # run as a file (python benchmarks/bench_vision.py): make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python benchmarks/bench_vision.py): run as the module, repository importable
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_vision", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                 os.environ.get("PYTHONPATH")]))})
 
 import torch
 

@@ -11,12 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # the shared fixture of conftest.py, for every test of this file
     yield
-    torch.set_num_threads(threads)
 
 
 def test_train_resume_and_sample_through_the_scripts(tmp_path):

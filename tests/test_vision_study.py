@@ -15,11 +15,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # the shared fixture of conftest.py, for every test of this file
     yield
-    torch.set_num_threads(threads)
 
 
 class TinyFeatures(torch.nn.Module):

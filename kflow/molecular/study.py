@@ -27,7 +27,7 @@ from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.flow import AssemblyBatch, collate_clusters
 from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
-from kflow.utils.io import atomic_save, atomic_write_text, safe_filename
+from kflow.utils.io import atomic_save, atomic_write_text, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
            "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
@@ -84,11 +84,7 @@ class StudyCell:
 
     def load(self) -> dict | None:
         """The saved result, or None when the cell has not finished (or was saved by another study version)."""
-        try:
-            result = json.loads(self.result_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return result if result.get("version") == RESULT_VERSION else None
+        return read_versioned_json(self.result_path, RESULT_VERSION)
 
     def save(self, result: dict) -> dict:
         result = {"version": RESULT_VERSION, "dataset": self.dataset, "preset": self.preset, "row": self.row,

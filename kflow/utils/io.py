@@ -7,6 +7,7 @@ half-written checkpoint, dataset or report behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -84,3 +85,13 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_versioned_json(path: str | os.PathLike, version: int) -> dict | None:
+    """A JSON object written (atomically) with ``"version": version``, or None when the file is missing, unreadable
+    or of another version: how resumable studies tell a finished result from one still to compute."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("version") == version else None

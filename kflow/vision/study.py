@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kflow.utils.io import atomic_save, atomic_write_text, safe_filename
+from kflow.utils.io import atomic_save, atomic_write_text, read_versioned_json, safe_filename
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
@@ -161,11 +161,7 @@ class StudyCell:
 
     def load(self) -> dict | None:
         """The saved result, or None when the cell has not finished (or was saved by another study version)."""
-        try:
-            result = json.loads(self.result_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return result if result.get("version") == RESULT_VERSION else None
+        return read_versioned_json(self.result_path, RESULT_VERSION)
 
     def save(self, result: dict) -> dict:
         result = {"version": RESULT_VERSION, "kind": self.kind, "row": self.row, "seed": self.seed, **result}
