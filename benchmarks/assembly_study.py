@@ -157,9 +157,12 @@ def _energy_table(tables, quick: bool) -> str:
         test = first_clusters(ClusterDataset(store, split="test", seed=0), 6 if quick else None)
         for k in (2, 3):
             shares = band_energy_shares(test, k, coupling="index" if preset == "mild" else "ot")
-            rows.append([dataset, f"{preset} ({'index' if preset == 'mild' else 'ot'})", k, " / ".join(f"{100 * s:.0f}%" for s in shares["pooled"]),
+            rows.append([dataset, f"{preset} ({'index' if preset == 'mild' else 'ot'})", k,
+                         " / ".join(f"{100 * s:.0f}%" for s in shares["mode_share"]),
+                         " / ".join(f"{100 * s:.0f}%" for s in shares["pooled"]),
                          " / ".join(f"{100 * m:.0f} ± {100 * s:.0f}%" for m, s in zip(shares["mean"], shares["std"]))])
-    return markdown_table(["data set", "start (pairing)", "K", "energy share per band (low → high), pooled",
+    return markdown_table(["data set", "start (pairing)", "K", "share of modes (no structure)",
+                           "energy share per band (low → high), pooled",
                            "per cluster, mean ± std"], rows)
 
 

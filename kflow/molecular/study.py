@@ -231,7 +231,8 @@ def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_s
     """How the start→final motion of each cluster spreads over ``num_bands`` Laplacian bands of its start
     centroids (the decomposition K-Flow uses): per band, the share of the squared rigid-body chart displacement
     (translations in Å, rotations scaled by the molecule's radius of gyration) summed over clusters, and the
-    mean over clusters of each cluster's share. Band 0 holds the smoothest collective motions. ``coupling``: the
+    mean over clusters of each cluster's share, and ``mode_share``, each band's share of the modes (the share a
+    motion without structure would give it). Band 0 holds the smoothest collective motions. ``coupling``: the
     start-to-final pairing, as in training ("index" or "ot")."""
     from kflow.molecular.flow import RigidKFlow
 
@@ -247,5 +248,7 @@ def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_s
         totals += energy.sum(0)
         per_cluster.append(energy / energy.sum(1, keepdim=True).clamp_min(1e-12))
     shares = torch.cat(per_cluster)
+    modes = dec.band_sizes().double()  # independent per-molecule noise would give each band this share
     return {"pooled": (totals / totals.sum()).tolist(), "mean": shares.mean(0).tolist(),
-            "std": shares.std(0, unbiased=False).tolist(), "clusters": int(shares.shape[0])}
+            "std": shares.std(0, unbiased=False).tolist(), "clusters": int(shares.shape[0]),
+            "mode_share": (modes / modes.sum()).tolist()}
