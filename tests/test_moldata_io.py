@@ -115,6 +115,10 @@ def test_export_for_viewers(tmp_path):
         atoms = ase.io.read(tmp_path / name)
         assert len(atoms) == cluster.num_atoms
         assert np.allclose(atoms.positions, cluster.final_positions.numpy(), atol=1e-3)
+    atom_lines = [ln for ln in (tmp_path / "c.pdb").read_text().splitlines() if ln.startswith("HETATM")]
+    chains = [ln[21] for ln in atom_lines]  # one chain and one residue per molecule, in molecule order
+    assert chains == [chr(ord("A") + m) for m in cluster.molecule_index.tolist()]
+    assert [int(ln[22:26]) for ln in atom_lines] == (cluster.molecule_index + 1).tolist()
     export_cluster(cluster, tmp_path / "p.extxyz", "predicted", cluster.initial_positions)
     assert ase.io.read(tmp_path / "p.extxyz").info["arrangement"] == "predicted"
     with pytest.raises(ValueError, match="positions of shape"):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCrystal
+from kflow.molecular.io import cluster_pdb_text
 from kflow.molecular.pretrained import MIRROR_MODES
 
 __all__ = ["AssemblyInput", "InputError", "assemble", "read_assembly_input", "check_input",
@@ -564,25 +565,6 @@ def _atoms(cluster: Cluster, positions: torch.Tensor, **info):
     return atoms
 
 
-def _pdb_text(cluster: Cluster, positions: torch.Tensor, title: str) -> str:
-    """PDB with one residue (MOL) and one chain per molecule (A, B, ...), atoms named element + count."""
-    from ase.data import chemical_symbols
-
-    chains = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    lines = [f"REMARK   1 {title}"[:80]]
-    counts: dict = {}
-    for serial, (zz, m, (x, y, w)) in enumerate(zip(cluster.atomic_numbers.tolist(), cluster.molecule_index.tolist(),
-                                                     positions.double().tolist()), 1):
-        symbol = chemical_symbols[zz]
-        counts[(m, symbol)] = counts.get((m, symbol), 0) + 1
-        name = f"{symbol}{counts[(m, symbol)]}"[:4]
-        name = f" {name:<3}" if len(symbol) == 1 and len(name) < 4 else f"{name:<4}"
-        lines.append(f"HETATM{serial % 100000:5d} {name} MOL {chains[m % len(chains)]}{m + 1:4d}    "
-                     f"{x:8.3f}{y:8.3f}{w:8.3f}  1.00  0.00          {symbol.upper():>2}")
-    lines += ["END", ""]
-    return "\n".join(lines)
-
-
 def plot_clusters(panels: Sequence[tuple[str, torch.Tensor]], cluster: Cluster, path: str | os.PathLike,
                   title: str = "") -> Path:
     """3-D views side by side, one colour per molecule, bonds drawn: ``panels`` = [(title, positions [N, 3])].
@@ -653,7 +635,7 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
         stage.mkdir()
         ase.io.write(stage / "pred.extxyz", _atoms(chosen, positions[best], name=name, arrangement="predicted",
                                                    sample=best), format="extxyz")
-        (stage / "pred.pdb").write_text(_pdb_text(chosen, positions[best], f"kflow assemble: {name}, predicted "
+        (stage / "pred.pdb").write_text(cluster_pdb_text(chosen, positions[best], f"kflow assemble: {name}, predicted "
                                                   f"cluster (sample {best})"))
         ase.io.write(stage / "start.extxyz", _atoms(chosen, chosen.initial_positions, name=name, arrangement="start",
                                                     sample=best), format="extxyz")

@@ -21,7 +21,8 @@ from kflow.molecular.geometry import pad_by_index, rigid_residuals
 from kflow.utils.io import atomic_path, safe_filename
 
 __all__ = ["read_cluster_csv", "read_cod_cluster17", "read_cod_cluster17_record",
-           "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "check_rigid_consistency",
+           "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "cluster_pdb_text",
+           "check_rigid_consistency",
            "record_residuals"]
 
 FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
@@ -228,6 +229,25 @@ def write_cod_cluster17(cluster: Cluster, root: str | os.PathLike, cluster_id: s
     return initial, final
 
 
+def cluster_pdb_text(cluster: Cluster, positions: torch.Tensor, title: str = "") -> str:
+    """PDB text of ``positions`` [N, 3] Å: one residue (MOL, numbered 1..M) and one chain (A, B, ...) per molecule,
+    atoms named element + count, so viewers colour and select molecules one by one."""
+    chains = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    lines = [f"REMARK   1 {title}"[:80]]
+    counts: dict = {}
+    for serial, (zz, m, (x, y, w)) in enumerate(zip(cluster.atomic_numbers.tolist(), cluster.molecule_index.tolist(),
+                                                     positions.double().tolist()), 1):
+        symbol = chemical_symbols[zz]
+        counts[(m, symbol)] = counts.get((m, symbol), 0) + 1
+        name = f"{symbol}{counts[(m, symbol)]}"[:4]
+        name = f" {name:<3}" if len(symbol) == 1 and len(name) < 4 else f"{name:<4}"
+        lines.append(f"HETATM{serial % 100000:5d} {name} MOL {chains[m % len(chains)]}{m + 1:4d}    "
+                     f"{x:8.3f}{y:8.3f}{w:8.3f}  1.00  0.00          {symbol.upper():>2}")
+    lines += ["END", ""]
+    return "\n".join(lines)
+
+
+
 def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "final",
                    positions: torch.Tensor | None = None, format: str | None = None) -> Path:
     """Write the initial, final or a predicted arrangement for a molecular viewer (xyz, extxyz, pdb, ... via ase).
@@ -235,7 +255,7 @@ def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "fina
     Args:
         which: "initial", "final" or "predicted" (then ``positions`` [N, 3] must be given).
         format: any ase.io format; default from the file suffix. Molecule ids go to the ``mol_idx`` array
-            (extxyz) or residue numbers (pdb).
+            (extxyz) or one chain and residue per molecule (pdb, ``cluster_pdb_text``).
     """
     import ase
     import ase.io
@@ -254,9 +274,10 @@ def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "fina
     atoms.info["arrangement"] = which
     path = Path(path)
     fmt = format or {"xyz": "extxyz"}.get(path.suffix.lstrip("."), None)
-    if (fmt or path.suffix.lstrip(".")) == "proteindatabank" or path.suffix == ".pdb":
-        atoms.set_array("residuenumbers", cluster.molecule_index.numpy().astype(np.int64) + 1)
-        fmt = "proteindatabank"
+    if fmt == "proteindatabank" or (fmt is None and path.suffix == ".pdb"):
+        with atomic_path(path) as tmp:  # our writer: one chain per molecule (ase's has residues only)
+            tmp.write_text(cluster_pdb_text(cluster, pos, f"{cluster.name}: {which} arrangement"))
+        return path
     with atomic_path(path) as tmp:
         ase.io.write(tmp, atoms, format=fmt or "extxyz")
     return path
