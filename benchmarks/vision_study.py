@@ -11,27 +11,29 @@ features of an interrupted sweep. Cells: flow matching seeds 0 and 1; K-Flow Fou
 of these by validation FID seed 1; its schedule ablation (energy-proportional windows, overlap 0.2, high→low) seed
 0; steering of flow matching, the best K-Flow and its high→low variant.
 
-Budget (FULL, sized from rates measured here: DiT-M/4 on 1×16×16 latents, batch 64, one thread: ~9 steps/s with
-the other core busy, ~10 expected on a free core; Inception-v3 features ~3 images/s with the other core busy, ~10
-on a free one, as bench_vision measured; sampling is cheap next to both). Two worker processes of one thread each
-(``--jobs 2``) give 2 × 150 × 60 = 18,000 worker-seconds:
+Budget (FULL, sized from rates measured on this 2-core machine, 2026-11-27: DiT-M/4 on 1×16×16 latents, batch 64,
+one thread, ~7 steps/s with the other core busy; the offline Inception-v3 runs at 4.4 images/s on one idle thread,
+~3 images/s per worker once sampling, decoding and a busy neighbour are counted; sampling itself is cheap). Two
+worker processes of one thread each (``--jobs 2``) give 2 × 150 × 60 = 18,000 worker-seconds:
 
-    shared: autoencoder 1000 steps (~4/s, 250 s), encoding, reference features 1000 val + 2000 test (300 s)
-            -> ~600 s on one worker while the other waits                                        ~1,200 worker-s
-    9 trainings of <= 6000 steps (FM ×2, Fourier, Wavelet, PCA, best K-Flow seed 1, 3 ablations): 9 × 600 s ~5,400
-    validation: 8 evaluations a run × 500 samples (~55 s with sampling) × 9 runs                 ~4,000
-    sweep: FM 8 settings, K-Flow 12 (NFE 4/10/20/50 × Euler/Heun[/band]); 2 FM + 4 K-Flow runs = 64 settings
-            × 500 samples (~55 s)                                                                ~3,500
-    ablations: Heun and band step at 20 NFE only, 3 × 2 × 55 s                                      ~330
-    steering: CDR for FM and the best K-Flow (1000 kept + 2 × 1000 dropped, ~330 s each + 20 per-class FIDs),
-            correlations and grids for 3 models                                                  ~1,000
-    total ~15,400 worker-s = ~128 min with two workers, ~20 min of slack for imbalance and load.
+    shared: autoencoder 1000 steps, encoding, reference features 500 val + 1000 test, on one worker while the
+            other waits                                                                           ~1,400 worker-s
+    6 trainings of <= 6000 steps (FM ×2, Fourier, Wavelet, PCA, best K-Flow seed 1) ~860 s each         ~5,100
+    3 ablation trainings of <= 3000 steps                                                             ~1,300
+    validation: every 1000 steps, 200 samples: 6 × 6 + 3 × 3 evaluations × 200 images              ~3,000
+    sweep: FM 8 settings, K-Flow 12 (NFE 4/10/20/50 × Euler/Heun[/band]); 2 FM + 4 K-Flow runs = 64
+            settings × 200 images                                                                    ~4,300
+    ablations: Heun and band step at 20 NFE only, 3 × 2 × 200 images                                  ~400
+    steering: CDR for FM and the best K-Flow (30 per class kept + dropped at 2 τ), correlations and
+            grids for 3 models                                                                          ~700
+    total ~16,200 worker-s = ~135 min with two workers.
 
-The ablation rows train the same 6000 steps; their schedules are compared on validation FID at equal steps and on
-test FID at 20 NFE. Early stopping (3 validation evaluations without improvement) only shortens this. 6000 steps is
-well below the ~15k the issue expected: 15k steps for 9 runs alone would take ~225 worker-minutes, and the FID
-evaluations cost as much again on a CPU; the table states each row's steps and whether its validation FID had
-stopped improving.
+The Inception features dominate, so the sample counts are small (200 generated images per FID): every FID here
+carries the same small-sample bias, upwards by tens of points, and compares only with the others in this study.
+The ablation rows train 3000 steps; their schedules are compared with the main row's validation FID at equal
+steps and on test FID at 20 NFE. Early stopping (3 validation evaluations without improvement) only shortens
+training. 6000 steps is below the ~15k the issue expected: on these CPUs the FID evaluations cost as much as the
+training, and the table states each row's steps and whether its validation FID had stopped improving.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ from kflow.vision.study import (HEADLINE, StudyCell, VisionStudyBudget, ablation
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 FULL = VisionStudyBudget()
-QUICK = VisionStudyBudget(train_images=2000, val_images=200, ae_steps=100, steps=120, ablation_steps=120,
-                          eval_every=60, val_samples=50, ref_samples=300, sweep_samples=50, nfe=(4, 20),
-                          cdr_per_class=10, correlation_pairs=8, figure_pairs=4)
+QUICK = VisionStudyBudget(train_images=1000, val_images=100, ae_steps=50, steps=60, ablation_steps=60,
+                          eval_every=30, val_samples=16, ref_samples=200, sweep_samples=16, nfe=(4, 20),
+                          cdr_per_class=4, correlation_pairs=4, figure_pairs=2)
 KFLOW_ROWS = ("K-Flow Fourier", "K-Flow Wavelet", "K-Flow PCA")
 
 

@@ -54,7 +54,7 @@ class VisionStudyBudget:
     # data and the one latent space
     dataset: str = "fashion-mnist"
     train_images: int = 50000  # the first N training images train the autoencoder and every model
-    val_images: int = 1000  # the last N training images (never trained on): the validation FID reference
+    val_images: int = 500  # the last N training images (never trained on): the validation FID reference
     ae_steps: int = 1000
     ae_width: int = 16
     latent_channels: int = 1
@@ -66,16 +66,16 @@ class VisionStudyBudget:
     batch_size: int = 64
     lr: float = 3e-4
     steps: int = 6000  # the most steps a model trains
-    ablation_steps: int = 6000
-    eval_every: int = 750
+    ablation_steps: int = 3000  # the schedule variants compare at equal steps, half the main budget
+    eval_every: int = 1000
     patience: int = 3  # evaluations without a better validation FID before stopping
-    val_samples: int = 500
+    val_samples: int = 200
     val_nfe: int = 20  # validation samples: Heun at this NFE
     # evaluation
-    ref_samples: int = 2000  # first N test images: the reference of the sweep and of the per-class FIDs
-    sweep_samples: int = 500
+    ref_samples: int = 1000  # first N test images: the reference of the sweep and of the per-class FIDs
+    sweep_samples: int = 200
     nfe: tuple[int, ...] = (4, 10, 20, 50)
-    cdr_per_class: int = 100
+    cdr_per_class: int = 30
     taus: tuple[float, ...] = (0.3, 0.6)
     correlation_pairs: int = 64
     figure_pairs: int = 6
