@@ -188,6 +188,8 @@ def main(argv=None):
     load = os.getloadavg()[0]
     body = (
         "## Molecular data (`benchmarks/bench_moldata.py`)\n\n"
+        f"Command: `python -m benchmarks.bench_moldata --clusters {args.clusters} --workers {args.workers}` (the "
+        "defaults on this machine; `make bench` runs it).\n\n"
         f"**Raw COD-Cluster17 preprocessing** ({pre['n']} clusters written in the raw CSV format from the embedded "
         f"benchmark, {pre['atoms']:.0f} atoms per cluster on average; parse + validate + rigidity check + store):\n\n"
         + markdown_table(["implementation", "clusters/s", "speed-up", "kept"], rows)
