@@ -30,6 +30,7 @@ bench: install
 	$(PY) -m benchmarks.bench_core
 	-$(PY) -m benchmarks.bench_moldata
 	-$(PY) -m benchmarks.bench_assembly --network-only
+	-$(PY) -m benchmarks.bench_assembly --metric-speed-only
 	-$(PY) -m benchmarks.bench_assembly
 	-$(PY) -m benchmarks.bench_assemble
 	-$(MAKE) --no-print-directory data && $(PY) -m benchmarks.bench_vision

@@ -1,8 +1,9 @@
 """Molecular assembly: quality of identity / rigid FM (K=1) / K-Flow (K=2, 3) with equal budgets over several
-seeds on the embedded pyxtal benchmark and CSD-500, plus training/sampling speed and metric speed.
+seeds on the embedded pyxtal benchmark and CSD-500; network speed; metric speed.
 
 Run from the repository root: python -m benchmarks.bench_assembly [--steps 150 --seeds 0 1 2]
-(writes the "assembly" section; --network-only the "assembly-network" section; --study [--quick] the converged
+(writes the "assembly" section; --network-only the "assembly-network" section; --metric-speed-only the
+"assembly-metric" section; --study [--quick] the converged
 study of benchmarks/assembly_study.py, also as python benchmarks/bench_assembly.py --study)
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -207,30 +207,6 @@ def network_section(store, out: Path, steps=150, sample_steps=10, seeds=(0, 1, 2
             + "\n\nNo GPU row: no accelerator was measured for this table.")
 
 
-def bench_model_speed(store, test, num_bands, batch_size, out_dir, train_steps=30, nfe=50, num_clusters=16):
-    """(training clusters/s, sampling clusters/s at ``nfe``) from a fresh run (never a resumed one), timed after a
-    few warm-up steps so one-off set-up cost is not counted."""
-    if Path(out_dir).exists():
-        shutil.rmtree(out_dir)
-    config = AssemblyModelConfig(num_bands=num_bands)
-    warm = 5
-    t0 = time.perf_counter()
-    train_assembly(store, Path(out_dir) / "warm", config, steps=warm, batch_size=batch_size, seed=0,
-                   split_seed=0, progress=False, checkpoint_every=10 ** 9)
-    t1 = time.perf_counter()
-    model, rigid, _ = train_assembly(store, Path(out_dir) / "timed", config, steps=warm + train_steps,
-                                     batch_size=batch_size, seed=0, split_seed=0, progress=False,
-                                     checkpoint_every=10 ** 9)
-    t2 = time.perf_counter()
-    train_rate = train_steps * batch_size / ((t2 - t1) - (t1 - t0))  # subtract the warm-up run's cost
-    subset = torch.utils.data.Subset(test, range(min(num_clusters, len(test))))
-    t3 = time.perf_counter()
-    predict_assembly(model, rigid, subset, steps=nfe, method="euler")
-    sample_rate = len(subset) / (time.perf_counter() - t3)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return train_rate, sample_rate
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--study" in argv:
@@ -262,16 +238,14 @@ def main(argv=None):
         if not args.no_write:
             write_section("assembly-network", body)
         return
-    if args.metric_speed_only or args.datasets:
+    if args.metric_speed_only:
         body = metric_speed_section(load_assembly_dataset("demo", "data", progress=False))
         print(body)
         if not args.no_write:
             write_section("assembly-metric", body)
-        if args.metric_speed_only:
-            return
+        return
     out = Path(args.out)
     sections, raw = [], {}
-    speed = {}
     for name in args.datasets:
         if name == "csd500":
             try:
@@ -300,8 +274,6 @@ def main(argv=None):
                 results[label].append(evaluate_assembly(test, preds))
                 print(name, label, seed, {m: round(results[label][-1][m]["mean"], 3) for m in METRICS},
                       f"train {t1 - t0:.0f}s sample {t2 - t1:.0f}s", flush=True)
-            speed.setdefault(name, {})[label] = bench_model_speed(store, test, k, args.batch_size,
-                                                                  out / name / f"speed_k{k}")
         rows = []
         for label, runs in results.items():
             cells = []
@@ -317,8 +289,6 @@ def main(argv=None):
         sections.append(f"**{title}**\n\n" + markdown_table(
             ["method"] + [METRIC_LABELS[m] for m in METRICS], rows))
         raw[name] = {label: [{m: r[m]["mean"] for m in METRICS} for r in runs] for label, runs in results.items()}
-    speed_rows = [[ds, label, f"{tr:.2f}", f"{sa:.2f}"]
-                  for ds, d in speed.items() for label, (tr, sa) in d.items()]
     body = (
         "## Molecular assembly (`python -m benchmarks.bench_assembly`)\n\n"
         f"Command: `python -m benchmarks.bench_assembly --steps {args.steps} --sample-steps {args.sample_steps} "
@@ -329,14 +299,12 @@ def main(argv=None):
         f"Seeds {args.seeds} (CSD-500: {args.csd_seeds}) vary initialisation and data order; the start draws and "
         "the crystal-level split are fixed (data seed 0), so seeds are paired on one test set. Each cell: "
         "mean over seeds of the per-cluster mean ± std over seeds (σ_clusters = spread over test clusters). "
-        "Lower is better for every column; identity = the initial cluster unchanged.\n\n"
+        "Lower is better for every column; identity = the initial cluster unchanged. `mild` start preset, "
+        "index-paired training. A short, fixed budget for quick comparisons; the converged study (both start "
+        "presets, baselines, 3 seeds everywhere) is the \"assembly-study\" section.\n\n"
         + "\n\n".join(sections)
-        + "\n\n**Speed** (fresh runs, 2 CPU cores): training clusters/s (30 steps of batch "
-        f"{args.batch_size}, after 5 warm-up steps) and sampling clusters/s at 50 NFE (Euler, 16 test clusters, "
-        "batches of 8)\n\n"
-        + markdown_table(["data set", "model", "training clusters/s", "sampling clusters/s (50 NFE)"], speed_rows)
-        + f"\n\n1-min load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-          "(wall-clock speeds drop when other jobs share the cores).")
+        + "\n\nSpeed of this network: the \"assembly-network\" section (`--network-only`), measured on an idle "
+          "machine.")
     print(body)
     (out).mkdir(parents=True, exist_ok=True)
     (out / "raw.json").write_text(json.dumps(raw, indent=1))
