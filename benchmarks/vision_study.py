@@ -201,12 +201,17 @@ def _sweep_table(found: dict, rows, nfe) -> str:
                 if not entries:
                     cells.append("–")
                     continue
+                if all(e.get("same_as") for e in entries):
+                    cells.append(f"= {entries[0]['same_as']}")  # the same update, not sampled twice
+                    continue
                 fid = _mean_std([e["fid"] for e in entries])
                 cells.append(f"{fid} ({np.mean([e['precision'] for e in entries]):.2f}, "
                              f"{np.mean([e['recall'] for e in entries]):.2f})")
             if any(c != "–" for c in cells):
                 table.append([row, method, len(results), *cells])
-    return markdown_table(["model", "sampler", "seeds", *[f"NFE {n}: FID (P, R)" for n in nfe]], table)
+    return markdown_table(["model", "sampler", "seeds", *[f"NFE {n}: FID (P, R)" for n in nfe]], table) + (
+        "\n\n\"= euler\": for a velocity-predicting model with linear ramps the band step is the Euler update on "
+        "the same grid (tests/test_core_flow.py), so its samples are Euler's.")
 
 
 def _best_within(result: dict, steps: int) -> float | None:

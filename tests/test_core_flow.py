@@ -125,6 +125,22 @@ def test_band_step_with_x1_prediction_is_exact_and_trajectory_matches_interpolan
         assert torch.allclose(traj[i], flow.interpolate(x0, x1, grid[i]), atol=1e-10)
 
 
+@pytest.mark.parametrize("schedule", [BandSchedule(3), BandSchedule(3, overlap=0.3),
+                                      BandSchedule(3, order="high_to_low", weights=[3.0, 1.0, 2.0])])
+def test_band_step_of_a_velocity_model_is_euler_for_linear_ramps(schedule):
+    # Inside each step of the edge-aligned grid a linear ramp moves at constant speed, so the band step's
+    # F v / S'(t) · ΔS equals h · F v: the same update as Euler, for any model (here one that is not a flow).
+    flow = KFlow(FourierDecomposition((8, 8), 3), schedule)
+    x0 = torch.randn(4, 2, 8, 8, dtype=F64)
+    model = lambda x, t: torch.tanh(x) * (1 + 3 * t.reshape(-1, 1, 1, 1)) + x.roll(1, -1)  # noqa: E731
+    band = flow.sample(model, x0, steps=7, method="band")
+    euler = flow.sample(model, x0, steps=7, method="euler")
+    assert (band - euler).abs().max() < 1e-12
+    smooth = KFlow(FourierDecomposition((8, 8), 3), BandSchedule(3, "smooth"))
+    assert (smooth.sample(model, x0, steps=7, method="band")
+            - smooth.sample(model, x0, steps=7, method="euler")).abs().max() > 1e-3  # not a tautology
+
+
 def test_steps_per_band_allocation():
     sched = BandSchedule(2)
     grid = sched.time_grid(steps_per_band=[3, 7])

@@ -163,6 +163,8 @@ class KFlow:
                 schedule exactly. With prediction="x1" x̂1 is the model output; with a velocity model it is recovered
                 on the active bands as F v / S′(t) (a band starting with zero slope is read at the step's midpoint;
                 bands that do not move fall back to an Euler step). Exact for the conditional velocity of one pair.
+                With a velocity model and linear ramps it is the Euler update (each step of the edge-aligned
+                grid stays inside one linear piece of every ramp); it differs for x1 prediction or curved ramps.
             "dopri5": adaptive Runge–Kutta (torchdiffeq) with tolerances ``rtol``/``atol``, integrated piecewise
                 between window edges because S′ is discontinuous there for a linear ramp.
         Returns the final state [B, ...], or (final, trajectory [T+1, B, ...]) with ``return_trajectory``

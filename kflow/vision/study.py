@@ -133,6 +133,12 @@ def sweep_settings(config: ImageModelConfig, nfe: tuple[int, ...]) -> list[tuple
     return out
 
 
+def band_step_is_euler(config: ImageModelConfig) -> bool:
+    """For a velocity-predicting model with linear ramps the band-aware step is the Euler update on the same grid
+    (KFlow.sample; tested), so the sweep reuses Euler's samples instead of drawing the same images twice."""
+    return config.prediction == "velocity" and config.ramp == "linear"
+
+
 # ---------------------------------------------------------------------------------------------- cells
 @dataclass
 class StudyCell:
@@ -333,6 +339,10 @@ def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
     settings = [(m, n, k) for m, n, k in sweep_settings(cell.config, budget.nfe)
                 if m in cell.extra.get("methods", (m,)) and n in cell.extra.get("nfe", (n,))]
     for method, nfe, steps in settings:
+        if method == "band" and band_step_is_euler(cell.config) and f"euler@{nfe}" in sweep:
+            sweep[f"band@{nfe}"] = {**sweep[f"euler@{nfe}"], "method": "band", "same_as": "euler"}
+            log(f"[{cell.slug}] band NFE {nfe}: the Euler update for this model (velocity, linear ramps)")
+            continue
         f = ctx.features(cell.run_dir / f"features_{method}_nfe{nfe}_n{budget.sweep_samples}.pt",
                          lambda: ctx.images(dit, flow, labels, steps, method, TEST_SEED), progress)
         precision, recall = precision_recall(ctx.test_features, f)
