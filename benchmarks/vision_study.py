@@ -328,7 +328,8 @@ def report(plan: Plan, command: str, quick: bool) -> str:
         f"best checkpoint (balanced classes, the same noise for every model) against the first {b.ref_samples} "
         f"test images; small sample counts bias FID upwards, equally for every row. Seeds: flow matching and the "
         "best K-Flow variant (lowest validation FID) 0 and 1, the others 0; cells show mean ± std over seeds.\n",
-        "### Converged comparison\n", _main_table(found, rows) + "\n"]
+        "### Comparison at the study budget (best validation checkpoint of each run)\n",
+        _main_table(found, rows) + "\n"]
     png = _curves(plan, found, rows, figures, "vision_study_curves.png")
     if png:
         parts.append(f"![learning curves]({png})\n")
