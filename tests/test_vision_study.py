@@ -167,7 +167,7 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     argv = ["--study", "--quick", "--jobs", "1", "--out", str(out), "--set", f"dataset={data}", *MINI]
     bench_vision.main(argv)
     text = capsys.readouterr().out
-    for heading in ("Converged comparison", "Sampling budget", "Schedule ablation", "Steerability", "Verdict"):
+    for heading in ("Comparison at the study budget", "Sampling budget", "Schedule ablation", "Steerability", "Verdict"):
         assert heading in text, heading
     results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json") if "work" not in p.parts)
     model_cells = [r for r in results if r.startswith("model/")]
