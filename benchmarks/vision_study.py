@@ -26,11 +26,13 @@ worker processes of one thread each (``--jobs 2``) give 2 × 150 × 60 = 18,000 
     ablations: Heun and band step at 20 NFE only, 3 × 2 × 200 images                                  ~400
     steering: CDR for FM and the best K-Flow (30 per class kept + dropped at 2 τ), correlations and
             grids for 3 models                                                                          ~700
-    total ~16,200 worker-s = ~135 min with two workers.
+    total ~16,200 worker-s = ~135 min with two workers (less: the band step of these linear-ramp velocity
+    models is the Euler update, so its sweep settings reuse Euler's samples). Measured 2026-11-27: ~130 min.
 
 The Inception features dominate, so the sample counts are small (200 generated images per FID): every FID here
 carries the same small-sample bias, upwards by tens of points, and compares only with the others in this study.
-The ablation rows train 3000 steps; their schedules are compared with the main row's validation FID at equal
+The ablation rows train 3000 steps (their learning rate anneals by then, the main row's at step 3000 has not,
+which favours the ablations); their schedules are compared with the main row's validation FID at equal
 steps and on test FID at 20 NFE. Early stopping (3 validation evaluations without improvement) only shortens
 training. 6000 steps is below the ~15k the issue expected: on these CPUs the FID evaluations cost as much as the
 training, and the table states each row's steps and whether its validation FID had stopped improving.

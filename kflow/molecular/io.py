@@ -247,7 +247,6 @@ def cluster_pdb_text(cluster: Cluster, positions: torch.Tensor, title: str = "")
     return "\n".join(lines)
 
 
-
 def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "final",
                    positions: torch.Tensor | None = None, format: str | None = None) -> Path:
     """Write the initial, final or a predicted arrangement for a molecular viewer (xyz, extxyz, pdb, ... via ase).
