@@ -233,6 +233,7 @@ def cluster_pdb_text(cluster: Cluster, positions: torch.Tensor, title: str = "")
     """PDB text of ``positions`` [N, 3] Å: one residue (MOL, numbered 1..M) and one chain (A, B, ...) per molecule,
     atoms named element + count, so viewers colour and select molecules one by one."""
     chains = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    title = "".join(c if c.isprintable() else " " for c in title)  # a name from a file must not add records
     lines = [f"REMARK   1 {title}"[:80]]
     counts: dict = {}
     for serial, (zz, m, (x, y, w)) in enumerate(zip(cluster.atomic_numbers.tolist(), cluster.molecule_index.tolist(),
@@ -267,16 +268,16 @@ def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "fina
         pos = getattr(cluster, f"{which}_positions")
     else:
         raise ValueError(f"which must be 'initial', 'final' or 'predicted', got {which!r}")
-    atoms = ase.Atoms(numbers=cluster.atomic_numbers.numpy(), positions=pos.double().detach().cpu().numpy())
-    atoms.set_array("mol_idx", cluster.molecule_index.numpy().astype(np.int64))
-    atoms.info["name"] = cluster.name
-    atoms.info["arrangement"] = which
     path = Path(path)
     fmt = format or {"xyz": "extxyz"}.get(path.suffix.lstrip("."), None)
     if fmt == "proteindatabank" or (fmt is None and path.suffix == ".pdb"):
         with atomic_path(path) as tmp:  # our writer: one chain per molecule (ase's has residues only)
             tmp.write_text(cluster_pdb_text(cluster, pos, f"{cluster.name}: {which} arrangement"))
         return path
+    atoms = ase.Atoms(numbers=cluster.atomic_numbers.numpy(), positions=pos.double().detach().cpu().numpy())
+    atoms.set_array("mol_idx", cluster.molecule_index.numpy().astype(np.int64))
+    atoms.info["name"] = cluster.name
+    atoms.info["arrangement"] = which
     with atomic_path(path) as tmp:
         ase.io.write(tmp, atoms, format=fmt or "extxyz")
     return path
