@@ -60,6 +60,12 @@ QUICK = VisionStudyBudget(train_images=1000, val_images=100, ae_steps=50, steps=
                           eval_every=30, val_samples=16, ref_samples=200, sweep_samples=16, nfe=(4, 20),
                           cdr_per_class=4, correlation_pairs=4, figure_pairs=2)
 KFLOW_ROWS = ("K-Flow Fourier", "K-Flow Wavelet", "K-Flow PCA")
+# The convergence stage (--plateau): flow matching and the best K-Flow variant, 2 seeds, at a constant LR (after
+# the warm-up) so that the validation FID can level off instead of being pushed down by a decaying LR, until it has
+# improved by less than 1% over 3 evaluations (3000 steps), or at most 18,000 steps (3x the study's budget).
+PLATEAU = replace(FULL, steps=18000, min_lr_ratio=1.0, min_improvement=0.01)
+PLATEAU_QUICK = replace(QUICK, steps=90, min_lr_ratio=1.0, min_improvement=0.01)
+PLATEAU_SUFFIX = ", to plateau"
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
@@ -114,6 +120,23 @@ class Plan:
         finished = {_cell(s).slug for s in specs if _cell(s).load() is not None}
         waiting = [s for s in specs if _cell(s).slug not in finished]
         return [s for s in waiting if s["extra"].get("after") in (None, *finished)]
+
+
+class PlateauPlan(Plan):
+    """The convergence stage: flow matching and the main study's best K-Flow variant, seeds 0 and 1 (the seed-0
+    pair first), each trained under ``budget`` (constant LR, stop at the plateau) on the main study's latents."""
+
+    def __init__(self, main: Plan, budget: VisionStudyBudget):
+        super().__init__(main.out, main.work, budget, main.figures, main.data_root)
+        self.main = main
+
+    def compared(self) -> tuple[str, ...]:
+        best = self.main.best_kflow()
+        return ("flow matching",) if best is None else ("flow matching", best)
+
+    def specs(self) -> list[dict]:
+        return [cell_spec(self.model_cell(row + PLATEAU_SUFFIX, seed, self.main.rows[row]), self.budget,
+                          self.data_root) for seed in SEEDS for row in self.compared()]
 
 
 def _cell(spec):
@@ -240,23 +263,26 @@ def _ablation_table(found: dict, best: str, ablations, budget) -> str:
                            f"test FID band {HEADLINE[1]}"], table)
 
 
-def _curves(plan: Plan, found: dict, rows, figures: Path, name: str) -> str | None:
+def _curves(plan: Plan, found: dict, rows, figures: Path, name: str, seeds=(0,), labels=None) -> str | None:
+    """Training loss and validation FID of the runs of ``rows`` (``labels``: row -> legend text) as one PNG."""
     runs = {}
     for row in rows:
         for r in found.get(row, []):
-            if r["seed"] != 0:
+            if r["seed"] not in seeds:
                 continue
-            run_dir = StudyCell("model", row, 0, plan.out, plan.work).run_dir
+            run_dir = StudyCell("model", row, r["seed"], plan.out, plan.work).run_dir
             try:
                 records = [{k: v for k, v in rec.items() if not k.startswith("eval_")}
                            for rec in read_metrics_log(run_dir)]
             except (FileNotFoundError, ValueError):
                 records = []
-            runs[row] = records + [{"step": h["step"], "eval_fid": h["fid"]} for h in r["history"]]
+            label = (labels or {}).get(row, row) + (f" s{r['seed']}" if len(seeds) > 1 else "")
+            runs[label] = records + [{"step": h["step"], "eval_fid": h["fid"]} for h in r["history"]]
     if not runs:
         return None
     png = figures / name
-    plot_learning_curves(runs, png, metrics=("eval_fid",), title="training loss and validation FID (seed 0)")
+    seed_text = "seed 0" if tuple(seeds) == (0,) else "seeds " + ", ".join(map(str, seeds))
+    plot_learning_curves(runs, png, metrics=("eval_fid",), title=f"training loss and validation FID ({seed_text})")
     return png.relative_to(REPO).as_posix() if png.is_relative_to(REPO) else str(png)
 
 
@@ -283,8 +309,8 @@ def _rel(path) -> str:
     return p.relative_to(REPO).as_posix() if p.is_absolute() and p.is_relative_to(REPO) else str(p)
 
 
-def _verdict(found: dict, best: str | None, nfe) -> str:
-    if best is None or "flow matching" not in found or best not in found:
+def _verdict(found: dict, best: str | None, nfe, baseline: str = "flow matching") -> str:
+    if best is None or baseline not in found or best not in found:
         return ""
     lines = []
     for n in nfe:
@@ -295,7 +321,7 @@ def _verdict(found: dict, best: str | None, nfe) -> str:
                 if len(vals) == len(found[row]):
                     options[method] = (np.mean(vals), np.std(vals))
             return min(options.items(), key=lambda kv: kv[1][0]) if options else None
-        fm, kf = best_mean("flow matching"), best_mean(best)
+        fm, kf = best_mean(baseline), best_mean(best)
         if fm is None or kf is None:
             continue
         spread = max(fm[1][1], kf[1][1], 0.01 * fm[1][0])  # seed spread, at least 1% of the FID
@@ -362,6 +388,56 @@ def report(plan: Plan, command: str, quick: bool) -> str:
     return "\n".join(parts)
 
 
+def _equal_steps_table(found: dict, rows, every: int, cap: int) -> str:
+    """Best validation FID reached within each step budget, mean ± std over seeds: the comparison at equal steps."""
+    marks = list(range(3 * every, cap + 1, 3 * every))
+    table = []
+    for row in rows:
+        results = found.get(row)
+        if results:
+            table.append([row, len(results), *[_mean_std([_best_within(r, m) if r["history"][-1]["step"] >= m
+                                                          else None for r in results]) for m in marks]])
+    return markdown_table(["model", "seeds", *[f"≤ {m} steps" for m in marks]], table) + (
+        "\n\n\"–\": every seed of the row had stopped (plateau) before that many steps.")
+
+
+def plateau_report(plan: PlateauPlan, command: str) -> str:
+    b = plan.budget
+    found = _results(plan)
+    main_found = _results(plan.main)
+    check_same_latents([r for rs in (*found.values(), *main_found.values()) for r in rs])
+    rows = [row + PLATEAU_SUFFIX for row in plan.compared()]
+    parts = [
+        "## Image study, convergence stage (`python benchmarks/bench_vision.py --study --plateau`)\n",
+        f"Command: `{command}` (resumable; results in `{_rel(plan.out)}/model/*{PLATEAU_SUFFIX.strip(', ')}*`). "
+        f"Flow matching and the main study's best K-Flow variant, seeds 0 and 1, with everything as in the main "
+        f"study (same latents, {b.model}, batch {b.batch_size}, AdamW lr {b.lr}, EMA 0.999, validation FID of "
+        f"{b.val_samples} samples every {b.eval_every} steps, best checkpoint kept) except the learning rate, "
+        f"which stays constant after the 100-step warm-up instead of decaying on a cosine over the run, so that the "
+        f"validation FID can level off rather than be pushed down by the decay. A run stops at the plateau: when "
+        f"the best of its last {b.patience} validation FIDs is less than {b.min_improvement:.0%} below the best "
+        f"before them, or at {b.steps} steps. The last columns of the first table compare with the main study's "
+        f"cosine runs of {FULL.steps} steps.\n",
+        "### Where each run levelled off\n", _main_table(found, rows) + "\n",
+        "Main study (cosine LR, 6000 steps) for comparison: best validation FID "
+        + "; ".join(f"{row} {_mean_std([r['best_val_fid'] for r in main_found.get(row, [])])}"
+                    for row in plan.compared()) + ".\n",
+        "### Validation FID at equal training steps (best checkpoint within the budget)\n",
+        _equal_steps_table(found, rows, b.eval_every, b.steps) + "\n"]
+    labels = {row: row.removesuffix(PLATEAU_SUFFIX) for row in rows}
+    png = _curves(plan, found, rows, plan.figures, "vision_study_plateau_curves.png", seeds=SEEDS, labels=labels)
+    if png:
+        parts.append(f"![convergence curves]({png})\n")
+    parts += ["### Sampling budget at the plateau (test FID (precision, recall) by NFE)\n",
+              _sweep_table(found, rows, b.nfe) + "\n"]
+    verdict = _verdict(found, rows[-1] if len(rows) > 1 else None, b.nfe, baseline=rows[0])
+    if verdict:
+        parts += ["### Verdict at the plateau\n", verdict + "\n"]
+    seconds = sum(r.get("train_s", 0) + r.get("sweep_s", 0) for rs in found.values() for r in rs)
+    parts.append(f"Compute in the saved cells: {seconds / 60:.0f} worker-minutes.")
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def _override(budget: VisionStudyBudget, items) -> VisionStudyBudget:
     """--set KEY=VALUE ... (development and tests: shrink a budget further)."""
@@ -383,6 +459,9 @@ def main(argv=None):
 
     p = ArgumentParser(__doc__)
     p.add_argument("--quick", action="store_true", help="tiny budget, same code path (checks the study runs)")
+    p.add_argument("--plateau", action="store_true",
+                   help="the convergence stage: flow matching and the best K-Flow variant at a constant LR until "
+                        "the validation FID levels off (needs the main study's seed-0 cells; section vision-plateau)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
     p.add_argument("--report-only", action="store_true", help="write the tables from the results saved so far")
     p.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
@@ -400,13 +479,20 @@ def main(argv=None):
         work, figures = out / "work", out / "figures"
     else:
         out, work, figures = REPO / "benchmarks/results/vision_study", REPO / "runs/vision_study", REPO / "docs/figures"
-    command = "python benchmarks/bench_vision.py --study" + (" --quick" if args.quick else "")
+    command = "python benchmarks/bench_vision.py --study" + (" --plateau" if args.plateau else "") + (
+        " --quick" if args.quick else "")
     plan = Plan(out, work, budget, figures, args.data_root)
+    section = "vision-study"
+    if args.plateau:
+        if plan.best_kflow() is None and not args.report_only:
+            run_study(plan, max(1, args.jobs), args.progress)  # the main study decides which K-Flow variant
+        plan = PlateauPlan(plan, _override(PLATEAU_QUICK if args.quick else PLATEAU, args.set))
+        budget, section = plan.budget, "vision-plateau"
     t0 = time.perf_counter()
     if not args.report_only:
         run_study(plan, max(1, args.jobs), args.progress)
-    body = report(plan, command, args.quick)
+    body = plateau_report(plan, command) if args.plateau else report(plan, command, args.quick)
     print(body)
     print(f"study wall time this sitting: {time.perf_counter() - t0:.0f} s; budget {asdict(budget)}")
     if not (args.no_write or args.quick or args.out or args.set):
-        write_section("vision-study", body)
+        write_section(section, body)

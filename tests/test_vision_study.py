@@ -206,6 +206,35 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     assert "training up to" not in capsys.readouterr().out
     assert cell.load()["sweep"] == saved["sweep"]
 
+    # the convergence stage: FM and the best K-Flow, 2 seeds, constant LR, stopped once the FID levels off
+    # (a 50% improvement over the last 2 evaluations is demanded, so the plateau comes at the third evaluation)
+    from kflow.utils.io import safe_filename
+
+    bench_vision.main(["--study", "--plateau", "--quick", "--jobs", "1", "--out", str(out), "--set",
+                       f"dataset={data}", *MINI, "steps=12", "patience=2", "min_improvement=0.5"])
+    text = capsys.readouterr().out
+    assert "Where each run levelled off" in text and "Validation FID at equal training steps" in text
+    cells = sorted(p.name for p in (out / "model").glob("*to_plateau*.json"))
+    assert cells == sorted(f"{safe_filename(row + ', to plateau')}_s{seed}.json" for row in ("flow matching", best)
+                           for seed in (0, 1))
+    long_fm = json.loads((out / "model" / "flow_matching_to_plateau_s0.json").read_text())
+    assert long_fm["stopped_early"] and long_fm["steps_run"] == 6 and long_fm["config"]["min_lr_ratio"] == 1.0
+    assert long_fm["latents"] == fm["latents"]
+    last = torch.load(out / "work/runs/flow_matching_to_plateau_s0/checkpoints/last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(QUICK.lr)  # a cosine would be at ~57% by now
+    assert (out / "figures" / "vision_study_plateau_curves.png").stat().st_size > 1000
+
+
+def test_plateau_is_judged_over_a_window_of_evaluations():
+    from kflow.vision.study import plateau_reached
+
+    assert not plateau_reached([10, 9, 8], patience=3)  # too few evaluations to judge
+    assert plateau_reached([10, 9, 9.5, 9.2, 9.1], patience=3)  # no new best in the last 3
+    assert not plateau_reached([10, 9, 9.5, 9.2, 8.9], patience=3)  # a new best, however small, without a margin
+    # with a 1% margin: 9 -> 8.95 over 3 evaluations is a plateau; slow but steady 0.5% per evaluation is not
+    assert plateau_reached([10, 9, 8.99, 8.97, 8.95], patience=3, min_improvement=0.01)
+    assert not plateau_reached([10, 9, 8.955, 8.91, 8.865], patience=3, min_improvement=0.01)
+
 
 def test_validation_fid_keeps_the_best_weights_and_stops_on_a_plateau(tmp_path, monkeypatch):
     from types import SimpleNamespace

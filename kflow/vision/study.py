@@ -39,7 +39,7 @@ from kflow.vision.workflow import prepare_latents, train_image_model
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
            "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings", "check_same_latents",
-           "feature_network", "PlateauReached", "RESULT_VERSION", "HEADLINE"]
+           "feature_network", "PlateauReached", "plateau_reached", "RESULT_VERSION", "HEADLINE"]
 
 RESULT_VERSION = 1
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
@@ -67,8 +67,10 @@ class VisionStudyBudget:
     lr: float = 3e-4
     steps: int = 6000  # the most steps a model trains
     ablation_steps: int = 3000  # the schedule variants compare at equal steps, half the main budget
+    min_lr_ratio: float = 0.05  # the cosine LR decay ends at this fraction of lr at `steps`; 1.0: constant LR
     eval_every: int = 1000
-    patience: int = 3  # evaluations without a better validation FID before stopping
+    patience: int = 3  # stop when the last `patience` validation FIDs ...
+    min_improvement: float = 0.0  # ... improve on the best before them by no more than this fraction
     val_samples: int = 200
     val_nfe: int = 20  # validation samples: Heun at this NFE
     # evaluation
@@ -265,11 +267,20 @@ class PlateauReached(Exception):
     """Raised from the validation hook to end training once the validation FID has stopped improving."""
 
 
+def plateau_reached(fids: list[float], patience: int, min_improvement: float = 0.0) -> bool:
+    """True when the best of the last ``patience`` validation FIDs is not lower than the best before them by more
+    than ``min_improvement`` (a fraction). Over a window rather than step by step, so a slow but steady gain keeps a
+    run going; with 0 it is "no new best in ``patience`` evaluations"."""
+    if len(fids) <= patience:
+        return False
+    before, recent = min(fids[:-patience]), min(fids[-patience:])
+    return recent >= before * (1 - min_improvement)
+
+
 class _ValidationFID:
     """eval_fn for ``train_image_model``: FID of ``val_samples`` EMA samples (fixed labels and noise) against the
     held-out validation images; keeps the best weights (best.pt) and a history (selection.json, atomic, so a
-    resumed run keeps its earlier evaluations) and raises ``PlateauReached`` after ``patience`` evaluations
-    without improvement."""
+    resumed run keeps its earlier evaluations) and raises ``PlateauReached`` once ``plateau_reached``."""
 
     def __init__(self, ctx: StudyContext, run_dir: Path):
         self.ctx, self.run_dir, self.budget = ctx, run_dir, ctx.budget
@@ -288,8 +299,8 @@ class _ValidationFID:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.run_dir / "best.pt")
             self.state.update(best_step=step, best_fid=fid)
-        since_best = sum(h["step"] > self.state["best_step"] for h in history)
-        self.save(stopped=since_best >= self.budget.patience)
+        self.save(stopped=plateau_reached([h["fid"] for h in history], self.budget.patience,
+                                          self.budget.min_improvement))
         if self.state["stopped"]:
             raise PlateauReached(step)
         return {"fid": fid}
@@ -317,7 +328,8 @@ def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
         try:
             train_image_model(budget.data_config(ctx.data_root), cell.run_dir, cell.config,
                               latent_dir=ctx.work / "latents", steps=cell.steps, batch_size=budget.batch_size,
-                              lr=budget.lr, seed=cell.seed, checkpoint_every=budget.eval_every, resume=True,
+                              lr=budget.lr, min_lr_ratio=budget.min_lr_ratio, seed=cell.seed,
+                              checkpoint_every=budget.eval_every, resume=True,
                               progress=progress, eval_fn=selector, eval_every=budget.eval_every)
         except PlateauReached as stop:
             stopped_at = int(stop.args[0])

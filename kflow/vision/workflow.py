@@ -36,13 +36,13 @@ from kflow.vision.sampling import SamplingConfig, generate_images, sample_latent
 from kflow.vision.steering import steering_figures
 
 __all__ = ["prepare_latents", "clear_latent_folder", "train_image_model", "sample_images", "load_reference_images",
-           "evaluate_images",
-           "analyze_runs", "PADDED_SIZE", "WARMUP_FRACTION", "MAX_WARMUP_STEPS"]
+           "evaluate_images", "analyze_runs", "PADDED_SIZE", "WARMUP_FRACTION", "MAX_WARMUP_STEPS", "MIN_LR_RATIO"]
 
 PADDED_SIZE = 32  # 28×28 images (Fashion-MNIST) are zero-padded to 32×32, a grid the autoencoder halves twice
 SMALL_IMAGE_DOWNSAMPLE = 1  # images under PADDED_SIZE (8×8 digits) are halved once by the autoencoder ...
 DOWNSAMPLE = 2  # ... the others twice (32×32 -> 8×8 latents)
 WARMUP_FRACTION, MAX_WARMUP_STEPS = 0.1, 100  # default LR warm-up: 10% of the steps, at most 100
+MIN_LR_RATIO = 0.05  # default end of the cosine LR decay, as a fraction of the peak
 GRID_SAMPLES = 64  # samples shown in the PNG grid next to a samples file
 REFERENCE_SETS = {"fashion-mnist-test": "fashion-mnist", "digits-test": "digits"}  # reference name -> data set
 
@@ -129,14 +129,16 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                       lr: float = 3e-4, ema_decay: float = 0.999, seed: int = 0, warmup_steps: int | None = None,
                       checkpoint_every: int = 500, resume: bool = False, progress: bool = True,
                       gradient_checkpointing: bool = False, overwrite: bool = False, deterministic: bool = False,
-                      eval_fn=None, eval_every: int | None = None):
+                      eval_fn=None, eval_every: int | None = None, min_lr_ratio: float = MIN_LR_RATIO):
     """Train a DiT with K-Flow on cached latents through ``kflow.core.training.Trainer``; returns (trainer, flow).
 
     ``latent_dir`` (default ``out_dir``) holds the autoencoder and the latent cache, so several runs can share them
     (runs that are compared should: a folder made with other data settings is refused, see ``prepare_latents``).
     The model config gets its latent shape and classes from the data (``config.for_data``). The run folder gets
     image_config.json, pca.pt (PCA only; reused on resume), the Trainer's checkpoints and metric logs.
-    ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``. A fresh run (not
+    ``warmup_steps=None``: ``WARMUP_FRACTION`` of the steps, at most ``MAX_WARMUP_STEPS``; after it the LR decays
+    on a cosine to ``min_lr_ratio`` × ``lr`` at ``steps`` (1.0: constant, so a run's first steps do not depend on
+    ``steps`` and a capped run can be extended by resuming with more). A fresh run (not
     ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: see ``Trainer``.
     ``eval_fn(ema_model, flow, step) -> dict`` runs every ``eval_every`` steps (logged as eval_<key>; e.g. a
     validation FID that keeps the best checkpoint, ``kflow.vision.study``).
@@ -157,6 +159,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                                       gradient_checkpointing=gradient_checkpointing)
         record = {**config.to_dict(), "dataset": data.dataset, "autoencoder": data.autoencoder,
                   "latent_dir": str(latent_dir), "batch_size": batch_size, "lr": lr, "seed": seed}
+        if min_lr_ratio != MIN_LR_RATIO:  # recorded only when changed: runs made before the option still resume
+            record["min_lr_ratio"] = min_lr_ratio
         if dist_utils.is_main_process():
             if config.decomposition == "pca" and pca is None:
                 flow.decomposition.save(out / PCA_FILE)
@@ -167,7 +171,8 @@ def train_image_model(data: ImageDataConfig, out_dir: str | os.PathLike, config:
                           torch.utils.data.TensorDataset(latents, labels), collate_fn=_stack_pairs,
                           batch_size=batch_size, lr=lr, max_steps=steps, out_dir=out, config=record,
                           ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, progress=progress,
-                          warmup_steps=warmup_steps, overwrite=overwrite, deterministic=deterministic,
+                          warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, overwrite=overwrite,
+                          deterministic=deterministic,
                           eval_fn=None if eval_fn is None else (lambda model, step: eval_fn(model, flow, step)),
                           eval_every=eval_every)
         trainer.fit(resume=resume)
