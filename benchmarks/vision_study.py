@@ -4,13 +4,14 @@ decomposition; steerability. Writes the "vision-study" section of BENCHMARKS.md 
 
     python benchmarks/bench_vision.py --study [--jobs 2]   # the published study (resumable; ~150 min on 2 cores)
     python benchmarks/bench_vision.py --study --quick      # same code path, tiny budget (a few minutes)
-    python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~3 h)
+    python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~6 h)
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
 again, at a constant LR after the warm-up, until the validation FID has improved by less than 1% over 3 evaluations
-(``plateau_reached``) or 18,000 steps: the main study's cosine schedule anneals by its last step, so its curves fall
-to the end and cannot show a plateau. Measured 2026-11-27 with two workers: ~2.9 min per 1000 steps and validation
-per run, so ~55 min per run at the cap plus ~10 min of sweep; it spans sittings (resumable like the main study).
+(``plateau_reached``) or 36,000 steps: the main study's cosine schedule anneals by its last step, so its curves fall
+to the end and cannot show a plateau. Measured 2026-11-27 with two workers: ~3 min per 1000 steps and validation
+per run (flow matching still gained ~1% per 1000 steps at 13k), so up to ~110 min per run plus ~10 min of sweep; it
+spans sittings (resumable like the main study; at a constant LR a resumed run is the run that was interrupted).
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
@@ -69,8 +70,8 @@ QUICK = VisionStudyBudget(train_images=1000, val_images=100, ae_steps=50, steps=
 KFLOW_ROWS = ("K-Flow Fourier", "K-Flow Wavelet", "K-Flow PCA")
 # The convergence stage (--plateau): flow matching and the best K-Flow variant, 2 seeds, at a constant LR (after
 # the warm-up) so that the validation FID can level off instead of being pushed down by a decaying LR, until it has
-# improved by less than 1% over 3 evaluations (3000 steps), or at most 18,000 steps (3x the study's budget).
-PLATEAU = replace(FULL, steps=18000, min_lr_ratio=1.0, min_improvement=0.01)
+# improved by less than 1% over 3 evaluations (3000 steps), or at most 36,000 steps (6x the study's budget).
+PLATEAU = replace(FULL, steps=36000, min_lr_ratio=1.0, min_improvement=0.01)
 PLATEAU_QUICK = replace(QUICK, steps=90, min_lr_ratio=1.0, min_improvement=0.01)
 PLATEAU_SUFFIX = ", to plateau"
 
@@ -400,9 +401,9 @@ def report(plan: Plan, command: str, quick: bool) -> str:
     return "\n".join(parts)
 
 
-def _equal_steps_table(found: dict, rows, every: int, cap: int) -> str:
+def _equal_steps_table(found: dict, rows, cap: int) -> str:
     """Best validation FID reached within each step budget, mean ± std over seeds: the comparison at equal steps."""
-    marks = list(range(3 * every, cap + 1, 3 * every))
+    marks = list(range(FULL.steps, cap + 1, FULL.steps))  # multiples of the main study's budget
     table = []
     for row in rows:
         results = found.get(row)
@@ -436,7 +437,7 @@ def plateau_report(plan: PlateauPlan, command: str) -> str:
         + "; ".join(f"{row} {_mean_std([r['best_val_fid'] for r in main_found.get(row, [])])}"
                     for row in plan.compared()) + ".\n",
         "### Validation FID at equal training steps (best checkpoint within the budget)\n",
-        _equal_steps_table(found, rows, b.eval_every, b.steps) + "\n"]
+        _equal_steps_table(found, rows, b.steps) + "\n"]
     labels = {row: row.removesuffix(PLATEAU_SUFFIX) for row in rows}
     png = _curves(plan, found, rows, plan.figures, "vision_study_plateau_curves.png", seeds=SEEDS, labels=labels)
     if png:

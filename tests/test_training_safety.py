@@ -68,6 +68,24 @@ def test_resumed_run_reports_what_it_ran_and_warns_about_a_changed_schedule(tmp_
     assert summary["resumed_from"] == 5 and summary["steps_run"] == 3 and summary["step"] == 8
 
 
+def test_a_constant_lr_run_extended_by_resuming_is_the_longer_run(tmp_path):
+    import warnings
+
+    long = make_trainer(tmp_path / "long", max_steps=8, min_lr_ratio=1.0, warmup_steps=2)
+    long.fit()
+    make_trainer(tmp_path / "short", max_steps=5, min_lr_ratio=1.0, warmup_steps=2).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the LR does not depend on the planned length
+        extended = make_trainer(tmp_path / "short", max_steps=8, min_lr_ratio=1.0, warmup_steps=2)
+        extended.fit(resume=True)
+    for a, b in zip(long.model.state_dict().values(), extended.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # the default cosine decay does depend on it: the same extension warns and ends elsewhere
+    make_trainer(tmp_path / "cosine", max_steps=5, warmup_steps=2).fit()
+    with pytest.warns(UserWarning, match="planned for 5 steps"):
+        make_trainer(tmp_path / "cosine", max_steps=8, warmup_steps=2).fit(resume=True)
+
+
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(max_steps=0), dict(max_steps=-1), dict(checkpoint_every=0),
                                  dict(lr=0.0), dict(log_every=0)])
 def test_nonsense_arguments_are_refused(tmp_path, bad):

@@ -331,7 +331,7 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.num_workers, self.progress = num_workers, progress
         self.eval_fn, self.eval_every = eval_fn, eval_every
-        self.overwrite, self.deterministic = overwrite, deterministic
+        self.overwrite, self.deterministic, self.min_lr_ratio = overwrite, deterministic, min_lr_ratio
         self.optimizer = torch.optim.AdamW(_unwrap(self.model).parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -400,7 +400,9 @@ class Trainer:
         _set_numpy_rng_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         planned = state.get("max_steps")
-        if planned is not None and planned != self.max_steps and self.step < self.max_steps:
+        # (a constant LR after the warm-up does not depend on the planned length: nothing changes then)
+        if planned is not None and planned != self.max_steps and self.step < self.max_steps and \
+                self.min_lr_ratio != 1.0:
             warnings.warn(f"{path}: the learning-rate schedule was planned for {planned} steps and now runs to "
                           f"{self.max_steps}; from step {self.step} on it follows another curve than an "
                           f"uninterrupted run of either length", stacklevel=2)
