@@ -65,6 +65,7 @@ def plot_learning_curves(runs: dict[str, list[dict]], out_png: str | os.PathLike
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not metrics:
         metrics = sorted({k for recs in runs.values() for r in recs for k in r if k.startswith("eval_")})
@@ -83,6 +84,7 @@ def plot_learning_curves(runs: dict[str, list[dict]], out_png: str | os.PathLike
                      fontsize=9)
         if key == "loss" and log_loss:
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # long runs: step labels would run into each other
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     if title:
