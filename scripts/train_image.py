@@ -7,12 +7,13 @@
 """
 
 from kflow.core import ORDERS, PREDICTIONS, RAMPS
-from kflow.utils.cli import ArgumentParser, add_run_arguments, positive_float, positive_int, run_main
+from kflow.utils.cli import (ArgumentParser, add_run_arguments, positive_float, positive_int, run_main,
+                             unit_fraction)
 from kflow.vision.artifacts import default_run_dir
 from kflow.vision.config import DECOMPOSITIONS, ImageDataConfig, ImageModelConfig
 from kflow.vision.data import add_data_root_argument
 from kflow.vision.models import DiT_models
-from kflow.vision.workflow import train_image_model
+from kflow.vision.workflow import MIN_LR_RATIO, train_image_model
 
 
 def main(argv=None):
@@ -43,6 +44,9 @@ def main(argv=None):
     p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=unit_fraction, default=MIN_LR_RATIO,
+                   help="the cosine LR decay ends at this fraction of --lr; 1 keeps the LR constant after the "
+                        "warm-up (a run can then be extended by --resume with more --steps)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--checkpoint-every", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -57,7 +61,8 @@ def main(argv=None):
                               prediction=args.prediction, num_classes=0 if args.unconditional else None)
     out = args.out or default_run_dir(args.dataset, args.decomposition, args.num_bands)
     trainer, _ = train_image_model(data, out, config, latent_dir=args.latent_dir, steps=args.steps,
-                                   batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
+                                   batch_size=args.batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                                   ema_decay=args.ema_decay, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every, resume=args.resume,
                                    progress=not args.no_progress, gradient_checkpointing=args.gradient_checkpointing,
                                    overwrite=args.overwrite, deterministic=args.deterministic)

@@ -76,6 +76,8 @@ def test_scripts_reject_bad_runs_and_options(tmp_path):
         sample_image.main(["--run", str(tmp_path)])
     with pytest.raises(SystemExit):
         train_image.main(["--decomposition", "bogus"])
+    with pytest.raises(SystemExit):
+        train_image.main(["--min-lr-ratio", "1.5"])
     with pytest.raises(ValueError, match="one-band baseline"):
         train_image.main(["--dataset", "digits", "--decomposition", "none", "--num-bands", "2", "--steps", "1",
                           "--ae-steps", "2", "--ae-width", "8", "--out", str(tmp_path / "r"), "--no-progress"])

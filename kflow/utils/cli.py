@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "add_run_arguments", "run_main",
-           "user_errors"]
+__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "add_run_arguments",
+           "run_main", "user_errors"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -43,6 +43,14 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 

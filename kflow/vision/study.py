@@ -35,7 +35,7 @@ from kflow.vision.metrics import (InceptionFeatures, condition_dropping_scores, 
                                   precision_recall)
 from kflow.vision.sampling import SamplingConfig, generate_images
 from kflow.vision.steering import condition_dropping_grid, noise_splitting_scores, steering_figures
-from kflow.vision.workflow import prepare_latents, train_image_model
+from kflow.vision.workflow import MIN_LR_RATIO, prepare_latents, train_image_model
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
            "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings", "check_same_latents",
@@ -67,7 +67,7 @@ class VisionStudyBudget:
     lr: float = 3e-4
     steps: int = 6000  # the most steps a model trains
     ablation_steps: int = 3000  # the schedule variants compare at equal steps, half the main budget
-    min_lr_ratio: float = 0.05  # the cosine LR decay ends at this fraction of lr at `steps`; 1.0: constant LR
+    min_lr_ratio: float = MIN_LR_RATIO  # the cosine LR decay ends at this fraction of lr at `steps`; 1: constant
     eval_every: int = 1000
     patience: int = 3  # stop when the last `patience` validation FIDs ...
     min_improvement: float = 0.0  # ... improve on the best before them by no more than this fraction
