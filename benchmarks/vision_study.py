@@ -4,14 +4,15 @@ decomposition; steerability. Writes the "vision-study" section of BENCHMARKS.md 
 
     python benchmarks/bench_vision.py --study [--jobs 2]   # the published study (resumable; ~150 min on 2 cores)
     python benchmarks/bench_vision.py --study --quick      # same code path, tiny budget (a few minutes)
-    python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~6 h)
+    python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~3.5 h)
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
 again, at a constant LR after the warm-up, until the validation FID has improved by less than 1% over 3 evaluations
 (``plateau_reached``) or 36,000 steps: the main study's cosine schedule anneals by its last step, so its curves fall
 to the end and cannot show a plateau. Measured 2026-11-27 with two workers: ~3 min per 1000 steps and validation
-per run (flow matching still gained ~1% per 1000 steps at 13k), so up to ~110 min per run plus ~10 min of sweep; it
-spans sittings (resumable like the main study; at a constant LR a resumed run is the run that was interrupted).
+per run; seed 0 levelled off at 17k (K-Flow Fourier) and 19k steps (flow matching), ~60 min each plus ~10 min of
+sweep, so the 6 runs take ~3.5 h with two workers. It spans sittings (resumable like the main study; at a constant
+LR a resumed run is the run that was interrupted).
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
