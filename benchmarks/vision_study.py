@@ -72,11 +72,17 @@ QUICK = VisionStudyBudget(train_images=1000, val_images=100, ae_steps=50, steps=
                           eval_every=30, val_samples=8, ref_samples=100, sweep_samples=8, nfe=(4, 20),
                           cdr_per_class=4, correlation_pairs=4, figure_pairs=2)
 KFLOW_ROWS = ("K-Flow Fourier", "K-Flow Wavelet", "K-Flow PCA")
-# The convergence stage (--plateau): flow matching and the best K-Flow variant, 2 seeds, at a constant LR (after
-# the warm-up) so that the validation FID can level off instead of being pushed down by a decaying LR, until it has
-# improved by less than 1% over 3 evaluations (3000 steps), or at most 36,000 steps (6x the study's budget).
-PLATEAU = replace(FULL, steps=36000, min_lr_ratio=1.0, min_improvement=0.01)
-PLATEAU_QUICK = replace(QUICK, steps=90, min_lr_ratio=1.0, min_improvement=0.01)
+
+
+def to_plateau(budget: VisionStudyBudget, max_steps: int) -> VisionStudyBudget:
+    """The convergence stage's budget (--plateau): a constant LR after the warm-up, so that the validation FID can
+    level off instead of being pushed down by a decaying LR, until it has improved by less than 1% over
+    ``patience`` evaluations, or at most ``max_steps``."""
+    return replace(budget, steps=max_steps, min_lr_ratio=1.0, min_improvement=0.01)
+
+
+PLATEAU = to_plateau(FULL, 36000)  # 6x the study's budget; every row, 2 seeds for FM and the best K-Flow
+PLATEAU_QUICK = to_plateau(QUICK, 90)
 PLATEAU_SUFFIX = ", to plateau"
 
 
