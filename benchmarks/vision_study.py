@@ -16,7 +16,8 @@ LR a resumed run is the run that was interrupted).
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
-features of an interrupted sweep. Cells: flow matching seeds 0 and 1; K-Flow Fourier, Wavelet, PCA seed 0; the best
+features of an interrupted sweep. A result saved under another budget stops the run with an error that names the
+file and the changed fields (no silent mix of budgets in one table). Cells: flow matching seeds 0 and 1; K-Flow Fourier, Wavelet, PCA seed 0; the best
 of these by validation FID seed 1; its schedule ablation (energy-proportional windows, overlap 0.2, high→low) seed
 0; steering of flow matching, the best K-Flow and its high→low variant.
 
@@ -97,7 +98,7 @@ class Plan:
 
     def model_cell(self, row, seed, config=None, steps=None) -> StudyCell:
         return StudyCell("model", row, seed, self.out, self.work, config or self.rows[row],
-                         steps or self.budget.steps)
+                         steps or self.budget.steps, budget=self.budget)
 
     def best_kflow(self) -> str | None:
         done = {row: self.model_cell(row, 0).load() for row in KFLOW_ROWS}
@@ -127,7 +128,7 @@ class Plan:
         for row, cdr in (("flow matching", True), (best, True), (f"{best}, high→low", False)):
             source = self.model_cell(row, 0, ablations.get(row), b.ablation_steps if row in ablations else None)
             cell = StudyCell("steering", row, 0, self.out, self.work, extra={"run": str(source.run_dir),
-                                                                           "after": source.slug})
+                                                                           "after": source.slug}, budget=b)
             specs.append(cell_spec(cell, b, self.data_root, figures=str(self.figures), split_run=best_run,
                                    cdr=cdr))
         return specs
@@ -471,6 +472,8 @@ def _override(budget: VisionStudyBudget, items) -> VisionStudyBudget:
     changes = {}
     for item in items or ():
         key, _, value = item.partition("=")
+        if not hasattr(budget, key):
+            raise ValueError(f"--set {item}: {key!r} is not a field of the study budget")
         current = getattr(budget, key)
         if isinstance(current, tuple):
             changes[key] = tuple(type(current[0])(v) for v in value.split(","))
@@ -495,7 +498,8 @@ def main(argv=None):
     p.add_argument("--progress", action="store_true")
     p.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)  # development and tests
-    p.add_argument("--set", nargs="*", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--set", nargs="*", default=None, help=argparse.SUPPRESS)  # both budgets (main and --plateau)
+    p.add_argument("--plateau-set", nargs="*", default=None, help=argparse.SUPPRESS)  # the --plateau budget only
     args = p.parse_args(argv)
     budget = _override(QUICK if args.quick else FULL, args.set)
     if args.out:
@@ -513,7 +517,9 @@ def main(argv=None):
     if args.plateau:
         if plan.best_kflow() is None and not args.report_only:
             run_study(plan, max(1, args.jobs), args.progress)  # the main study decides which K-Flow variant
-        plan = PlateauPlan(plan, _override(PLATEAU_QUICK if args.quick else PLATEAU, args.set))
+        # the main study's cells are read under the main budget, so values for the stage alone go in --plateau-set
+        stage = _override(_override(PLATEAU_QUICK if args.quick else PLATEAU, args.set), args.plateau_set)
+        plan = PlateauPlan(plan, stage)
         budget, section = plan.budget, "vision-plateau"
     t0 = time.perf_counter()
     if not args.report_only:

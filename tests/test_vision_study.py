@@ -206,12 +206,17 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     assert "training up to" not in capsys.readouterr().out
     assert cell.load()["sweep"] == saved["sweep"]
 
+    # the same folder under another budget is refused, naming the file and the field, instead of mixing budgets
+    with pytest.raises(ValueError, match=r"model/\S+_s0\.json: saved under another study budget "
+                                         r"\(sweep_samples: 8 -> 6\)"):
+        bench_vision.main(argv + ["sweep_samples=6"])
+
     # the convergence stage: every row, constant LR, stopped once the FID levels off
     # (a 50% improvement over the last 2 evaluations is demanded, so the plateau comes at the third evaluation)
     from kflow.utils.io import safe_filename
 
     bench_vision.main(["--study", "--plateau", "--quick", "--jobs", "1", "--out", str(out), "--set",
-                       f"dataset={data}", *MINI, "steps=12", "patience=2", "min_improvement=0.5"])
+                       f"dataset={data}", *MINI, "--plateau-set", "steps=12", "patience=2", "min_improvement=0.5"])
     text = capsys.readouterr().out
     assert "Where each run levelled off" in text and "Validation FID at equal training steps" in text
     cells = sorted(p.name for p in (out / "model").glob("*to_plateau*.json"))
@@ -224,6 +229,25 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
     last = torch.load(out / "work/runs/flow_matching_to_plateau_s0/checkpoints/last.pt", weights_only=True)
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(QUICK.lr)  # a cosine would be at ~57% by now
     assert (out / "figures" / "vision_study_plateau_curves.png").stat().st_size > 1000
+
+
+def test_budget_differences_ignore_runtime_fields_and_fill_older_records(tmp_path):
+    from dataclasses import asdict
+
+    from kflow.vision.study import StudyCell, VisionStudyBudget, budget_differences
+
+    budget = VisionStudyBudget()
+    saved = asdict(budget)
+    assert budget_differences({**saved, "threads": 2}, budget) == []  # how fast a cell ran, not what it measured
+    older = {k: v for k, v in saved.items() if k not in ("min_lr_ratio", "min_improvement")}
+    assert budget_differences(older, budget) == []  # a record from before these fields had their defaults
+    assert budget_differences({**saved, "nfe": [4, 10]}, budget) == ["nfe: (4, 10) -> (4, 10, 20, 50)"]
+    assert budget_differences({**saved, "colour": "red"}, budget) == ["unknown field(s) colour"]
+    cell = StudyCell("model", "flow matching", 0, tmp_path, tmp_path, budget=budget)
+    cell.save({"budget": {**saved, "steps": 10}})
+    with pytest.raises(ValueError, match="steps: 10 -> 6000"):
+        cell.load()
+    assert StudyCell("model", "flow matching", 0, tmp_path, tmp_path).load()["budget"]["steps"] == 10  # unchecked
 
 
 def test_plateau_is_judged_over_a_window_of_evaluations():

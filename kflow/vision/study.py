@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from kflow.vision.workflow import MIN_LR_RATIO, prepare_latents, train_image_mod
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
            "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings", "check_same_latents",
-           "feature_network", "PlateauReached", "plateau_reached", "RESULT_VERSION", "HEADLINE"]
+           "feature_network", "PlateauReached", "plateau_reached", "budget_differences", "RESULT_VERSION", "HEADLINE"]
 
 RESULT_VERSION = 1
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
@@ -98,6 +98,21 @@ class VisionStudyBudget:
                                 wavelet=self.wavelet if decomposition == "wavelet" else None, **changes)
 
 
+RUNTIME_ONLY = ("threads",)  # budget fields that change how fast a cell runs, not what it measures
+
+
+def budget_differences(saved: dict, budget: VisionStudyBudget) -> list[str]:
+    """``"field: saved -> now"`` for every field of a saved budget (``asdict``) that differs from ``budget``,
+    ignoring ``RUNTIME_ONLY``; fields missing from an older record count as their defaults."""
+    known = {f.name for f in fields(VisionStudyBudget)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        return [f"unknown field(s) {', '.join(unknown)}"]
+    before = VisionStudyBudget(**saved)
+    return [f"{name}: {getattr(before, name)!r} -> {getattr(budget, name)!r}" for name in sorted(known)
+            if name not in RUNTIME_ONLY and getattr(before, name) != getattr(budget, name)]
+
+
 def study_rows(budget: VisionStudyBudget) -> dict[str, ImageModelConfig]:
     """The compared models: flow matching (one band) and K-Flow with each decomposition, same DiT and schedule."""
     return {"flow matching": budget.model_config("none"),
@@ -154,6 +169,7 @@ class StudyCell:
     config: ImageModelConfig | None = None
     steps: int = 0
     extra: dict = field(default_factory=dict)
+    budget: VisionStudyBudget | None = None  # when set, a result saved under another budget is refused on load
 
     @property
     def slug(self) -> str:
@@ -168,8 +184,16 @@ class StudyCell:
         return self.work / "runs" / (safe_filename(self.row) + f"_s{self.seed}")
 
     def load(self) -> dict | None:
-        """The saved result, or None when the cell has not finished (or was saved by another study version)."""
-        return read_versioned_json(self.result_path, RESULT_VERSION)
+        """The saved result, or None when the cell has not finished (or was saved by another study version).
+        Raises ValueError when the result was computed under a budget other than ``self.budget``: reusing it
+        silently would put numbers from two budgets in one table."""
+        record = read_versioned_json(self.result_path, RESULT_VERSION)
+        if record is not None and self.budget is not None and "budget" in record:
+            changed = budget_differences(record["budget"], self.budget)
+            if changed:
+                raise ValueError(f"{self.result_path}: saved under another study budget ({'; '.join(changed)}); "
+                                 "move it away to recompute it, or write this study to another folder")
+        return record
 
     def save(self, result: dict) -> dict:
         result = {"version": RESULT_VERSION, "kind": self.kind, "row": self.row, "seed": self.seed, **result}
@@ -436,7 +460,7 @@ def cell_spec(cell: StudyCell, budget: VisionStudyBudget, data_root: str | None 
 def spec_cell(spec: dict) -> StudyCell:
     config = None if spec["config"] is None else ImageModelConfig.from_dict(spec["config"])
     return StudyCell(spec["kind"], spec["row"], spec["seed"], Path(spec["out"]), Path(spec["work"]), config,
-                     spec["steps"], dict(spec["extra"]))
+                     spec["steps"], dict(spec["extra"]), VisionStudyBudget(**spec["budget"]))
 
 
 def study_context(budget: VisionStudyBudget, work: str | Path, data_root=None, progress=False, log=print):
