@@ -43,19 +43,20 @@ LABELS = {"pm_atom": "PM-atom", "pm_center": "PM-center", "pm_atom_perm": "PM-at
           "pm_center_perm": "PM-center, matched", "rmsd15": "RMSD₁₅", "collision": "collision %"}
 
 
-def _cells(out: Path, work: Path, seeds, tables):
-    """Every cell in run order: seed-major, so a partial study holds all rows of the first seeds."""
+def _cells(out: Path, work: Path, seeds, tables, budget: StudyBudget | None = None):
+    """Every cell in run order: seed-major, so a partial study holds all rows of the first seeds. With ``budget``,
+    a model result saved under another budget is refused when loaded."""
     for seed in seeds:
         for dataset, preset, rows, _ in tables:
             yield StudyCell(dataset, preset, "identity", 0, out, work) if seed == seeds[0] else None
             yield StudyCell(dataset, preset, "PackMol", seed, out, work)
             for row, config in study_models(preset, rows).items():
-                yield StudyCell(dataset, preset, row, seed, out, work, config)
+                yield StudyCell(dataset, preset, row, seed, out, work, config, budget=budget)
 
 
 def run_study(out: Path, work: Path, budget: StudyBudget, seeds, tables, progress: bool) -> None:
     stores = {}
-    for cell in filter(None, _cells(out, work, seeds, tables)):
+    for cell in filter(None, _cells(out, work, seeds, tables, budget)):
         if cell.load() is not None:
             continue
         key = (cell.dataset, cell.preset)

@@ -205,3 +205,16 @@ def test_learning_curves_read_logs_and_write_a_png(tmp_path):
         read_metrics_log(run)
     with pytest.raises(FileNotFoundError, match="no metrics log"):
         read_metrics_log(tmp_path)
+
+
+def test_a_model_result_saved_under_another_budget_is_refused(tmp_path):
+    from dataclasses import asdict
+
+    budget = StudyBudget(epochs=2)
+    cell = StudyCell("demo", "mild", "K-Flow K=2", 0, tmp_path / "out", tmp_path / "work", budget=budget)
+    cell.save({"kind": "model", "budget": asdict(budget)})
+    assert cell.load()["budget"]["epochs"] == 2
+    other = StudyCell("demo", "mild", "K-Flow K=2", 0, tmp_path / "out", tmp_path / "work",
+                      budget=StudyBudget(epochs=3))
+    with pytest.raises(ValueError, match=r"K-Flow_K_2_s0\.json: saved under another study budget \(epochs: 2 -> 3\)"):
+        other.load()

@@ -234,18 +234,19 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
 def test_budget_differences_ignore_runtime_fields_and_fill_older_records(tmp_path):
     from dataclasses import asdict
 
-    from kflow.vision.study import StudyCell, VisionStudyBudget, budget_differences
+    from kflow.utils.io import budget_differences
+    from kflow.vision.study import RUNTIME_ONLY, StudyCell, VisionStudyBudget
 
     budget = VisionStudyBudget()
     saved = asdict(budget)
-    assert budget_differences({**saved, "threads": 2}, budget) == []  # how fast a cell ran, not what it measured
+    assert budget_differences({**saved, "threads": 2}, budget, RUNTIME_ONLY) == []  # speed, not what it measured
     older = {k: v for k, v in saved.items() if k not in ("min_lr_ratio", "min_improvement")}
     assert budget_differences(older, budget) == []  # a record from before these fields had their defaults
     assert budget_differences({**saved, "nfe": [4, 10]}, budget) == ["nfe: (4, 10) -> (4, 10, 20, 50)"]
     assert budget_differences({**saved, "colour": "red"}, budget) == ["unknown field(s) colour"]
     cell = StudyCell("model", "flow matching", 0, tmp_path, tmp_path, budget=budget)
-    cell.save({"budget": {**saved, "steps": 10}})
-    with pytest.raises(ValueError, match="steps: 10 -> 6000"):
+    cell.save({"budget": {**saved, "steps": 10, "threads": 2}})
+    with pytest.raises(ValueError, match=r"flow_matching_s0\.json: .* \(steps: 10 -> 6000\)"):
         cell.load()
     assert StudyCell("model", "flow matching", 0, tmp_path, tmp_path).load()["budget"]["steps"] == 10  # unchecked
 

@@ -27,7 +27,7 @@ from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.flow import AssemblyBatch, collate_clusters
 from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
-from kflow.utils.io import atomic_save, atomic_write_text, read_versioned_json, safe_filename
+from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
            "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
@@ -69,6 +69,7 @@ class StudyCell:
     work: Path
     config: AssemblyModelConfig | None = None
     extra: dict = field(default_factory=dict)
+    budget: StudyBudget | None = None  # when set, a result saved under another budget is refused on load
 
     @property
     def slug(self) -> str:
@@ -83,8 +84,11 @@ class StudyCell:
         return self.work / self.slug
 
     def load(self) -> dict | None:
-        """The saved result, or None when the cell has not finished (or was saved by another study version)."""
-        return read_versioned_json(self.result_path, RESULT_VERSION)
+        """The saved result, or None when the cell has not finished (or was saved by another study version).
+        Raises ValueError when it was computed under a budget other than ``self.budget``."""
+        record = read_versioned_json(self.result_path, RESULT_VERSION)
+        check_saved_budget(self.result_path, record, self.budget)
+        return record
 
     def save(self, result: dict) -> dict:
         result = {"version": RESULT_VERSION, "dataset": self.dataset, "preset": self.preset, "row": self.row,

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
@@ -95,3 +96,27 @@ def read_versioned_json(path: str | os.PathLike, version: int) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return record if isinstance(record, dict) and record.get("version") == version else None
+
+
+def budget_differences(saved: dict, budget, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"field: saved -> now"`` for every field of a saved budget (a dataclass as ``asdict``) that differs from
+    ``budget`` (an instance of that dataclass), except ``ignore``; fields missing from an older record count as
+    their defaults, fields the dataclass does not know are reported as such."""
+    known = {f.name for f in fields(budget)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        return [f"unknown field(s) {', '.join(unknown)}"]
+    before = type(budget)(**saved)
+    return [f"{name}: {getattr(before, name)!r} -> {getattr(budget, name)!r}" for name in sorted(known)
+            if name not in ignore and getattr(before, name) != getattr(budget, name)]
+
+
+def check_saved_budget(path: str | os.PathLike, record: dict | None, budget, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a saved study result computed under another budget (ValueError naming the file and the changed
+    fields): a resumable study that reused it silently would put numbers from two budgets in one table."""
+    if record is None or budget is None or "budget" not in record:
+        return
+    changed = budget_differences(record["budget"], budget, ignore)
+    if changed:
+        raise ValueError(f"{path}: saved under another study budget ({'; '.join(changed)}); move it away to "
+                         "recompute it, or write this study to another folder")

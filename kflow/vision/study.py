@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from kflow.utils.io import atomic_save, atomic_write_text, read_versioned_json, safe_filename
+from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
@@ -39,7 +39,7 @@ from kflow.vision.workflow import MIN_LR_RATIO, prepare_latents, train_image_mod
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
            "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings", "check_same_latents",
-           "feature_network", "PlateauReached", "plateau_reached", "budget_differences", "RESULT_VERSION", "HEADLINE"]
+           "feature_network", "PlateauReached", "plateau_reached", "RESULT_VERSION", "HEADLINE"]
 
 RESULT_VERSION = 1
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
@@ -99,18 +99,6 @@ class VisionStudyBudget:
 
 
 RUNTIME_ONLY = ("threads",)  # budget fields that change how fast a cell runs, not what it measures
-
-
-def budget_differences(saved: dict, budget: VisionStudyBudget) -> list[str]:
-    """``"field: saved -> now"`` for every field of a saved budget (``asdict``) that differs from ``budget``,
-    ignoring ``RUNTIME_ONLY``; fields missing from an older record count as their defaults."""
-    known = {f.name for f in fields(VisionStudyBudget)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        return [f"unknown field(s) {', '.join(unknown)}"]
-    before = VisionStudyBudget(**saved)
-    return [f"{name}: {getattr(before, name)!r} -> {getattr(budget, name)!r}" for name in sorted(known)
-            if name not in RUNTIME_ONLY and getattr(before, name) != getattr(budget, name)]
 
 
 def study_rows(budget: VisionStudyBudget) -> dict[str, ImageModelConfig]:
@@ -188,11 +176,7 @@ class StudyCell:
         Raises ValueError when the result was computed under a budget other than ``self.budget``: reusing it
         silently would put numbers from two budgets in one table."""
         record = read_versioned_json(self.result_path, RESULT_VERSION)
-        if record is not None and self.budget is not None and "budget" in record:
-            changed = budget_differences(record["budget"], self.budget)
-            if changed:
-                raise ValueError(f"{self.result_path}: saved under another study budget ({'; '.join(changed)}); "
-                                 "move it away to recompute it, or write this study to another folder")
+        check_saved_budget(self.result_path, record, self.budget, ignore=RUNTIME_ONLY)
         return record
 
     def save(self, result: dict) -> dict:
