@@ -333,26 +333,37 @@ def _rel(path) -> str:
     return p.relative_to(REPO).as_posix() if p.is_absolute() and p.is_relative_to(REPO) else str(p)
 
 
-def _verdict(found: dict, best: str | None, nfe, baseline: str = "flow matching") -> str:
+def _best_sampler(found: dict, row: str, n: int):
+    """(method, (mean, std over seeds)) of the sampler with the lowest mean test FID at ``n`` NFE, or None."""
+    options = {}
+    for method in ("euler", "heun", "band"):
+        vals = [r["sweep"][f"{method}@{n}"]["fid"] for r in found[row] if f"{method}@{n}" in r["sweep"]]
+        if len(vals) == len(found[row]):
+            options[method] = (np.mean(vals), np.std(vals))
+    return min(options.items(), key=lambda kv: kv[1][0]) if options else None
+
+
+def _compare_word(kflow_fid: float, fm_fid: float, spread: float) -> str:
+    return "beats" if kflow_fid < fm_fid - spread else ("matches" if kflow_fid <= fm_fid + spread
+                                                        else "does not match")
+
+
+def _verdict(found: dict, best: str | None, nfe, baseline: str = "flow matching", others=()) -> str:
+    """Per NFE: the best K-Flow row (2 seeds) against the baseline, then ``others`` (one seed each)."""
     if best is None or baseline not in found or best not in found:
         return ""
     lines = []
     for n in nfe:
-        def best_mean(row):
-            options = {}
-            for method in ("euler", "heun", "band"):
-                vals = [r["sweep"][f"{method}@{n}"]["fid"] for r in found[row] if f"{method}@{n}" in r["sweep"]]
-                if len(vals) == len(found[row]):
-                    options[method] = (np.mean(vals), np.std(vals))
-            return min(options.items(), key=lambda kv: kv[1][0]) if options else None
-        fm, kf = best_mean(baseline), best_mean(best)
+        fm, kf = _best_sampler(found, baseline, n), _best_sampler(found, best, n)
         if fm is None or kf is None:
             continue
         spread = max(fm[1][1], kf[1][1], 0.01 * fm[1][0])  # seed spread, at least 1% of the FID
-        word = "beats" if kf[1][0] < fm[1][0] - spread else ("matches" if kf[1][0] <= fm[1][0] + spread
-                                                             else "does not match")
-        lines.append(f"NFE {n}: {best} ({kf[0]}) {kf[1][0]:.1f} vs flow matching ({fm[0]}) {fm[1][0]:.1f} — "
-                     f"{word} (margin {spread:.1f})")
+        line = (f"NFE {n}: {best} ({kf[0]}) {kf[1][0]:.1f} vs flow matching ({fm[0]}) {fm[1][0]:.1f} — "
+                f"{_compare_word(kf[1][0], fm[1][0], spread)} (margin {spread:.1f})")
+        single = [(row, _best_sampler(found, row, n)) for row in others if row in found]
+        single = [f"{row} ({o[0]}) {o[1][0]:.1f}, {_compare_word(o[1][0], fm[1][0], max(fm[1][1], 0.01 * fm[1][0]))}"
+                  for row, o in single if o is not None]
+        lines.append(line + ("; one seed: " + "; ".join(single) if single else ""))
     return ("Best sampler per model and NFE, mean over seeds (\"matches\" = within the larger seed spread):\n\n- "
             + "\n- ".join(lines)) if lines else ""
 
@@ -456,7 +467,7 @@ def plateau_report(plan: PlateauPlan, command: str) -> str:
         parts.append(f"![convergence curves]({png})\n")
     parts += ["### Sampling budget at the plateau (test FID (precision, recall) by NFE)\n",
               _sweep_table(found, rows, b.nfe) + "\n"]
-    verdict = _verdict(found, rows[1] if len(rows) > 1 else None, b.nfe, baseline=rows[0])
+    verdict = _verdict(found, rows[1] if len(rows) > 1 else None, b.nfe, baseline=rows[0], others=rows[2:])
     if verdict:
         parts += ["### Verdict at the plateau\n", verdict + "\n"]
     pending = [_cell(spec).slug for spec in plan.specs() if _cell(spec).load() is None]

@@ -219,6 +219,7 @@ def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, caps
                        f"dataset={data}", *MINI, "--plateau-set", "steps=12", "patience=2", "min_improvement=0.5"])
     text = capsys.readouterr().out
     assert "Where each run levelled off" in text and "Validation FID at equal training steps" in text
+    assert "; one seed: K-Flow" in text  # the verdict names the single-seed variants too
     cells = sorted(p.name for p in (out / "model").glob("*to_plateau*.json"))
     expected = [("flow matching", 0), ("flow matching", 1), (best, 0), (best, 1)] + [
         (row, 0) for row in KFLOW_ROWS if row != best]  # 2 seeds for FM and the best K-Flow, 1 for the others
