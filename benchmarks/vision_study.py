@@ -11,7 +11,7 @@ again, at a constant LR after the warm-up, until the validation FID has improved
 (``plateau_reached``) or 36,000 steps: the main study's cosine schedule anneals by its last step, so its curves fall
 to the end and cannot show a plateau. Measured 2026-11-27 with two workers: ~3 min per 1000 steps and validation
 per run; seed 0 levelled off at 17k (K-Flow Fourier) and 19k steps (flow matching), ~60 min each plus ~10 min of
-sweep, so the 6 runs take ~3.5 h with two workers. It spans sittings (resumable like the main study; at a constant
+sweep, so the 6 runs take ~3.5 h with two workers (the last pair, Wavelet 18k and PCA 15k steps: 67 min). It spans sittings (resumable like the main study; at a constant
 LR a resumed run is the run that was interrupted).
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
@@ -227,7 +227,8 @@ def _main_table(found: dict, rows) -> str:
                           ("best < last eval" if r["best_step"] < r["steps_run"] else "still improving")
                           for r in results)
         wavelet = results[0]["config"].get("wavelet")
-        table.append([row + (f" {wavelet}" if wavelet else ""), len(results), steps, best, state,
+        label = row.replace("Wavelet", f"Wavelet {wavelet}", 1) if wavelet else row  # "K-Flow Wavelet db6, …"
+        table.append([label, len(results), steps, best, state,
                       _mean_std([r["best_val_fid"] for r in results]),
                       _mean_std([r["sweep"].get(key, {}).get("fid") for r in results]),
                       _mean_std([r["sweep"].get(key, {}).get("precision", np.nan) * 100 for r in results]),
