@@ -166,3 +166,24 @@ def test_shipped_csd500_is_found_inside_the_repository(monkeypatch, tmp_path):
     monkeypatch.setenv("KFLOW_CSD500", str(tmp_path / "missing.extxyz"))
     with pytest.raises(FileNotFoundError, match="KFLOW_CSD500"):
         csd500_path()
+
+
+def _report_torch_threads(args):
+    """Stands in for the chunk worker: reports the torch thread count the worker process runs with."""
+    return [], [("threads", str(torch.get_num_threads()))]
+
+
+def test_preprocessing_workers_run_torch_single_threaded(tmp_path, monkeypatch):
+    # a forked worker inherits the parent's thread count; N workers × N threads on N cores made 2 workers slower
+    # than 1, so every worker must drop to one thread whatever the parent uses
+    import kflow.molecular.sources as sources
+
+    monkeypatch.setattr(sources, "_preprocess_cod_chunk", _report_torch_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = preprocess_cod_cluster17(tmp_path, [f"c{i}" for i in range(4)], tmp_path / "s.lmdb", num_workers=2,
+                                           progress=False, chunk_size=1)
+    finally:
+        torch.set_num_threads(before)
+    assert summary.rejected["threads"] == 4 and set(summary.examples["threads"]) == {"1"}

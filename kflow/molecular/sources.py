@@ -44,6 +44,12 @@ CSD500_CACHE = DATA_ROOT / "cache" / "csd500.extxyz"
 
 
 # ------------------------------------------------------------------------------------------- building stores
+def _one_thread_worker() -> None:
+    """Pool initializer: a forked worker inherits the parent's torch thread count, so N workers would each run
+    N-thread kernels on N cores; oversubscribed, 2 workers were slower than 1 (measured 2026-11-27)."""
+    torch.set_num_threads(1)
+
+
 def _build_one(args):
     name, atoms, draws, seed, kwargs = args
     from kflow.molecular.crystals import build_cluster, find_molecules
@@ -88,7 +94,7 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
 
     def results():
         if num_workers > 1:
-            with get_context("fork").Pool(num_workers) as pool:
+            with get_context("fork").Pool(num_workers, initializer=_one_thread_worker) as pool:
                 yield from pool.imap(_build_one, items, chunksize=4)
         else:
             yield from map(_build_one, items)
@@ -488,7 +494,7 @@ def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, n
 
     def clusters():
         if num_workers > 1 and len(chunks) > 1:
-            pool = get_context("fork").Pool(min(num_workers, len(chunks)))
+            pool = get_context("fork").Pool(min(num_workers, len(chunks)), initializer=_one_thread_worker)
             results = pool.imap(_preprocess_cod_chunk, chunks)
         else:
             pool, results = None, map(_preprocess_cod_chunk, chunks)
