@@ -11,15 +11,15 @@ again, at a constant LR after the warm-up, until the validation FID has improved
 (``plateau_reached``) or 36,000 steps: the main study's cosine schedule anneals by its last step, so its curves fall
 to the end and cannot show a plateau. Measured 2026-11-27 with two workers: ~3 min per 1000 steps and validation
 per run; seed 0 levelled off at 17k (K-Flow Fourier) and 19k steps (flow matching), ~60 min each plus ~10 min of
-sweep, so the 6 runs take ~3.5 h with two workers (the last pair, Wavelet 18k and PCA 15k steps: 67 min). It spans sittings (resumable like the main study; at a constant
-LR a resumed run is the run that was interrupted).
+sweep, so the 6 runs take ~3.5 h with two workers (the last pair, Wavelet 18k and PCA 15k steps: 67 min). It
+spans sittings (resumable like the main study; at a constant LR a resumed run is the run that was interrupted).
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
 features of an interrupted sweep. A result saved under another budget stops the run with an error that names the
-file and the changed fields (no silent mix of budgets in one table). Cells: flow matching seeds 0 and 1; K-Flow Fourier, Wavelet, PCA seed 0; the best
-of these by validation FID seed 1; its schedule ablation (energy-proportional windows, overlap 0.2, high→low) seed
-0; steering of flow matching, the best K-Flow and its high→low variant.
+file and the changed fields (no silent mix of budgets in one table). Cells: flow matching seeds 0 and 1; K-Flow
+Fourier, Wavelet, PCA seed 0; the best of these by validation FID seed 1; its schedule ablation (energy-proportional
+windows, overlap 0.2, high→low) seed 0; steering of flow matching, the best K-Flow and its high→low variant.
 
 Budget (FULL, sized from rates measured on this 2-core machine, 2026-11-27: DiT-M/4 on 1×16×16 latents, batch 64,
 one thread, ~7 steps/s with the other core busy; the offline Inception-v3 runs at 4.4 images/s on one idle thread,
