@@ -67,8 +67,9 @@ from kflow.vision.study import (HEADLINE, StudyCell, VisionStudyBudget, ablation
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1)
 FULL = VisionStudyBudget()
-# A code-path check, not a measurement. From a clean clone on the idle 2-core machine, 2026-11-27: 9 min 10 s (9 min
-# 45 s with twice these sample counts, so most of it is fixed cost: worker start-up, Inception loading, 9 trainings).
+# A code-path check, not a measurement. From a clean clone on the idle 2-core machine, 2026-11-27: 9 min 10 s, and
+# 7 min 32 s in a later run (9 min 45 s with twice these sample counts, so most of it is fixed cost: worker start-up,
+# Inception loading, 9 trainings).
 QUICK = VisionStudyBudget(train_images=1000, val_images=100, ae_steps=50, steps=60, ablation_steps=60,
                           eval_every=30, val_samples=8, ref_samples=100, sweep_samples=8, nfe=(4, 20),
                           cdr_per_class=4, correlation_pairs=4, figure_pairs=2)
