@@ -359,12 +359,16 @@ def _verdict(found: dict, best: str | None, nfe, baseline: str = "flow matching"
         fm, kf = _best_sampler(found, baseline, n), _best_sampler(found, best, n)
         if fm is None or kf is None:
             continue
-        spread = max(fm[1][1], kf[1][1], 0.01 * fm[1][0])  # seed spread, at least 1% of the FID
+        fm_spread = max(fm[1][1], 0.01 * fm[1][0])  # seed spread, at least 1% of the FID
+        spread = max(fm_spread, kf[1][1])
         line = (f"NFE {n}: {best} ({kf[0]}) {kf[1][0]:.1f} vs flow matching ({fm[0]}) {fm[1][0]:.1f} — "
                 f"{_compare_word(kf[1][0], fm[1][0], spread)} (margin {spread:.1f})")
-        single = [(row, _best_sampler(found, row, n)) for row in others if row in found]
-        single = [f"{row} ({o[0]}) {o[1][0]:.1f}, {_compare_word(o[1][0], fm[1][0], max(fm[1][1], 0.01 * fm[1][0]))}"
-                  for row, o in single if o is not None]
+        single = []
+        for row in (r for r in others if r in found):
+            other = _best_sampler(found, row, n)
+            if other is not None:
+                single.append(f"{row} ({other[0]}) {other[1][0]:.1f}, "
+                              f"{_compare_word(other[1][0], fm[1][0], fm_spread)}")
         lines.append(line + ("; one seed: " + "; ".join(single) if single else ""))
     return ("Best sampler per model and NFE, mean over seeds (\"matches\" = within the larger seed spread):\n\n- "
             + "\n- ".join(lines)) if lines else ""
