@@ -233,3 +233,76 @@ def test_condition_dropping_switches_at_tau():
     assert seen[-1].tolist() == [1, 2, 10]
     wrapped(torch.zeros(3, 2), torch.full((3,), 0.1), y=y)
     assert seen[-1].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- x1-prediction: the velocity at the current state
+def _toy_flow(name, num_bands, batch):
+    """(flow, data shape) on 8 coordinates: 256 data points {±1}^8, so the Bayes predictor is an exact sum. The
+    Laplacian flow (the molecular one: a smooth, overlapping schedule) has one basis for all ``batch`` rows."""
+    if name == "fourier":
+        return KFlow(FourierDecomposition((4, 2), num_bands), BandSchedule(num_bands), prediction="x1"), (1, 4, 2)
+    points = (torch.randn(1, 8, 3, dtype=F64, generator=torch.Generator().manual_seed(3)) * 4).expand(batch, -1, -1)
+    return KFlow(LaplacianDecomposition(points, num_bands), BandSchedule(num_bands, "smooth", overlap=0.3),
+                 prediction="x1"), (8, 1)
+
+
+def _bayes_x1(flow, shape):
+    """The exact E[x1 | x_t] for data uniform on {±1}^D and white Gaussian noise, for an orthonormal F: in
+    coefficient space c_t | x1 ~ N(S ⊙ F x1, diag((1 − S)²))."""
+    dec = flow.decomposition
+    configs = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=F64)] * 8)  # [256, 8]
+    if isinstance(dec, LaplacianDecomposition):  # the 256 configurations as feature channels of every row
+        coeffs = None
+    else:
+        coeffs = dec(configs.reshape(256, *shape)).reshape(1, 256, -1)  # [1, 256, D]
+
+    def predictor(x, t):
+        b = x.shape[0]
+        cx = dec(x)
+        s = flow._per_coeff(flow.schedule.s(t), cx).expand_as(cx).reshape(b, 1, -1)  # [B, 1, D]
+        c1 = coeffs if coeffs is not None else dec(configs.T[None].expand(b, -1, -1)).transpose(1, 2)
+        var = (1 - s).clamp_min(1e-9).square()
+        log_w = -((cx.reshape(b, 1, -1) - s * c1).square() / (2 * var)).sum(-1)  # [B, 256]
+        return (torch.softmax(log_w, -1) @ configs).reshape(b, *shape)
+
+    return predictor
+
+
+@pytest.mark.parametrize("num_bands", [1, 2, 3])
+@pytest.mark.parametrize("method", ["euler", "heun", "band", "dopri5"])
+@pytest.mark.parametrize("name", ["fourier", "laplacian"])
+def test_x1_prediction_of_the_exact_predictor_reaches_the_data(num_bands, method, name):
+    # Regression test: the x1 -> velocity conversion must use the x0 implied by x_t, (F x_t − S F x̂1)/(1 − S),
+    # not the trajectory's start; with the start, Euler returns the time-average of x̂1 (mean |x| ≈ 0.6 here).
+    flow, shape = _toy_flow(name, num_bands, 200)
+    x0 = torch.randn(200, *shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = flow.sample(_bayes_x1(flow, shape), x0, steps=60, method=method)
+    near = ((out.abs() - 1).abs() < 0.1).double().mean()
+    assert near >= 0.99, (float(near), float(out.abs().mean()))
+
+
+@pytest.mark.parametrize("method", ["euler", "band"])
+def test_x1_and_velocity_prediction_of_one_exact_model_give_the_same_samples(method):
+    flow, shape = _toy_flow("fourier", 2, 50)
+    x1_model = _bayes_x1(flow, shape)
+    dec, sch = flow.decomposition, flow.schedule
+
+    def velocity_model(x, t):  # the implied velocity written out: F⁻¹(S′/(1 − S) ⊙ F(x̂1 − x))
+        s, ds = sch.s(t), sch.ds(t)
+        rate = torch.where(ds > 0, ds / (1 - s).clamp_min(1e-12), torch.zeros_like(ds))
+        d = dec(x1_model(x, t) - x)
+        return dec.inverse(flow._per_coeff(rate, d) * d)
+
+    x0 = torch.randn(50, *shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    a = flow.sample(x1_model, x0, steps=30, method=method, prediction="x1")
+    b = flow.sample(velocity_model, x0, steps=30, method=method, prediction="velocity")
+    # (Heun and dopri5 differ by design at a band's end: for x1 they land finishing bands on x̂1, a velocity
+    # model has no x̂1 to land on.)
+    assert (a - b).abs().max() < 1e-8
+
+
+def test_velocity_from_x1_is_flow_matching_for_one_band():
+    flow = KFlow.rectified((3,), prediction="x1")
+    x, x1 = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    t = torch.tensor([0.0, 0.3, 0.7, 0.95], dtype=F64)
+    assert torch.allclose(flow.velocity_from_x1(x, x1, t), (x1 - x) / (1 - t[:, None]), atol=1e-12)

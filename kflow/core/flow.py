@@ -20,6 +20,7 @@ __all__ = ["KFlow", "SAMPLING_METHODS", "PREDICTIONS"]
 
 SAMPLING_METHODS = ("euler", "heun", "band", "dopri5")  # the integrators of ``KFlow.sample`` (scripts' choices)
 PREDICTIONS = ("velocity", "x1")  # what a model may output: the velocity, or the endpoint x1
+ADAPTIVE_X1_TAIL = 1e-2  # dopri5 with x1-prediction: share of each piece finished by one band step (stiff end)
 Model = Callable[..., torch.Tensor]
 
 
@@ -30,7 +31,7 @@ class KFlow:
         decomposition: a ``Decomposition`` acting on the trailing dims of the data.
         schedule: a ``BandSchedule`` with the same number of bands.
         prediction: what the model outputs by default: "velocity" (v_θ ≈ u_t) or "x1" (x̂1 ≈ x1, from which the
-            velocity F⁻¹(S′ ⊙ F(x̂1 − x0)) follows).
+            velocity at the current state follows: ``velocity_from_x1``).
 
     All methods take x0, x1 of shape [B, ...] and t of shape [B] (or a float).
     """
@@ -139,14 +140,39 @@ class KFlow:
         return per_sample.mean()
 
     # ------------------------------------------------------------------ sampling
-    def velocity(self, model: Model, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
+    def velocity_from_x1(self, x: torch.Tensor, x1_hat: torch.Tensor, t) -> torch.Tensor:
+        """The velocity that a predicted endpoint x̂1 implies at the current state x_t (docs/MATH.md, "Sampling an
+        x1-prediction").
+
+        On the path of eq. 10 every coefficient satisfies F x_t = F x0 + S(t) ⊙ F(x1 − x0), so the source implied by
+        (x_t, x̂1) is F x̂0 = (F x_t − S F x̂1) / (1 − S), and eq. 11 with x̂0, x̂1 gives
+
+            v = F⁻¹( S′(t) / (1 − S(t)) ⊙ F(x̂1 − x_t) ).
+
+        For flow matching (one band, linear ramp) this is the familiar (x̂1 − x_t) / (1 − t). Using the trajectory's
+        own starting point instead of x̂0 would make Euler return the time-average of the predictions. Bands that
+        do not move (S′ = 0: finished or not reached) get no velocity, whatever S is.
+        """
+        t = self._times(t, x)
+        d = self.decomposition(x1_hat - x)
+        return self.decomposition.inverse(self._per_coeff(self._rate(t), d) * d)
+
+    def _rate(self, t: torch.Tensor) -> torch.Tensor:
+        """S′(t) / (1 − S(t)) per band, [B, K]: 0 where a band does not move; 1 − S is floored at machine
+        precision (at a band's very end S′ is the left limit and 1 − S rounds to 0)."""
+        s, ds = self.schedule.s(t), self.schedule.ds(t)
+        tiny = torch.finfo(s.dtype).eps
+        return torch.where(ds > 0, ds / (1 - s).clamp_min(tiny), torch.zeros_like(ds))
+
+    def velocity(self, model: Model, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor | None = None,
                  prediction: str | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
-        """The model's velocity at (x, t). An x1-prediction x̂1 is converted with the schedule: the velocity of the
-        path from x0 to x̂1, F⁻¹(S′(t) ⊙ F(x̂1 − x0)) (eq. 11 with x̂1 for x1)."""
+        """The model's velocity at (x, t). An x1-prediction x̂1 is converted by ``velocity_from_x1`` (from the
+        current state, not from the trajectory's start: ``x0`` is accepted for backward compatibility and
+        ignored)."""
         out = model(x, t, **(model_kwargs or {}))
         if (prediction or self.prediction) == "velocity":
             return out
-        return self.target_velocity(x0, out, t)
+        return self.velocity_from_x1(x, out, t)
 
     @torch.no_grad()
     def sample(self, model: Model, x0: torch.Tensor, steps: int = 50, method: str = "euler",
@@ -159,10 +185,12 @@ class KFlow:
         method:
             "euler", "heun": fixed steps on ``time_grid`` (default: ``steps`` uniform steps, or ``steps_per_band``
                 steps inside each band's window). Heun costs two model calls per step.
-            "band": the band-aware step x_{t+h} = x_t + F⁻¹((S(t+h) − S(t)) ⊙ (F x̂1 − F x0)), which integrates the
-                schedule exactly. With prediction="x1" x̂1 is the model output; with a velocity model it is recovered
-                on the active bands as F v / S′(t) (a band starting with zero slope is read at the step's midpoint;
-                bands that do not move fall back to an Euler step). Exact for the conditional velocity of one pair.
+            "band": the band-aware step x_{t+h} = x_t + F⁻¹((S(t+h) − S(t)) / (1 − S(t)) ⊙ F(x̂1 − x_t)), which
+                follows the path through x_t towards x̂1 exactly for a constant x̂1 (a band's last step lands on
+                x̂1). With prediction="x1" x̂1 is the model output; a velocity model's step is the same path read
+                from v: F(x̂1 − x_t) / (1 − S) = F v / S′(t) on the active bands (a band starting with zero slope
+                is read at the step's midpoint; bands that do not move fall back to an Euler step). Exact for the
+                conditional velocity of one pair.
                 With a velocity model and linear ramps it is the Euler update (each step of the edge-aligned
                 grid stays inside one linear piece of every ramp); it differs for x1 prediction or curved ramps.
             "dopri5": adaptive Runge–Kutta (torchdiffeq) with tolerances ``rtol``/``atol``, integrated piecewise
@@ -191,26 +219,40 @@ class KFlow:
             t, t_next = grid[i].expand(batch), grid[i + 1].expand(batch)
             h = grid[i + 1] - grid[i]
             if method == "euler":
-                x = x + h * self.velocity(model, x, t, x0, prediction, kwargs)
+                x = x + h * self.velocity(model, x, t, None, prediction, kwargs)
             elif method == "heun":
-                v = self.velocity(model, x, t, x0, prediction, kwargs)
-                x_pred = x + h * v
-                # The corrector uses the left limit at t+h, so a step never mixes two bands' velocities.
-                t_end = torch.nextafter(t_next, t)
-                x = x + 0.5 * h * (v + self.velocity(model, x_pred, t_end, x0, prediction, kwargs))
+                x = self._heun_step(model, x, t, t_next, h, prediction, kwargs)
             else:
-                x = self._band_step(model, x, x0, t, t_next, h, prediction, kwargs)
+                x = self._band_step(model, x, t, t_next, h, prediction, kwargs)
             if traj is not None:
                 traj.append(x)
         return (x, torch.stack(traj)) if return_trajectory else x
 
-    def _band_step(self, model, x, x0, t, t_next, h, prediction, kwargs):
+    def _heun_step(self, model, x, t, t_next, h, prediction, kwargs):
+        v = self.velocity(model, x, t, None, prediction, kwargs)
+        x_pred = x + h * v
+        # The corrector uses the left limit at t+h, so a step never mixes two bands' velocities.
+        t_end = torch.nextafter(t_next, t)
+        v_end = self.velocity(model, x_pred, t_end, None, prediction, kwargs)
+        if prediction == "x1":
+            # A band that finishes in this step has 1 − S(t_end) ≈ 0: its corrector velocity is x̂1's change over a
+            # vanishing remaining time. Those bands keep the predictor (Euler) step, which lands on x̂1 exactly,
+            # as EDM's Heun sampler does on its last step.
+            finishing = self._per_coeff((self.schedule.s(t_next) >= 1) & (self.schedule.ds(t) > 0),
+                                        self.decomposition(x))
+            cv, cv_end = self.decomposition(v), self.decomposition(v_end)
+            v_end = self.decomposition.inverse(torch.where(finishing.bool(), cv, cv_end))
+        return x + 0.5 * h * (v + v_end)
+
+    def _band_step(self, model, x, t, t_next, h, prediction, kwargs):
         F = self.decomposition
         out = model(x, t, **kwargs)
         delta_s = self.schedule.s(t_next) - self.schedule.s(t)  # [B, K]
         if prediction == "x1":
-            d = F(out - x0)
-            return x + F.inverse(self._per_coeff(delta_s, d) * d)
+            d = F(out - x)
+            ratio = torch.where(delta_s > 0, delta_s / (1 - self.schedule.s(t)).clamp_min(1e-12),
+                                torch.zeros_like(delta_s))  # [B, K]; 1 on a band's last step
+            return x + F.inverse(self._per_coeff(ratio, d) * d)
         cv = F(out)
         ds = self._per_coeff(self.schedule.ds(t), cv)
         dS = self._per_coeff(delta_s, cv)
@@ -228,7 +270,11 @@ class KFlow:
 
     def _sample_adaptive(self, model, x0, grid, prediction, kwargs, return_trajectory, rtol, atol):
         """dopri5 piecewise between window edges: S′ jumps there (linear ramp), so each piece is smooth and is
-        integrated with the velocity's left limit at its end."""
+        integrated with the velocity's left limit at its end.
+
+        An x1-prediction's velocity S′/(1 − S) ⊙ F(x̂1 − x) pulls the state onto x̂1 ever faster as a band ends (the
+        ODE turns stiff), so for x1 the solver stops ``ADAPTIVE_X1_TAIL`` of the piece before its end and one band
+        step (which lands finishing bands on x̂1) covers the rest."""
         from torchdiffeq import odeint
 
         batch = x0.shape[0]
@@ -237,21 +283,23 @@ class KFlow:
         states, x = {0: x0}, x0
         for start, end in zip(bounds[:-1], bounds[1:]):
             t_last = torch.nextafter(end, start) if end < 1 else end
+            stop = end - ADAPTIVE_X1_TAIL * (end - start) if prediction == "x1" else end
 
             def rhs(t, y, t_last=t_last):
-                return self.velocity(model, y, torch.minimum(t, t_last).expand(batch).to(y.dtype), x0,
+                return self.velocity(model, y, torch.minimum(t, t_last).expand(batch).to(y.dtype), None,
                                      prediction, kwargs)
 
-            inside = (grid > start) & (grid < end) if return_trajectory else torch.zeros_like(grid, dtype=torch.bool)
-            times = torch.cat([start[None], grid[inside], end[None]])
-            # step_t stops the solver from stepping past `end` (torchdiffeq otherwise overshoots and interpolates).
-            out = odeint(rhs, x, times, method="dopri5", rtol=rtol, atol=atol, options={"step_t": end[None]})
+            inside = (grid > start) & (grid < stop) if return_trajectory else torch.zeros_like(grid, dtype=torch.bool)
+            times = torch.cat([start[None], grid[inside], stop[None]])
+            # step_t stops the solver from stepping past `stop` (torchdiffeq otherwise overshoots and interpolates).
+            out = odeint(rhs, x, times, method="dopri5", rtol=rtol, atol=atol, options={"step_t": stop[None]})
             x = out[-1]
             for idx, state in zip(inside.nonzero().flatten().tolist(), out[1:-1]):
                 states[idx] = state
-            at_end = (grid == end).nonzero().flatten().tolist()
-            if at_end:
-                states[at_end[0]] = x
+            if stop < end:
+                x = self._band_step(model, x, stop.expand(batch), end.expand(batch), end - stop, prediction, kwargs)
+            for idx in ((grid >= stop) & (grid <= end)).nonzero().flatten().tolist():
+                states[idx] = x  # (a grid point inside the short tail gets the piece's end state)
         if not return_trajectory:
             return x
         return x, torch.stack([states[i] for i in range(grid.numel())])
