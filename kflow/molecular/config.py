@@ -23,8 +23,9 @@ class AssemblyModelConfig:
     """Everything that determines the model's parameters and the flow; saved in every checkpoint.
 
     Flow: ``num_bands`` (K; 1 = rigid flow matching), band ``ramp``, ``order`` and ``overlap`` of the schedule;
-    ``coupling``: which final slot each start molecule flows to in training, "index" (the data's pairing) or "ot"
-    (an optimal assignment within each cluster, ``flow.collate_clusters``). ``objective``: "flow" (K-Flow, or rigid
+    ``coupling``: which final slot each start molecule flows to in training, "index" (the data's pairing), "ot"
+    (an optimal assignment within each cluster) or "eot" (assignment and global rotation of the final cluster,
+    ``flow.equivariant_coupling``); see ``flow.collate_clusters``. ``objective``: "flow" (K-Flow, or rigid
     flow matching with K = 1) or "regression" (the same network and loss, trained at t = 0 only and sampled in
     one step: the direct-regression baseline).
     Network: see ``AssemblyNetwork`` for the meaning of each field.
@@ -44,7 +45,7 @@ class AssemblyModelConfig:
     num_basis: int = 10
     conv: str = "uvu"  # "uvu" depthwise convolutions; "fctp" the fully connected network of kflow <= 0.2
     heavy_atoms_only: bool = True  # atom-level message passing without hydrogens (they ride along rigidly)
-    coupling: str = "index"  # "index" | "ot": start-to-final pairing used to build training paths
+    coupling: str = "index"  # "index" | "ot" | "eot": start-to-final pairing used to build training paths
     objective: str = "flow"  # "flow" | "regression" (one-step prediction at t = 0; needs num_bands=1)
 
     def __post_init__(self):

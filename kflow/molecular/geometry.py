@@ -50,17 +50,19 @@ def index_centroids(positions: torch.Tensor, index: torch.Tensor, num_groups: in
 
 
 # ------------------------------------------------------------------------------------------------------- Kabsch
-def kabsch(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None):
+def kabsch(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+           translate: bool = True):
     """Optimal proper rotation and translation mapping ``mobile`` onto ``target`` (batched).
 
-    Args: mobile, target [..., P, 3]; weights [..., P] (0 = ignore a point, e.g. padding or hydrogens).
+    Args: mobile, target [..., P, 3]; weights [..., P] (0 = ignore a point, e.g. padding or hydrogens);
+    ``translate=False``: rotation about the origin only (t = 0), for point sets pinned at a common pivot.
     Returns (R [..., 3, 3], t [..., 3]) with target ≈ mobile @ Rᵀ + t.
     """
     if weights is None:
         weights = torch.ones(mobile.shape[:-1], dtype=mobile.dtype, device=mobile.device)
     w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    mu_m = (w[..., None] * mobile).sum(-2)
-    mu_t = (w[..., None] * target).sum(-2)
+    mu_m = (w[..., None] * mobile).sum(-2) * translate
+    mu_t = (w[..., None] * target).sum(-2) * translate
     cov = torch.einsum("...p,...pi,...pj->...ij", w, target - mu_t[..., None, :], mobile - mu_m[..., None, :])
     u, _, vh = torch.linalg.svd(cov)
     sign = torch.sign(torch.det(u @ vh))
