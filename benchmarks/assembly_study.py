@@ -22,12 +22,13 @@ import numpy as np
 from benchmarks.report import markdown_table, write_section
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.study import (SELECT_METRIC, StudyBudget, StudyCell, band_energy_shares, first_clusters,
-                                   paired_comparison, run_identity_cell, run_model_cell, run_packmol_cell,
+                                   paired_comparison, run_identity_cell, run_model_cell, run_packmol_cell, run_shell_cell,
                                    study_models)
 from kflow.molecular.workflow import load_assembly_dataset
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
 
 REPO = Path(__file__).resolve().parents[1]
+SHELL_ROW = "shell (data-free)"  # baselines.shell_predictions: central molecule + 16 on Thomson points
 ALL_ROWS = ("regression", "rigid FM (K=1)", "K-Flow (K=2)", "K-Flow (K=3)", "K-Flow (K=2, high→low)")
 # (data set, start preset, trained rows, start draws per crystal)
 TABLES = (
@@ -49,6 +50,7 @@ def _cells(out: Path, work: Path, seeds, tables, budget: StudyBudget | None = No
     for seed in seeds:
         for dataset, preset, rows, _ in tables:
             yield StudyCell(dataset, preset, "identity", 0, out, work) if seed == seeds[0] else None
+            yield StudyCell(dataset, preset, SHELL_ROW, seed, out, work) if preset == "hard" else None
             yield StudyCell(dataset, preset, "PackMol", seed, out, work)
             for row, config in study_models(preset, rows).items():
                 yield StudyCell(dataset, preset, row, seed, out, work, config, budget=budget)
@@ -67,6 +69,8 @@ def run_study(out: Path, work: Path, budget: StudyBudget, seeds, tables, progres
         t0 = time.perf_counter()
         if cell.row == "identity":
             result = run_identity_cell(cell, stores[key], budget)
+        elif cell.row == SHELL_ROW:
+            result = run_shell_cell(cell, stores[key], budget)
         elif cell.row == "PackMol":
             shared = StudyCell(cell.dataset, "any", "PackMol", cell.seed, out, work)  # start-independent
             result = shared.load() or run_packmol_cell(shared, stores[key], budget, progress=progress)
@@ -81,7 +85,7 @@ def run_study(out: Path, work: Path, budget: StudyBudget, seeds, tables, progres
 # ----------------------------------------------------------------------------------------------------- report
 def _collect(out: Path, dataset: str, preset: str, rows, seeds) -> dict[str, list[dict]]:
     found = {}
-    for row in ("identity", "PackMol", *rows):
+    for row in ("identity", SHELL_ROW, "PackMol", *rows):
         results = [StudyCell(dataset, preset, row, s, out, out).load() for s in ((0,) if row == "identity" else seeds)]
         results = [r for r in results if r is not None]
         if results:
@@ -117,7 +121,7 @@ def _paired(found: dict, metric: str) -> list[list]:
     seeds = {r["seed"] for r in base}
     out = []
     for row, results in found.items():
-        if row in ("identity", "PackMol", "rigid FM (K=1)"):
+        if row in ("identity", "PackMol", SHELL_ROW, "rigid FM (K=1)"):
             continue
         common = sorted(seeds & {r["seed"] for r in results})
         if not common:
@@ -170,7 +174,7 @@ def _energy_table(tables, quick: bool) -> str:
 def _verdict(found: dict, preset: str) -> str:
     metric = SELECT_METRIC[preset]
     models = {row: np.mean([r["metrics"][metric]["mean"] for r in rs]) for row, rs in found.items()
-              if row not in ("identity", "PackMol")}
+              if row not in ("identity", "PackMol", SHELL_ROW)}
     if not models:
         return ""
     best = min(models, key=models.get)

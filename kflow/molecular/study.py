@@ -30,6 +30,7 @@ from kflow.molecular.workflow import evaluate_assembly, train_assembly
 from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
+           "run_shell_cell",
            "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
@@ -187,6 +188,20 @@ def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool =
               "steps_run": summary.get("steps_run"), "test_s": time.perf_counter() - t0,
               "test_names": [test.cluster(i).name for i in range(len(test))], "metrics": _metrics_summary(results)}
     return cell.save(result)
+
+
+def run_shell_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
+    """The data-free evenly spread shell (``baselines.shell_predictions``, seeded by the cell's seed), scored like
+    a model: what a start from the molecule alone gives with no learning at all."""
+    from kflow.molecular.baselines import shell_predictions
+
+    done = cell.load()
+    if done is not None:
+        return done
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    results = evaluate_assembly(test, shell_predictions(test, cell.seed))
+    return cell.save({"kind": "baseline", "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
 
 
 def run_identity_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
