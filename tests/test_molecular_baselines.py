@@ -21,11 +21,12 @@ class _Item:
 def test_shell_keeps_molecules_rigid_central_at_the_centre_and_the_start_radius():
     g = torch.Generator().manual_seed(0)
     body = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    body = body - body.mean(0)
     centres = torch.randn(17, 3, generator=g, dtype=torch.float64) * 5
     start = (body[None] + centres[:, None]).reshape(-1, 3)
     mol = torch.arange(17).repeat_interleave(6)
     pred = shell_predictions([_Item(start, mol)], seed=0)[0][0].reshape(17, 6, 3)
-    assert rigid_residuals(start.reshape(17, 6, 3), pred).max() < 1e-6  # (closed form: ~1e-8 rounding)  # every copy moved rigidly
+    assert rigid_residuals(start.reshape(17, 6, 3), pred).max() < 1e-6  # every copy moved rigidly (closed form: ~1e-8 rounding)
     centroids, centre = pred.mean(1), centres.mean(0)
     assert torch.allclose(centroids[0], centre, atol=1e-9)
     radius = (centres - centre).norm(dim=-1).sort().values[1:].mean()
