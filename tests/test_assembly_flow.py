@@ -187,3 +187,36 @@ def test_sampler_is_se3_equivariant():
         z = flow.sample(model, batch.initial_chart(), steps=6, method="band", model_kwargs={"batch": batch})
         finals.append(batch.positions_from_chart(z)[batch.mask])
     assert (finals[0] @ rot.T + shift - finals[1]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("condition_on_start", [False, True])
+def test_a_true_noise_source_network_predicts_from_the_current_poses_only(condition_on_start):
+    # Two batches at the same current atoms x_t but different starts: without start conditioning the predicted
+    # final atoms are the same; with it (the refinement model) they are not, so the test can tell the two apart.
+    model = _small_model()
+    model.condition_on_start = condition_on_start
+    items = [synthetic_cluster(5), synthetic_cluster(6, atoms=3)]
+    t = torch.tensor([0.3, 0.6], dtype=F64)
+    a = collate_clusters(items, dtype=F64)
+    za = RigidKFlow(2).for_batch(a).interpolate(a.initial_chart(), a.final_chart(), t)
+    current = a.positions_from_chart(za)  # [B, M, P, 3]
+    restarted = [{**it, "initial_positions": current[i][a.mask[i]]} for i, it in enumerate(items)]
+    b = collate_clusters(restarted, dtype=F64)
+    zb = b.initial_chart()  # the same atoms, now the start itself
+    assert (b.positions_from_chart(zb)[b.mask] - current[a.mask]).abs().max() < 1e-9
+    final_a = a.positions_from_chart(model(za, t, batch=a))[a.mask]
+    final_b = b.positions_from_chart(model(zb, t, batch=b))[b.mask]
+    same = (final_a - final_b).abs().max() < 1e-6
+    assert bool(same) == (not condition_on_start)
+
+
+def test_unwrapped_rotation_vector_is_the_same_rotation_nearest_the_reference():
+    from kflow.molecular.network import unwrap_rotation_vector
+    from kflow.molecular.so3 import exp_map
+
+    axis = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, -0.5]], dtype=F64), dim=-1)
+    omega = 3.0 * axis  # just below π
+    reference = -3.1 * axis  # the other side of the cut
+    out = unwrap_rotation_vector(omega, reference)
+    assert torch.allclose(exp_map(out), exp_map(omega), atol=1e-12)
+    assert (out - reference).norm() < 0.2 and torch.allclose(unwrap_rotation_vector(omega, omega), omega)

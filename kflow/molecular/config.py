@@ -47,6 +47,9 @@ class AssemblyModelConfig:
     heavy_atoms_only: bool = True  # atom-level message passing without hydrogens (they ride along rigidly)
     coupling: str = "index"  # "index" | "ot" | "eot": start-to-final pairing used to build training paths
     objective: str = "flow"  # "flow" | "regression" (one-step prediction at t = 0; needs num_bands=1)
+    # The network sees the chart offset from the start (True: refinement, where the start is informative) or only
+    # the poses at time t (False: a true noise source for starts from the molecule alone; docs/MATH.md §6).
+    condition_on_start: bool = True
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
@@ -77,4 +80,4 @@ def build_assembly_model(config: AssemblyModelConfig) -> tuple[AssemblyFlowModel
                           config.intra_cutoff, config.inter_cutoff, config.molecule_cutoff, config.lmax,
                           config.num_basis, schedule=rigid.schedule, conv=config.conv,
                           heavy_atoms_only=config.heavy_atoms_only)
-    return AssemblyFlowModel(net), rigid
+    return AssemblyFlowModel(net, config.condition_on_start), rigid

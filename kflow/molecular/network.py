@@ -41,9 +41,10 @@ from torch_geometric.utils import scatter
 from kflow.core import BandSchedule, BandTimeEmbedding
 from kflow.molecular.flow import AssemblyBatch, poses_from_chart
 from kflow.molecular.geometry import atoms_from_poses, masked_centroids
+from kflow.molecular.so3 import exp_map, log_map
 
 __all__ = ["FullyConnectedConvolution", "DepthwiseConvolution", "CONVOLUTIONS", "AssemblyGraph", "AssemblyNetwork",
-           "AssemblyFlowModel", "MAX_ATOMIC_NUMBER"]
+           "AssemblyFlowModel", "MAX_ATOMIC_NUMBER", "unwrap_rotation_vector"]
 
 MAX_ATOMIC_NUMBER = 100
 # Message sums are divided by √num_neighbors. Typical atom degree of the demo clusters at the default cutoffs
@@ -348,9 +349,9 @@ class AssemblyFlowModel(nn.Module):
     it to every step, training builds it per batch.
     """
 
-    def __init__(self, network: AssemblyNetwork):
+    def __init__(self, network: AssemblyNetwork, condition_on_start: bool = True):
         super().__init__()
-        self.network = network
+        self.network, self.condition_on_start = network, condition_on_start
 
     def preprocess(self, batch: AssemblyBatch) -> AssemblyGraph:
         return self.network.preprocess(batch.atomic_numbers, batch.mask, batch.body)
@@ -360,5 +361,24 @@ class AssemblyFlowModel(nn.Module):
         graph = self.preprocess(batch) if graph is None else graph
         trans, rot = poses_from_chart(batch.initial_translations, z_t, batch.rotation_scale)
         positions = atoms_from_poses(trans, rot, batch.body)  # [B, M, P, 3]
-        d_trans, d_rot = self.network(positions, graph, z_t, t)
-        return z_t + torch.cat([d_trans, d_rot], -1)  # [B, M, 6]
+        if self.condition_on_start:
+            d_trans, d_rot = self.network(positions, graph, z_t, t)
+            return z_t + torch.cat([d_trans, d_rot], -1)  # [B, M, 6]
+        # A true noise source: the network sees the poses at time t only (no chart offset from the start), and
+        # its rotation output is an update of the current orientation, R̂¹ = exp(ω / ℓ) R_t, which depends on the
+        # current pose alone; the start enters only through the chart bookkeeping below.
+        d_trans, d_rot = self.network(positions, graph, torch.zeros_like(z_t), t)
+        scale = batch.rotation_scale[:, None, None]  # [B, 1, 1]
+        rot_hat = exp_map(d_rot / scale) @ rot  # [B, M, 3, 3]
+        z_rot = unwrap_rotation_vector(log_map(rot_hat), z_t[..., 3:] / scale) * scale  # [B, M, 3]
+        return torch.cat([z_t[..., :3] + d_trans, z_rot], -1)  # [B, M, 6]
+
+
+def unwrap_rotation_vector(omega: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Of the rotation vectors θn and (θ − 2π)n of one rotation ([..., 3], angle θ in [0, π]) the one nearer
+    ``reference`` [..., 3]: the chart stays continuous where the principal log jumps (at θ = π)."""
+    angle = omega.norm(dim=-1, keepdim=True)
+    axis = omega / angle.clamp_min(1e-12)
+    other = omega - 2 * math.pi * axis
+    nearer = (other - reference).norm(dim=-1, keepdim=True) < (omega - reference).norm(dim=-1, keepdim=True)
+    return torch.where(nearer & (angle > 1e-6), other, omega)
