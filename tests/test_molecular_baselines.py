@@ -33,3 +33,17 @@ def test_shell_keeps_molecules_rigid_central_at_the_centre_and_the_start_radius(
     assert torch.allclose((centroids[1:] - centre).norm(dim=-1), radius.expand(16), atol=1e-9)
     again = shell_predictions([_Item(start, mol)], seed=0)[0]
     assert torch.equal(again[0].reshape(17, 6, 3), pred)
+
+
+def test_central_random_placement_puts_molecule_zero_at_the_centre():
+    from kflow.molecular.crystals import NoiseModel
+
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(17, 1, 3, generator=g, dtype=torch.float64) * 5 + torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+    centre = final.mean(1).mean(0)
+    for central in (True, False):
+        start = NoiseModel(placement="random", central=central).apply(final, torch.Generator().manual_seed(1), 200.0)
+        c = start.mean(1)
+        off = (c[0] - centre).norm()
+        assert (off < 1e-9) == central  # without `central` molecule 0 is only the nearest to the centre
+        assert (c[1:] - c[0]).norm(dim=-1).min() >= 0.7 * 200.0 ** (1 / 3) - 1e-9 or not central

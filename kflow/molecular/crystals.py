@@ -705,8 +705,9 @@ class NoiseModel:
     - ``"random"`` (preset ``hard``): centroids drawn independently of the final cluster, uniformly in a sphere
       around the cluster centre holding the molecules at crystal density (volume = molecules × crystal volume per
       molecule × ``volume_factor``), no two closer than ``min_separation`` × (volume per molecule)^(1/3), and
-      numbered by distance from the centre (molecule 0 central, as in the final cluster). Only the molecule and
-      the crystal's density are used: the start a user has when just the molecule is known.
+      numbered by distance from the centre (molecule 0 central, as in the final cluster; with ``central`` it sits
+      exactly at the centre and the others are placed around it). Only the molecule and the crystal's density
+      are used: the start a user has when just the molecule is known.
     """
 
     expansion: float = 1.25
@@ -716,6 +717,7 @@ class NoiseModel:
     placement: str = "expand"  # or "random"
     volume_factor: float = 1.0
     min_separation: float = 0.7
+    central: bool = False  # "random" placement: molecule 0 exactly at the centre (the role of the crystal's)
     name: str = "custom"  # the preset's name, recorded in the metadata
 
     def __post_init__(self):
@@ -760,8 +762,8 @@ class NoiseModel:
             volume_per_molecule = 4 / 3 * np.pi * float((centroids - centre).norm(dim=1).max()) ** 3 / m
         radius = (3 * m * volume_per_molecule * self.volume_factor / (4 * np.pi)) ** (1 / 3)
         min_distance = self.min_separation * volume_per_molecule ** (1 / 3)
-        placed = torch.empty(0, 3, dtype=dtype)
-        for _ in range(m):  # sequential random addition: 64 uniform candidates, first one far enough from all
+        placed = torch.zeros(1 if self.central else 0, 3, dtype=dtype)  # central: molecule 0 at the centre
+        for _ in range(len(placed), m):  # sequential random addition: 64 uniform candidates, first far enough
             direction = torch.nn.functional.normalize(torch.randn(64, 3, generator=generator, dtype=dtype), dim=-1)
             candidates = direction * radius * torch.rand(64, 1, generator=generator, dtype=dtype) ** (1 / 3)
             gap = torch.cdist(candidates, placed).amin(1) if len(placed) else torch.full((64,), np.inf, dtype=dtype)
@@ -769,7 +771,7 @@ class NoiseModel:
             pick = int(ok[0]) if len(ok) else int(gap.argmax())  # too crowded: the roomiest candidate
             placed = torch.cat([placed, candidates[pick:pick + 1]])
         placed = placed[torch.argsort(placed.norm(dim=1), stable=True)]  # molecule 0 nearest the centre
-        return placed - placed.mean(0) + centre
+        return placed + centre if self.central else placed - placed.mean(0) + centre
 
 
 NOISE_PRESETS = {
