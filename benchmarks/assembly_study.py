@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHELL_ROW = "shell (data-free)"  # baselines.shell_predictions: central molecule + 16 on Thomson points
 ALL_ROWS = ("regression", "rigid FM (K=1)", "K-Flow (K=2)", "K-Flow (K=3)", "K-Flow (K=2, high→low)")
 # (data set, start preset, trained rows, start draws per crystal)
+NOISE_SOURCE_ROWS = ("rigid FM (K=1), eot, noise source", "K-Flow (K=2), eot, noise source")
 TABLES = (
-    ("csd500", "hard", ALL_ROWS, 2),
+    ("csd500", "hard", ALL_ROWS + NOISE_SOURCE_ROWS, 2),
     ("csd500", "mild", ALL_ROWS, 2),
     ("demo", "hard", ("regression", "rigid FM (K=1)", "K-Flow (K=2)"), 4),
 )

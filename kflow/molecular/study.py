@@ -102,7 +102,9 @@ def study_models(preset: str, rows: tuple[str, ...] | None = None) -> dict[str, 
     """The trained rows of the study, all with the default network: the direct-regression baseline, rigid flow
     matching (K=1), K-Flow K=2 and K=3, and K-Flow K=2 travelling from high to low frequencies. Training pairs
     molecules by index for the ``mild`` start (each start molecule is next to its target) and by an optimal
-    assignment (``coupling="ot"``) for ``hard`` (the start's numbering says nothing about the targets)."""
+    assignment (``coupling="ot"``) for ``hard`` (the start's numbering says nothing about the targets). For ``hard``
+    two more rows train the generative set-up: equivariant OT coupling (``"eot"``) and a network that sees only
+    the current poses (``condition_on_start=False``)."""
     coupling = "index" if preset == "mild" else "ot"
     models = {
         "regression": AssemblyModelConfig(num_bands=1, objective="regression", coupling=coupling),
@@ -111,6 +113,11 @@ def study_models(preset: str, rows: tuple[str, ...] | None = None) -> dict[str, 
         "K-Flow (K=3)": AssemblyModelConfig(num_bands=3, coupling=coupling),
         "K-Flow (K=2, high→low)": AssemblyModelConfig(num_bands=2, order="high_to_low", coupling=coupling),
     }
+    if preset == "hard":  # the generative set-up: equivariant OT coupling and a network that cannot see the start
+        models["rigid FM (K=1), eot, noise source"] = AssemblyModelConfig(num_bands=1, coupling="eot",
+                                                                          condition_on_start=False)
+        models["K-Flow (K=2), eot, noise source"] = AssemblyModelConfig(num_bands=2, coupling="eot",
+                                                                        condition_on_start=False)
     return models if rows is None else {r: models[r] for r in rows}
 
 
