@@ -5,8 +5,9 @@
     kflow plot RUN_DIR                 learning curves of a training run as PNG
 
 Each subcommand's module is imported only when it runs, so ``kflow --help`` and a failing argument answer fast.
-User errors (a missing file, an unusable input, a bad value) end in one line ``error: ...`` and exit status 1
-(argument errors: status 2); anything else is a bug and keeps its traceback.
+User errors (a missing file, an unusable input, a bad value, a busy run folder) and what the system refuses (disk
+full, permission denied, out of memory: ``OSError``, ``MemoryError``) end in one line ``error: ...`` and exit
+status 1 (argument errors: status 2); anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from kflow.utils.cli import ArgumentParser, user_errors
+from kflow.utils.cli import ArgumentParser, error_line, user_errors
 
 __all__ = ["main", "plot_main", "COMMANDS"]
 
@@ -99,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except user_errors() as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever the message
+    except user_errors() as err:  # the one error boundary: user errors, OSError (disk full), MemoryError
+        print(error_line(err), file=sys.stderr)  # one line, whatever the message
         return 1
     return result if isinstance(result, int) else 0
 

@@ -19,6 +19,7 @@ only tensors and plain Python values (the RNG states included).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -37,10 +38,12 @@ import torch
 from torch import nn
 
 from kflow.core import distributed as dist_utils
-from kflow.utils.io import atomic_path, atomic_save, atomic_write_text
+from kflow.utils.io import (FolderBusyError, FolderLock, atomic_path, atomic_save, atomic_write_text,
+                            check_writable_folder)
 
 __all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "RunExistsError",
-           "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup", "EpochBatchSampler", "NON_STRUCTURAL_KEYS"]
+           "RunBusyError", "Resume", "data_identity", "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup",
+           "EpochBatchSampler", "NON_STRUCTURAL_KEYS", "RUN_LOCK"]
 
 CHECKPOINT_KIND = "kflow-checkpoint"
 # Seeds derived from (seed, epoch) and (seed, step): primes larger than any realistic epoch or step count, so
@@ -51,7 +54,9 @@ EMA_WARMUP = 10  # the EMA decay starts at 1/EMA_WARMUP and rises towards ``deca
 PROGRESS_REFRESH_S = 0.5  # progress-bar redraw interval on a terminal ...
 PROGRESS_REFRESH_S_LOG_FILE = 15.0  # ... and when stderr goes to a log file
 NON_STRUCTURAL_KEYS = {"max_steps", "steps", "epochs", "out_dir", "out", "checkpoint_every", "log_every",
-                       "progress", "resume", "num_workers", "eval_every", "keep_checkpoints", "device"}
+                       "progress", "resume", "num_workers", "eval_every", "keep_checkpoints", "device",
+                       "accepted_changes"}
+RUN_LOCK = "kflow.lock"  # in the run folder while a training writes it: the holder's pid, host and start
 
 
 class CheckpointError(RuntimeError):
@@ -64,6 +69,29 @@ class ConfigMismatchError(ValueError):
 
 class RunExistsError(ValueError):
     """Starting a fresh run in a folder that already holds another run's checkpoints."""
+
+
+RunBusyError = FolderBusyError  # a run folder another live training writes (it holds RUN_LOCK)
+
+
+class Resume(NamedTuple):
+    """What ``Trainer.fit(resume=...)`` takes besides True / a path: resume from ``checkpoint`` (True: the run
+    folder's last.pt) and, with ``accept_changes``, accept a changed seed, data set or start preset instead of
+    refusing it; the changes are recorded in config.json and the checkpoints (``accepted_changes``)."""
+
+    checkpoint: "bool | str | os.PathLike" = True
+    accept_changes: bool = False
+
+
+def data_identity(dataset) -> dict | None:
+    """What identifies a training set beyond the model configuration, for resume checks: ``dataset.identity``
+    or, for a view of a store, ``dataset.store.identity`` (a dict such as ``{"content_key": ..., "start_preset":
+    ...}``); None for a data set that has none."""
+    for owner in (dataset, getattr(dataset, "store", None)):
+        identity = getattr(owner, "identity", None) if owner is not None else None
+        if identity is not None:
+            return dict(identity() if callable(identity) else identity)
+    return None
 
 
 def cosine_with_warmup(step: int, max_steps: int, warmup_steps: int = 0, min_ratio: float = 0.05) -> float:
@@ -195,7 +223,8 @@ def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         hint = ""
         intact = _intact_step_checkpoints(path.parent, path)
         if intact is not None:
-            hint = f"; the newest intact checkpoint beside it is {intact} (pass it to --resume / --checkpoint)"
+            hint = (f"; the newest intact checkpoint beside it is {intact} (train on from it with --resume {intact}, "
+                    f"or sample it with --checkpoint {intact})")
         if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
             raise CheckpointError(f"{path}: refused, the file holds objects other than tensors and plain values "
                                   f"(loading it could run code){hint}") from err
@@ -315,6 +344,7 @@ class Trainer:
             _check_positive(eval_every=eval_every)
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty (check the split and the data path)")
+        check_writable_folder(out_dir)  # a file or a read-only place: one line now, not an OSError mid-run
         default_device = dist_utils.setup_distributed()  # joins the torchrun group even when device is given
         self.device = torch.device(device) if device is not None else default_device
         self.rank, self.world_size = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -340,6 +370,8 @@ class Trainer:
         self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, self.rank, self.world_size)
         self.step, self.skipped_steps, self.bad_in_a_row = 0, 0, 0
         self.resumed_from: int | None = None
+        self.data_identity = data_identity(dataset)
+        self.accepted_changes: list[dict] = []  # changes a resume was told to accept (``Resume.accept_changes``)
         self._tb, self._csv_keys = None, None
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -354,6 +386,7 @@ class Trainer:
                 "model": _unwrap(self.model).state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps, "config": self.config, "seed": self.seed,
+                "data_identity": self.data_identity, "accepted_changes": self.accepted_changes,
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 # Data position (derivable from step; stored so a checkpoint can be inspected on its own).
                 "epoch": self.step // self.sampler.steps_per_epoch,
@@ -365,6 +398,7 @@ class Trainer:
         if not dist_utils.is_main_process():
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         state = self.state_dict()
         path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
         atomic_save(state, path)
@@ -374,11 +408,30 @@ class Trainer:
             p.unlink(missing_ok=True)
         return path
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary checkpoint files (``.step_*.pt.tmp-*``, ``.last.pt.tmp-*``) that a killed run left: this
+        process holds the run lock, so no other writer can own them."""
+        for tmp in self.checkpoint_dir.glob(".*.pt.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
     def latest_checkpoint(self) -> Path | None:
         last = self.checkpoint_dir / "last.pt"
         return last if last.exists() else None
 
-    def load_state(self, path: str | os.PathLike):
+    def _identity_changes(self, state: dict) -> list[str]:
+        """What a resume would change besides the model configuration: the seed (initialisation and data order)
+        and the data set's identity (content key, start preset). A checkpoint that predates a record counts as
+        unchanged for it."""
+        changes = []
+        if state.get("seed") is not None and state["seed"] != self.seed:
+            changes.append(f"seed: checkpoint {state['seed']!r} vs now {self.seed!r}")
+        saved, now = state.get("data_identity"), self.data_identity
+        if isinstance(saved, dict) and now is not None:
+            changes += [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                        if saved.get(k) != now.get(k)]
+        return changes
+
+    def load_state(self, path: str | os.PathLike, accept_changes: bool = False):
         state = _read_checkpoint(path, map_location=self.device)
         saved, current = _structural(state.get("config", {}), self.structural_keys), _structural(
             self.config, self.structural_keys)
@@ -386,6 +439,16 @@ class Trainer:
         if diff:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])
             raise ConfigMismatchError(f"{path}: cannot resume with a different configuration ({details})")
+        self.accepted_changes = list(state.get("accepted_changes") or [])
+        changes = self._identity_changes(state)
+        if changes and not accept_changes:
+            raise ConfigMismatchError(f"{path}: cannot resume with another seed or data set ({'; '.join(changes)}): "
+                                      "it would train on other data than the checkpoint did; use the same "
+                                      "settings, or --accept-changes to continue anyway (recorded in the run)")
+        if changes:
+            self.accepted_changes.append({"step": state["step"], "changes": changes})
+            warnings.warn(f"{path}: resuming with {'; '.join(changes)} (accepted, recorded in config.json)",
+                          stacklevel=2)
         if state.get("world_size", 1) * state.get("batch_size", self.batch_size) != self.world_size * self.batch_size:
             raise ConfigMismatchError(f"{path}: global batch was {state.get('world_size')}×{state.get('batch_size')}, "
                                       f"now {self.world_size}×{self.batch_size}; the data order would change")
@@ -484,11 +547,21 @@ class Trainer:
             return type(batch)(v.to(self.device) if torch.is_tensor(v) else v for v in batch)
         return batch
 
-    def fit(self, resume: bool | str | os.PathLike = False) -> dict:
+    def fit(self, resume: "bool | str | os.PathLike | Resume" = False) -> dict:
         """Train until ``max_steps``; ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` if present,
-        ``resume=path`` from that file. Returns a summary dict."""
-        with _determinism(self.deterministic):
+        ``resume=path`` from that file, ``resume=Resume(...)`` also accepts a changed seed or data set. Returns a
+        summary dict. While it runs the run folder holds ``RUN_LOCK``: a second training of the same folder is
+        refused (``RunBusyError``) instead of interleaving its logs and overwriting the checkpoints."""
+        with _determinism(self.deterministic), self._run_lock():
             return self._fit(resume)
+
+    @contextlib.contextmanager
+    def _run_lock(self):
+        if not dist_utils.is_main_process():  # rank 0 writes the folder for all ranks
+            yield
+            return
+        with FolderLock(self.out_dir, RUN_LOCK, "training run"):
+            yield
 
     def _fit(self, resume) -> dict:
         self._begin(resume)
@@ -513,15 +586,17 @@ class Trainer:
 
     def _begin(self, resume):
         """Restore the checkpoint to resume from (if any) and record the run configuration."""
-        if resume:
-            path = self.latest_checkpoint() if resume is True else Path(resume)
+        request = resume if isinstance(resume, Resume) else Resume(resume)
+        if request.checkpoint:
+            path = self.latest_checkpoint() if request.checkpoint is True else Path(request.checkpoint)
             if path is not None:
-                self.load_state(path)
+                self.load_state(path, accept_changes=request.accept_changes)
         elif self.step == 0:
             self._refuse_or_clear_previous_run()
         if dist_utils.is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.json", json.dumps(self.config, indent=2, default=str))
+            record = {**self.config, **({"accepted_changes": self.accepted_changes} if self.accepted_changes else {})}
+            atomic_write_text(self.out_dir / "config.json", json.dumps(record, indent=2, default=str))
 
     def _refuse_or_clear_previous_run(self):
         """A fresh run must not silently overwrite another run's checkpoints and logs in the same folder."""

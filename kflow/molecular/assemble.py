@@ -546,14 +546,12 @@ def truth_metrics(cluster: Cluster, positions: torch.Tensor) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ outputs
 def _check_out_dir(out_dir: Path) -> None:
-    """The output folder is replaced as a whole: refuse one that holds anything ``kflow assemble`` did not write."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file; give a folder")
-    if out_dir.is_dir():
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES and not p.name.startswith("."))
-        if foreign:
-            raise ValueError(f"output folder {out_dir} holds {', '.join(foreign[:5])}, which kflow assemble did not "
-                             "write; the folder is replaced as a whole, so give an empty or new --out")
+    """The output folder is replaced as a whole: refuse one that holds anything ``kflow assemble`` did not write
+    (hidden files too: ``--out my_repo/`` must never sweep away ``my_repo/.git``), the current folder, a file and
+    a place that is not writable."""
+    from kflow.utils.io import check_replaceable_folder
+
+    check_replaceable_folder(out_dir, dict.fromkeys(OUTPUT_FILES), "kflow assemble")
 
 
 def _atoms(cluster: Cluster, positions: torch.Tensor, **info):

@@ -138,25 +138,24 @@ def read_crystal_inputs(files: Sequence[str | os.PathLike]) -> tuple[list, Rejec
     return sources, summary
 
 
-BUILD_FOLDER_ENTRIES = ("raw", "processed", "summary.json")
+# What a build writes into its output folder (``kflow.utils.io.foreign_entries``): anything else is foreign.
+BUILD_FOLDER_LAYOUT = {"raw": {"FinalPositions": {"*_cluster16.csv": None},
+                               "InitialPositions": {"*_cluster16_noised.csv": None}},
+                       "processed": {"clusters.lmdb": {"*.mdb": None}}, "summary.json": None}
+BUILD_FOLDER_ENTRIES = tuple(BUILD_FOLDER_LAYOUT)
 
 
 def _check_build_folder(out: Path, files: Sequence[Path]) -> None:
-    """A build replaces the whole ``out`` folder: refuse one that holds anything a build did not write, or the
-    inputs themselves."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+    """A build replaces the whole ``out`` folder: refuse one that holds anything a build did not write (hidden
+    files too), the current folder, a file, a place that is not writable, or the inputs themselves."""
+    from kflow.utils.io import check_replaceable_folder
+
     resolved = out.resolve()
     inside = [str(f) for f in files if f.resolve().is_relative_to(resolved)]
     if inside:
         raise ValueError(f"input {inside[0]} lies inside the output folder {out}, which a build replaces; "
                          "choose another --out")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in BUILD_FOLDER_ENTRIES and not p.name.startswith("."))
-        if foreign:
-            raise ValueError(f"output folder {out} holds {', '.join(foreign[:5])}, which a cluster build did not "
-                             "write; a build replaces the whole folder, so give an empty or new --out")
+    check_replaceable_folder(out, BUILD_FOLDER_LAYOUT, "a cluster build")
 
 
 def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, draws_per_crystal: int = 4,

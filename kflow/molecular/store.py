@@ -224,6 +224,24 @@ class ClusterStore:
         return Cluster.from_numpy({k: _aligned(v) if isinstance(v, np.ndarray) else v for k, v in record.items()})
 
     @property
+    def identity(self) -> dict:
+        """What a resumed training compares (``core.training.data_identity``): ``content_key``, the build key of a
+        store built from crystal files (their bytes, draws, seed, parameters, start preset), else a hash of the
+        store's metadata (every cluster's name and crystal, count, provenance); ``start_preset``, the noise preset
+        the starts were drawn with (None where the store does not record it)."""
+        import hashlib
+        import json
+
+        key = self.meta.get("build_key")
+        if not isinstance(key, str):
+            blob = json.dumps(self.meta, sort_keys=True, default=str).encode("utf-8")
+            key = hashlib.blake2b(blob, digest_size=8).hexdigest()
+        noise = (self.meta.get("build_kwargs") or {}).get("noise") if isinstance(self.meta.get("build_kwargs"),
+                                                                                   dict) else None
+        preset = noise.get("name") if isinstance(noise, dict) else noise if isinstance(noise, str) else None
+        return {"content_key": key, "start_preset": preset}
+
+    @property
     def names(self) -> list[str]:
         return self.meta["names"]
 

@@ -3,11 +3,12 @@ and one way of turning user errors into a one-line message instead of a tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable
 
 __all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "add_run_arguments",
-           "run_main", "user_errors"]
+           "run_main", "user_errors", "error_line"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,6 +21,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        if getattr(namespace, "accept_changes", False):  # folded into --resume, which reaches Trainer.fit as is
+            if not namespace.resume:
+                self.error("--accept-changes applies to --resume")
+            from kflow.core.training import Resume
+
+            namespace.resume = Resume(namespace.resume, accept_changes=True)
+        return namespace, rest
 
 
 def positive_int(text: str) -> int:
@@ -55,9 +66,15 @@ def unit_fraction(text: str) -> float:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The run-folder flags every training command shares: --resume, --overwrite, --deterministic, --no-progress."""
+    """The run-folder flags every training command shares: --resume [CHECKPOINT], --accept-changes, --overwrite,
+    --deterministic, --no-progress."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    group.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from <out>/checkpoints/last.pt, or from CHECKPOINT (e.g. an intact step_*.pt "
+                            "when last.pt is damaged); a changed seed or data set is refused")
+    parser.add_argument("--accept-changes", action="store_true",
+                        help="with --resume: continue although the seed, the data set or its start preset changed "
+                             "(recorded in config.json as accepted_changes)")
     group.add_argument("--overwrite", action="store_true",
                        help="start over in a run folder that holds an earlier run (its checkpoints are deleted)")
     parser.add_argument("--deterministic", action="store_true",
@@ -66,21 +83,41 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a command reports as one line (the user's mistake), not as a traceback (a bug)."""
+    """The exceptions a command reports as one line, not as a traceback (a bug): the user's mistakes (missing
+    file, bad value, unreadable checkpoint, busy run folder) and what the machine refuses (``OSError``: disk
+    full, permission denied, ...; ``MemoryError``)."""
     from kflow.core.training import CheckpointError
 
-    return FileNotFoundError, ValueError, CheckpointError
+    return FileNotFoundError, ValueError, CheckpointError, OSError, MemoryError
 
 
 _user_errors = user_errors  # the earlier private name
 
 
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` on one line, whatever the exception's text: an ``OSError`` says which file and what
+    the system said (``No space left on device``), a ``MemoryError`` that the machine ran out of memory."""
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename if err.filename is not None else ""
+        message = f"{where}: {err.strerror}" if where else err.strerror
+        if err.errno == errno.ENOSPC:
+            message += " (free some space or write elsewhere; files already complete were kept)"
+    elif isinstance(err, MemoryError):
+        message = f"out of memory{': ' + str(err) if str(err) else ''} (a smaller input or batch, or more memory)"
+    else:
+        message = str(err) or type(err).__name__
+    return "error: " + " ".join(message.split())
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's ``main()``: a user error (missing file, bad value, unreadable checkpoint) ends the process
-    with ``error: <message>`` on stderr and exit status 1; anything else is a bug and keeps its traceback."""
+    """Run a script's ``main()``: a user error (missing file, bad value, unreadable checkpoint, disk full) ends the
+    process with ``error: <message>`` (one line) on stderr and exit status 1; anything else is a bug and keeps
+    its traceback."""
     try:
         result = main()
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted")
     except _user_errors() as err:
-        sys.exit(f"error: {err}")
+        sys.exit(error_line(err))
     if isinstance(result, int):
         sys.exit(result)

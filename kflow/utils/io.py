@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
@@ -34,21 +36,53 @@ def safe_filename(name: str) -> str:
     return cleaned or "unnamed"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (``/proc``; changing it, even
+    briefly, would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(is_dir: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` would give a new file or folder under the current umask (0644 / 0755
+    under umask 022)."""
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
+def make_temporary(final: str | os.PathLike, is_dir: bool = False, kind: str = "tmp") -> Path:
+    """A new, uniquely named temporary file or folder ``.<name>.<kind>-*`` beside ``final``, with the permissions the
+    umask gives any new file: ``mkstemp``/``mkdtemp`` create them private (0600/0700), and after the rename onto
+    ``final`` nobody else on a shared filesystem could read a run."""
+    final = Path(final)
+    prefix = f".{final.name}.{kind}-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    os.chmod(tmp, default_mode(is_dir))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it onto ``final``.
 
-    The temporary lives in the same folder as ``final`` so the rename is atomic on POSIX. On any exception the
-    temporary is removed and ``final`` is left untouched (an older version, if any, survives).
+    The temporary lives in the same folder as ``final`` so the rename is atomic on POSIX, and it has the mode the
+    umask gives a new file (``make_temporary``). On any exception the temporary is removed and ``final`` is left
+    untouched (an older version, if any, survives).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent)) if is_dir else None
-    if tmp is None:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = make_temporary(final, is_dir)
     try:
         yield tmp
         if is_dir and final.exists():
@@ -65,6 +99,66 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+# ------------------------------------------------------------------------------------------ output folders
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, a place a folder cannot be written to: an existing file, or a folder (or the first
+    existing folder above it) this user may not write into. Returns ``out`` as a ``Path``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; give a folder")
+    anchor = _first_existing(out)
+    if not anchor.is_dir():
+        raise ValueError(f"{flag} {out}: {anchor} is a file, so no folder can be made below it")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: permission denied, {anchor} is not writable for this user")
+    return out
+
+
+def foreign_entries(folder: Path, expected: dict, prefix: str = "") -> list[str]:
+    """Paths below ``folder`` that ``expected`` does not describe, hidden files included. ``expected`` maps a name
+    or an ``fnmatch`` pattern to ``None`` (a file) or to the ``expected`` of a sub-folder; symbolic links are
+    always foreign (a command never writes one, and replacing one could reach outside the folder)."""
+    import fnmatch
+
+    found = []
+    for entry in sorted(folder.iterdir()):
+        spec = next((v for k, v in expected.items() if fnmatch.fnmatchcase(entry.name, k)), "missing")
+        label = prefix + entry.name
+        if spec == "missing" or entry.is_symlink() or (spec is None) != (not entry.is_dir()):
+            found.append(label + ("/" if entry.is_dir() else ""))
+        elif spec is not None:
+            found += foreign_entries(entry, spec, label + "/")
+    return found
+
+
+def check_replaceable_folder(out: str | os.PathLike, expected: dict, command: str, flag: str = "--out") -> Path:
+    """Refuse an output folder that ``command`` would replace as a whole unless everything in it is what that
+    command writes (``expected``, see ``foreign_entries``; dot-files count like any other file, so a ``.git``
+    is never swept away), and refuse the current folder or one above it (``--out .``), a file and a place that
+    is not writable. Raises ``ValueError`` with one line; returns ``out`` as a ``Path``."""
+    out = check_writable_folder(out, flag)
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or here.is_relative_to(resolved):
+        raise ValueError(f"{flag} {out}: {command} replaces its output folder as a whole, which cannot be the "
+                         "current folder or one above it; give a new or empty sub-folder")
+    if out.is_dir():
+        foreign = foreign_entries(out, expected)
+        if foreign:
+            raise ValueError(f"output folder {out} holds {', '.join(foreign[:5])}"
+                             f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which {command} did "
+                             "not write; the folder is replaced as a whole, so give an empty or new --out")
+        if not os.access(resolved.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {out}: permission denied, its parent {resolved.parent} is not writable (the "
+                             "folder is replaced by a rename there)")
+    return out
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -120,3 +214,113 @@ def check_saved_budget(path: str | os.PathLike, record: dict | None, budget, ign
     if changed:
         raise ValueError(f"{path}: saved under another study budget ({'; '.join(changed)}); move it away to "
                          "recompute it, or write this study to another folder")
+
+
+# ---------------------------------------------------------------------------------------------- folder locks
+class FolderBusyError(ValueError):
+    """A folder another live process is writing (it holds the folder's lock file)."""
+
+
+def _process_start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc``), or None where unknown: with the pid it
+    tells a live holder from a new process that happens to reuse a dead holder's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process a lock file names still runs. A holder on another host cannot be checked: it counts as
+    alive (the message says how to remove the lock of a machine that died)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+        return False
+    started = holder.get("process_start")
+    return started is None or _process_start_time(pid) in (None, started)
+
+
+def _link_exclusive(complete: Path, path: Path) -> None:
+    """Make ``path`` a file with the content of ``complete``, failing with ``FileExistsError`` if it exists: a hard
+    link where the filesystem has them (atomic, never half-written), else an exclusive create."""
+    try:
+        os.link(complete, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FAT filesystems)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(complete.read_bytes())
+
+
+class FolderLock:
+    """One writer per folder: ``folder/<name>`` holds the holder's pid, host and start time while it works.
+
+    ``acquire`` creates the file atomically (a complete file is hard-linked into place, so no reader ever sees a
+    half-written one) and raises ``FolderBusyError`` naming the holder when a live process has it. A lock left by
+    a process that died (same host, pid gone or reused) is stale: it is replaced. ``release`` removes the file if
+    it is still this lock's."""
+
+    def __init__(self, folder: str | os.PathLike, name: str = "kflow.lock", what: str = "folder"):
+        self.path, self.what = Path(folder) / name, what
+        self.token = f"{os.getpid()}-{time.time_ns()}"
+
+    def _record(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start_time(os.getpid()),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # unreadable: no live holder can be named, so it is stale
+        return holder if isinstance(holder, dict) else {}
+
+    def acquire(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temporary(self.path)
+        try:
+            tmp.write_text(json.dumps(self._record()) + "\n")
+            for _ in range(3):
+                try:
+                    _link_exclusive(tmp, self.path)
+                    return self
+                except FileExistsError:
+                    holder = self._holder()
+                    if holder is None:
+                        continue  # released meanwhile
+                    if _holder_alive(holder):
+                        raise FolderBusyError(
+                            f"{self.path.parent} is in use by another {self.what} (pid {holder.get('pid')} on "
+                            f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or "
+                            f"remove {self.path} if that process is gone") from None
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+            raise FolderBusyError(f"{self.path}: could not take the lock (other processes keep taking it)")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -136,7 +136,8 @@ def write_record_store(path: str | os.PathLike, records: Iterable[dict | bytes],
 
     path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:
-        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False)
+        # mode 0o666: LMDB's default 0o755 would make data.mdb executable; the umask applies as for any file
+        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False, mode=0o666)
         try:
             if progress:
                 from tqdm.auto import tqdm

@@ -1,0 +1,137 @@
+"""Issue 24, output folders: a folder a command replaces as a whole is refused if it holds anything the command did
+not write (dot-files included: `--out my_repo/` used to wipe `my_repo/.git`), `--out .`, a file or a place that is
+not writable end in one line, and what is written gets the permissions the umask gives (0644 / 0755 under 022)."""
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kflow.cli import main
+from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.pretrained import save_pretrained
+from kflow.molecular.sources import build_clusters_from_files
+from kflow.utils.io import atomic_write_text, check_replaceable_folder, foreign_entries
+
+REPO = Path(__file__).resolve().parents[1]
+SDF, CIF = REPO / "data" / "examples" / "GASXON.sdf", REPO / "data" / "examples" / "GASXON.cif"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1, coupling="ot")
+    model, _ = build_assembly_model(config)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_pretrained(path, model, config, {"preset": "hard", "mirror": "none", "elements": [1, 6, 7, 8],
+                                          "max_atoms": 40, "sample_steps": 2, "command": "test"})
+    return str(path)
+
+
+def _repo_like(folder: Path) -> dict:
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".env").write_text("KEY=1\n")
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_assemble_never_replaces_a_folder_holding_hidden_files(tiny_model, tmp_path, capsys):
+    repo = tmp_path / "my_repo"
+    before = _repo_like(repo)
+    assert main(["assemble", str(SDF), "--out", str(repo), "--model", tiny_model, "--no-progress"]) == 1
+    line = _one_error_line(capsys)
+    assert ".git/" in line and ".env" in line
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
+
+
+def test_assemble_refuses_the_current_folder_a_file_and_a_read_only_place(tiny_model, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(tmp_path)):  # the current folder, or one above it
+        assert main(["assemble", str(SDF), "--out", out, "--model", tiny_model, "--no-progress"]) == 1
+        assert "current folder" in _one_error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main(["assemble", str(SDF), "--out", str(tmp_path / "file"), "--model", tiny_model]) == 1
+    assert "is a file" in _one_error_line(capsys)
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    real_access = os.access  # root may write anywhere: say what an ordinary user would be told
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    assert main(["assemble", str(SDF), "--out", str(read_only / "x"), "--model", tiny_model]) == 1
+    assert "permission denied" in _one_error_line(capsys)
+
+
+def test_assemble_outputs_follow_the_umask_and_can_be_replaced_by_a_rerun(tiny_model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "gasxon"
+        for _ in range(2):  # a rerun replaces its own earlier output
+            assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",
+                         "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_cluster_build_never_replaces_a_folder_holding_hidden_files(tmp_path, monkeypatch):
+    out = tmp_path / "built"
+    before = _repo_like(out)
+    with pytest.raises(ValueError, match=r"\.env.*\.git/"):
+        build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="current folder"):
+        build_clusters_from_files([CIF], ".", draws_per_crystal=1, num_workers=1, progress=False)
+
+
+def test_build_clusters_script_refuses_in_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import build_clusters
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    out = tmp_path / "built"
+    _repo_like(out)
+    assert build_clusters.main([str(CIF), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".git/" in err[0]
+
+
+def test_a_rebuild_replaces_only_what_a_build_wrote(tmp_path):
+    out = tmp_path / "built"
+    build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)
+    assert foreign_entries(out, __import__("kflow.molecular.sources", fromlist=["x"]).BUILD_FOLDER_LAYOUT) == []
+    build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)  # accepted
+    (out / "raw" / "FinalPositions" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="raw/FinalPositions/notes.txt"):
+        build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)
+
+
+def test_foreign_entries_sees_hidden_files_links_and_wrong_kinds(tmp_path):
+    (tmp_path / "summary.json").mkdir()  # a folder where a file belongs
+    (tmp_path / ".hidden").write_text("")
+    (tmp_path / "pred.pdb").symlink_to("/etc/passwd")
+    expected = {"summary.json": None, "pred.pdb": None}
+    assert foreign_entries(tmp_path, expected) == [".hidden", "pred.pdb", "summary.json/"]
+    with pytest.raises(ValueError, match="did not write"):
+        check_replaceable_folder(tmp_path, expected, "a test")
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
