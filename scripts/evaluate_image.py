@@ -9,6 +9,7 @@ Per-class FIDs (for the CDR) warn when a class has fewer than 100 samples on eit
 """
 
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
+from kflow.vision.artifacts import read_samples
 from kflow.vision.data import add_data_root_argument
 from kflow.vision.workflow import evaluate_images
 
@@ -25,6 +26,8 @@ def main(argv=None):
     p.add_argument("--k", type=positive_int, default=3)
     p.add_argument("--json", default=None, help="results file (default <samples>.metrics.json)")
     args = p.parse_args(argv)
+    for samples in filter(None, (args.samples, args.dropped)):  # refuse a bad file before minutes of features
+        read_samples(samples)
     result, path = evaluate_images(args.samples, args.reference, args.dropped, args.max_reference, args.feature_net,
                                    args.k, args.json, args.data_root)
     for k, v in result.items():

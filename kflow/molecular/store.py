@@ -189,6 +189,30 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     return array if array.flags.aligned else np.require(array, requirements="A")
 
 
+_RECORD_ARRAYS = {"atomic_numbers": ("iu", 1), "molecule_index": ("iu", 1), "initial_positions": ("f", 2),
+                  "final_positions": ("f", 2)}  # field -> (dtype kinds, dimensions)
+
+
+def _record_problem(record: dict) -> str:
+    """What makes a decoded record unusable as a ``Cluster`` (a missing field, a wrong type or shape), or ""."""
+    for name, (kinds, ndim) in _RECORD_ARRAYS.items():
+        value = record.get(name)
+        if not isinstance(value, np.ndarray):
+            return f"field {name!r} is missing" if value is None else f"field {name!r} is not an array"
+        if value.dtype.kind not in kinds or value.ndim != ndim:
+            return f"field {name!r} has dtype {value.dtype} and {value.ndim} dimension(s)"
+    n = len(record["atomic_numbers"])
+    for name in ("molecule_index", "initial_positions", "final_positions"):
+        if len(record[name]) != n or (record[name].ndim == 2 and record[name].shape[1] != 3):
+            return f"field {name!r} has shape {record[name].shape} for {n} atoms"
+    for name in ("name", "crystal"):
+        if not isinstance(record.get(name), str):
+            return f"field {name!r} is not a string"
+    if "info" in record and not isinstance(record["info"], str):
+        return "field 'info' is not a string"
+    return ""
+
+
 class ClusterStore:
     """Read-only random access to a cluster store: ``len(store)``, ``store[i]`` (a ``Cluster``), ``store.names``,
     ``store.crystals``, ``store.meta`` (the metadata written with it, e.g. the build summary).
@@ -208,6 +232,11 @@ class ClusterStore:
                                    "cached demo/CSD-500 stores are rebuilt automatically)") from err
         self.meta = self._records.meta
         kind, version = self.meta.get("kind"), self.meta.get("version")
+        names, crystals = self.meta.get("names"), self.meta.get("crystals")
+        if kind == CLUSTER_STORE_KIND and not (isinstance(names, list) and isinstance(crystals, list)
+                                               and len(names) == len(crystals) == len(self._records)):
+            raise RecordStoreError(f"{self.path}: the cluster store's metadata lists no name and crystal per cluster "
+                                   "(damaged); rebuild it")
         if kind != CLUSTER_STORE_KIND:
             raise RecordStoreError(f"{self.path}: a kflow record store but not a cluster store (kind {kind!r})")
         if version != CLUSTER_STORE_VERSION:
@@ -221,6 +250,10 @@ class ClusterStore:
         if not 0 <= i < len(self):
             raise IndexError(f"cluster {i} out of range for a store of {len(self)}")
         record = self._records[i]
+        problem = _record_problem(record)
+        if problem:
+            raise RecordStoreError(f"{self.path}: cluster {i} is not a valid cluster record ({problem}); the store "
+                                   "is damaged or was not written by kflow, rebuild it")
         return Cluster.from_numpy({k: _aligned(v) if isinstance(v, np.ndarray) else v for k, v in record.items()})
 
     @property

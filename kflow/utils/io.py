@@ -187,7 +187,7 @@ def read_versioned_json(path: str | os.PathLike, version: int) -> dict | None:
     or of another version: how resumable studies tell a finished result from one still to compute."""
     try:
         record = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: damaged
         return None
     return record if isinstance(record, dict) and record.get("version") == version else None
 
@@ -205,12 +205,40 @@ def budget_differences(saved: dict, budget, ignore: tuple[str, ...] = ()) -> lis
             if name not in ignore and getattr(before, name) != getattr(budget, name)]
 
 
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", tuple: "a list", dict: "an object", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _check_budget_types(path, saved, budget) -> None:
+    """A saved budget must be an object whose fields have the kinds of the budget's own values (a list where a
+    number belongs is a damaged or hand-edited file, refused in one line rather than a TypeError later)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: the saved budget is {_kind(saved)}, not an object (a damaged or hand-edited "
+                         "file); move it away to recompute")
+    for f in fields(budget):
+        want = getattr(budget, f.name)
+        if f.name in saved and want is not None and saved[f.name] is not None and \
+                _kind(saved[f.name]) != _kind(want):
+            raise ValueError(f"{path}: budget field {f.name!r} is {_kind(saved[f.name])} where {_kind(want)} "
+                             "belongs (a damaged or hand-edited file); move it away to recompute")
+
+
 def check_saved_budget(path: str | os.PathLike, record: dict | None, budget, ignore: tuple[str, ...] = ()) -> None:
     """Refuse a saved study result computed under another budget (ValueError naming the file and the changed
-    fields): a resumable study that reused it silently would put numbers from two budgets in one table."""
+    fields): a resumable study that reused it silently would put numbers from two budgets in one table. A budget
+    of the wrong shape (not an object, a field of the wrong kind) is refused the same way."""
     if record is None or budget is None or "budget" not in record:
         return
-    changed = budget_differences(record["budget"], budget, ignore)
+    _check_budget_types(path, record["budget"], budget)
+    try:
+        changed = budget_differences(record["budget"], budget, ignore)
+    except (TypeError, ValueError) as err:  # the budget's own checks refused the saved values
+        raise ValueError(f"{path}: the saved budget is not valid ({err}); move it away to recompute") from None
     if changed:
         raise ValueError(f"{path}: saved under another study budget ({'; '.join(changed)}); move it away to "
                          "recompute it, or write this study to another folder")

@@ -106,19 +106,37 @@ def decode_record(blob: bytes, source: str = "record") -> dict:
     payload = bytearray(blob[start + length:])  # one writable copy; arrays are views into it
     record = {}
     try:
+        if not isinstance(fields, list):
+            raise TypeError(f"'fields' is a {type(fields).__name__}, not a list")
         for field in fields:
+            if not isinstance(field, dict) or not isinstance(field.get("name"), str):
+                raise TypeError(f"field entry {str(field)[:80]!r} has no name")
             if "value" in field:
+                if not isinstance(field["value"], SCALAR_TYPES):
+                    raise TypeError(f"field {field['name']!r}: a {type(field['value']).__name__} is not a scalar")
                 record[field["name"]] = field["value"]
                 continue
             dtype = _array_dtype(field["name"], np.dtype(field["dtype"]))
+            _check_layout(field)
             count = int(np.prod(field["shape"], dtype=np.int64))
             if field["offset"] + field["nbytes"] > len(payload) or count * dtype.itemsize != field["nbytes"]:
                 raise ValueError(f"field {field['name']!r} needs {field['nbytes']} bytes at offset {field['offset']} "
                                  f"of a {len(payload)}-byte payload for shape {field['shape']}")
             record[field["name"]] = np.frombuffer(payload, dtype, count, field["offset"]).reshape(field["shape"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise RecordStoreError(f"{source}: corrupt record ({err})") from err
     return record
+
+
+def _check_layout(field: dict) -> None:
+    """Shape, offset and size of an array field must be non-negative integers (a negative count would make
+    ``np.frombuffer`` read the whole payload)."""
+    shape, offset, nbytes = field.get("shape"), field.get("offset"), field.get("nbytes")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"field {field['name']!r}: shape {shape!r} is not a list of non-negative integers")
+    for name, value in (("offset", offset), ("nbytes", nbytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"field {field['name']!r}: {name} {value!r} is not a non-negative integer")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -242,7 +260,11 @@ class RecordStore:
         if header.get("version") != STORE_VERSION:
             raise RecordStoreError(f"{self.path}: {description} format version {header.get('version')} is not "
                                    f"{STORE_VERSION}; rebuild it")
-        self._num_records, self.meta = int(header["num_records"]), header["meta"]
+        count, meta = header.get("num_records"), header.get("meta")
+        if not (isinstance(count, int) and count >= 0 and isinstance(meta, dict)):
+            raise RecordStoreError(f"{self.path}: the {description}'s header has no valid num_records / meta "
+                                   "(damaged); rebuild it")
+        self._num_records, self.meta = count, meta
 
     def _get(self, key: bytes):
         env = _open_cached(self.path)

@@ -233,12 +233,25 @@ def write_samples(path: str | os.PathLike, images: torch.Tensor, labels: torch.T
 
 
 def read_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images [N, C, H, W] float in [0, 1], labels [N] or None) from a samples .npz (see the module docstring)."""
-    with np.load(path, allow_pickle=False) as data:
-        if "images" not in data:
-            raise ValueError(f"{path}: no 'images' array")
-        images = data["images"]
-        labels = data["labels"] if "labels" in data else None
+    """(images [N, C, H, W] float in [0, 1], labels [N] or None) from a samples .npz (see the module docstring).
+    Anything else (a missing or foreign file, object arrays, wrong shapes, NaN, labels that do not match) raises
+    one line naming the file, so an evaluation can check its inputs before computing any features."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no samples file (.npz written by sample_image.py)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data:
+                raise ValueError(f"{path}: no 'images' array (holds {', '.join(data.files) or 'nothing'})")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data else None
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a samples .npz ({type(err).__name__}: {err})") from None
+    _check_samples(path, images, labels)
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
         if images.ndim == 3:
@@ -246,6 +259,17 @@ def read_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
         elif images.shape[-1] in (1, 3):
             images = images.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(images)), None if labels is None else torch.from_numpy(labels)
+
+
+def _check_samples(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
+    if images.dtype.kind not in "uif" or images.ndim not in (3, 4) or len(images) == 0:
+        raise ValueError(f"{path}: 'images' is {images.dtype} of shape {images.shape}; expected [N, C, H, W] floats "
+                         "in [0, 1] or uint8 [N, H, W(, C)] with N > 0")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise ValueError(f"{path}: 'images' holds NaN or infinite values")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(images),)):
+        raise ValueError(f"{path}: 'labels' is {labels.dtype} of shape {labels.shape}; expected {len(images)} "
+                         "integers, one per image")
 
 
 def write_metrics(path: str | os.PathLike, metrics: dict) -> Path:
