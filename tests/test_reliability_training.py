@@ -174,3 +174,57 @@ def test_training_into_a_file_or_a_read_only_folder_is_one_line(tmp_path, monkey
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
     with pytest.raises(ValueError, match="permission denied"):
         make_trainer(read_only / "run", max_steps=2)
+
+
+# ------------------------------------------------------------------------------------------ through `kflow train`
+SMALL_NET = ["--hidden-irreps", "8x0e + 2x1o + 2x1e", "--molecule-layers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def two_stores(tmp_path_factory):
+    """Two small cluster stores of different pyxtal crystals."""
+    from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cluster_store
+    from kflow.molecular.sources import pyxtal_crystal_sources
+
+    root, clusters = tmp_path_factory.mktemp("stores"), []
+    for name, atoms in read_crystals(pyxtal_crystal_sources()[0]):
+        try:
+            cluster = build_cluster(atoms, seed=0, name=name)
+        except InvalidCrystal:
+            continue
+        if cluster.num_atoms <= 300:
+            clusters.append(cluster)
+        if len(clusters) == 16:
+            break
+    # the same size: a resume onto b is refused for its content, not for a changed dataset_size
+    return (str(write_cluster_store(clusters[:8], root / "a")), str(write_cluster_store(clusters[8:], root / "b")))
+
+
+def test_kflow_train_refuses_a_busy_folder_and_a_resume_onto_other_seed_or_data(two_stores, tmp_path, capsys):
+    from kflow.cli import main
+
+    run = tmp_path / "run"
+    train = ["train", "--steps", "2", "--batch-size", "2", "--out", str(run), *SMALL_NET]
+    assert main([*train, "--dataset", two_stores[0]]) == 0
+    capsys.readouterr()
+    refusals = {"--seed 1": ["--seed", "1"], "content_key": ["--dataset", two_stores[1]]}
+    for expected, change in refusals.items():
+        args = [*train, "--dataset", two_stores[0], "--resume", *change]
+        args[args.index("--steps") + 1] = "3"
+        assert main(args) == 1
+        line = capsys.readouterr().err.strip()
+        assert "\n" not in line and line.startswith("error: ") and expected.split()[-1] in line, line
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # nothing trained
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RUN_LOCK).write_text(_lock_of(holder.pid))
+        assert main([*train, "--dataset", two_stores[0], "--resume"]) == 1
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    args = [*train, "--dataset", two_stores[0], "--resume", "--accept-changes", "--seed", "1"]
+    args[args.index("--steps") + 1] = "3"
+    with pytest.warns(UserWarning, match="accepted"):
+        assert main(args) == 0
+    assert json.loads((run / "config.json").read_text())["accepted_changes"][0]["step"] == 2
