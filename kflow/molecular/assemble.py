@@ -53,6 +53,9 @@ HBOND_CONTACT_FACTOR = 0.5  # ... for H(on N/O/F)···N/O/F pairs, whose hydrog
 RIGID_TOLERANCE = 1e-4  # Å: every predicted molecule is a rigid motion of its input geometry to this
 BOND_FACTOR = 1.2  # covalent-radius multiplier for bonds, as crystals.find_molecules
 MIN_ATOM_DISTANCE = 0.5  # Å: closer atoms are a broken structure (duplicates, disorder)
+# Atoms per molecule checked before any pairwise geometry (an N x N x 3 distance array of a 20,000-atom XYZ is
+# 9 GB); far above any shipped model's max_atoms, which check_input applies after the model is loaded.
+MAX_MOLECULE_ATOMS = 1000
 MOLECULE_SUFFIXES = (".sdf", ".mol", ".mol2")  # read by RDKit; everything else by ASE or the CIF reader
 CRYSTAL_SUFFIXES = (".cif",)
 DATABASE_SUFFIXES = (".db",)
@@ -132,8 +135,11 @@ def _from_atoms(atoms, name: str, source: str, reader: str) -> AssemblyInput:
 
 
 def _crystal_input(atoms, name: str, source: str, reader: str) -> AssemblyInput:
-    from kflow.molecular.crystals import find_molecules
+    from kflow.molecular.crystals import cell_problem, find_molecules
 
+    bounds = cell_problem(atoms.cell.array, len(atoms))  # before the periodic neighbour search
+    if bounds:
+        raise InputError(source, "out_of_bounds", bounds)
     try:
         molecules = find_molecules(atoms, BOND_FACTOR)
     except InvalidCrystal as err:
@@ -334,6 +340,9 @@ def _check_geometry(inp: AssemblyInput) -> None:
         return
     if len(z) < 3:
         raise InputError(source, "too_small", f"{len(z)} atoms; a molecule needs at least 3 for a rigid orientation")
+    if len(z) > MAX_MOLECULE_ATOMS:
+        raise InputError(source, "too_large", f"{len(z)} atoms; kflow assemble takes molecules of at most "
+                         f"{MAX_MOLECULE_ATOMS} atoms (the models far fewer)")
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(len(z)) * 1e9
     if d.min() < MIN_ATOM_DISTANCE:
         i, j = np.unravel_index(d.argmin(), d.shape)

@@ -38,11 +38,19 @@ if TYPE_CHECKING:  # ase is imported lazily at run time
     from ase import Atoms
 
 __all__ = ["read_crystals", "read_cif", "crystal_files", "cif_number", "ReadProblem", "build_cluster", "build_clusters",
-           "find_molecules", "NoiseModel", "NOISE_PRESETS", "noise_model"]
+           "find_molecules", "NoiseModel", "NOISE_PRESETS", "noise_model", "cell_problem", "MIN_CELL_WIDTH",
+           "MAX_CELL_LENGTH", "MIN_VOLUME_PER_ATOM", "MAX_CELL_ATOMS"]
 
 
 # --------------------------------------------------------------------------------------------------- reading
 FOLDER_SUFFIXES = (".cif",)  # what a folder given as input contributes
+# Resource bounds, checked when a crystal is read, before any neighbour search: the work of the periodic searches
+# grows as (cutoff / cell width)^3 x atoms, so a 9 KB CIF with a 0.0001 A cell ran for minutes at 7 GB. CSD-500
+# spans widths 3.5-24 A, 7.6-30 A^3 per atom, at most 200 atoms per cell and 42 A per edge (measured 2026-12).
+MIN_CELL_WIDTH = 2.0  # A, distance between opposite faces of the cell
+MAX_CELL_LENGTH = 1000.0  # A, longest cell edge
+MIN_VOLUME_PER_ATOM = 3.0  # A^3 (diamond, the densest solid of light elements: 5.7)
+MAX_CELL_ATOMS = 10_000  # atoms in the full cell, after symmetry expansion
 
 
 class ReadProblem(NamedTuple):
@@ -76,6 +84,34 @@ def crystal_files(path: str | os.PathLike) -> list[Path]:
             raise FileNotFoundError(f"{path}: folder contains no .cif files")
         return files
     return [path]
+
+
+def cell_problem(cell, num_atoms: int) -> str | None:
+    """Why a periodic cell (3x3 rows, Å) holding ``num_atoms`` atoms is outside kflow's resource bounds
+    (``MIN_CELL_WIDTH``, ``MAX_CELL_LENGTH``, ``MIN_VOLUME_PER_ATOM``, ``MAX_CELL_ATOMS``), or None."""
+    cell = np.asarray(cell, dtype=np.float64)
+    if cell.shape != (3, 3) or not np.isfinite(cell).all():
+        return "the cell is not a finite 3x3 matrix"
+    volume = abs(float(np.linalg.det(cell)))
+    faces = np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    width = volume / faces.max() if faces.max() > 0 else 0.0
+    if width < MIN_CELL_WIDTH:
+        return f"the cell is {width:.3g} Å thin (at least {MIN_CELL_WIDTH} Å between opposite faces)"
+    if np.linalg.norm(cell, axis=1).max() > MAX_CELL_LENGTH:
+        return f"a cell edge is {np.linalg.norm(cell, axis=1).max():.4g} Å long (at most {MAX_CELL_LENGTH:g} Å)"
+    if num_atoms > MAX_CELL_ATOMS:
+        return f"{num_atoms} atoms in the cell (at most {MAX_CELL_ATOMS})"
+    if num_atoms and volume / num_atoms < MIN_VOLUME_PER_ATOM:
+        return (f"{volume / num_atoms:.3g} Å³ per atom (at least {MIN_VOLUME_PER_ATOM} Å³: atoms this dense are "
+                "a broken cell)")
+    return None
+
+
+def _bounds_problem(atoms) -> str | None:
+    """``cell_problem`` of a periodic ``Atoms`` (None for a structure without a 3-D cell)."""
+    if not (np.all(atoms.pbc) and atoms.cell.rank == 3):
+        return None
+    return cell_problem(atoms.cell.array, len(atoms))
 
 
 def read_crystals(path: str | os.PathLike, errors: list | None = None) -> Iterator[tuple[str, "Atoms"]]:
@@ -147,6 +183,10 @@ def _read_ase_db(path: Path, errors):
         except Exception as err:  # a broken row must not end the iteration
             _problem(errors, f"{path}:{row.id}", _describe(err), file=path)
             continue
+        bounds = _bounds_problem(atoms)
+        if bounds:
+            _problem(errors, f"{path}:{row.id}", bounds, "out_of_bounds", path)
+            continue
         atoms.info.update(source=str(path), reader="ase")
         yield str(name), atoms
 
@@ -165,6 +205,10 @@ def _read_ase_frames(path: Path, errors):
     for i, atoms in enumerate(frames):
         name = atoms.info.get("NAME") or atoms.info.get("name") or (
             path.stem if len(frames) == 1 else f"{path.stem}_{i}")
+        bounds = _bounds_problem(atoms)
+        if bounds:
+            _problem(errors, f"{path}:{i}" if len(frames) > 1 else path, bounds, "out_of_bounds", path)
+            continue
         atoms.info.update(source=str(path), reader="ase")
         yield str(name), atoms
 
@@ -428,6 +472,9 @@ def _block_atoms(block) -> "Atoms":
     raw = [block.get(t) for t in (_FRACT if fract else _CARTN)]
     raw = [v if isinstance(v, list) else [v] for v in raw]
     n = len(raw[0])
+    bounds = cell_problem(cell, n)  # before the symmetry expansion and its neighbour search
+    if bounds:
+        raise _Unusable("out_of_bounds", bounds)
     labels = _column(block, "_atom_site_label", n) or [f"site{i + 1}" for i in range(n)]
     symbols = _column(block, "_atom_site_type_symbol", n)
     numbers = np.array([_element_number(s, symbols is not None) for s in (symbols or labels)], dtype=np.int64)
@@ -441,8 +488,10 @@ def _block_atoms(block) -> "Atoms":
     frac = coords if fract else coords @ np.linalg.inv(cell)
     frac, numbers, occupancy, site = frac[keep], numbers[keep], occupancy[keep], np.arange(n)[keep]
     rot, trans, how = _symmetry_operations(block)
-    images = (np.einsum("kij,nj->nki", rot, frac) + trans[None]) % 1.0  # [N, K, 3]
     k = len(rot)
+    if n * k > MAX_CELL_ATOMS:
+        raise _Unusable("out_of_bounds", f"{n} sites x {k} symmetry operations: more than {MAX_CELL_ATOMS} atoms")
+    images = (np.einsum("kij,nj->nki", rot, frac) + trans[None]) % 1.0  # [N, K, 3]
     atoms = Atoms(numbers=np.repeat(numbers, k), scaled_positions=images.reshape(-1, 3), cell=cell, pbc=True)
     i, j = neighbor_list("ij", atoms, DUPLICATE_TOLERANCE)
     z = atoms.numbers
@@ -542,6 +591,10 @@ def read_cif(path: str | os.PathLike, errors: list | None = None) -> Iterator[tu
                                    f"{_describe(err)})")
             return
         for i, (block_name, atoms) in enumerate(found):
+            bounds = _bounds_problem(atoms)
+            if bounds:
+                _problem(errors, f"{path}:{block_name}", f"data block {block_name!r}: {bounds}", "out_of_bounds", path)
+                continue
             atoms.info.update(source=str(path), reader="pymatgen", block=block_name)
             yield (path.stem if len(found) == 1 else f"{path.stem}_{i}"), atoms
         return
@@ -574,6 +627,10 @@ def read_cif(path: str | os.PathLike, errors: list | None = None) -> Iterator[tu
                 _problem(errors, source, f"data block {block.name!r} cannot be interpreted (ase: {_describe(first)}; "
                                          f"pymatgen: {_describe(second)})", "unreadable", path)
                 continue
+        bounds = _bounds_problem(atoms)  # the full cell after merging, and pymatgen's structures
+        if bounds:
+            _problem(errors, source, f"data block {block.name!r}: {bounds}", "out_of_bounds", path)
+            continue
         atoms.info.update(source=str(path), reader=reader, block=block.name)
         yield name, atoms
 

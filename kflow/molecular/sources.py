@@ -19,7 +19,7 @@ import torch
 
 from kflow.molecular.cluster import InvalidCrystal, RejectionSummary
 from kflow.molecular.store import ClusterStore, close_store, serialize_cluster, staged_folder, write_cluster_store
-from kflow.utils.io import atomic_path, atomic_write_text, safe_filename
+from kflow.utils.io import ANY_CONTENT, atomic_path, atomic_write_text, safe_filename
 
 __all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
            "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17", "build_key",
@@ -139,9 +139,12 @@ def read_crystal_inputs(files: Sequence[str | os.PathLike]) -> tuple[list, Rejec
 
 
 # What a build writes into its output folder (``kflow.utils.io.foreign_entries``): anything else is foreign.
+# processed/ may also hold the stores kflow caches when the folder is read as COD-Cluster17 data (<subset>.lmdb)
+# and the staging folders of such a cache build that was interrupted.
 BUILD_FOLDER_LAYOUT = {"raw": {"FinalPositions": {"*_cluster16.csv": None},
                                "InitialPositions": {"*_cluster16_noised.csv": None}},
-                       "processed": {"clusters.lmdb": {"*.mdb": None}}, "summary.json": None}
+                       "processed": {"*.lmdb": {"*.mdb": None}, ".*.lmdb.build-*": ANY_CONTENT},
+                       "summary.json": None}
 BUILD_FOLDER_ENTRIES = tuple(BUILD_FOLDER_LAYOUT)
 
 

@@ -122,10 +122,14 @@ def check_writable_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
     return out
 
 
+ANY_CONTENT = "any content"  # in an ``expected`` layout: a folder kflow made whose content is its own
+
+
 def foreign_entries(folder: Path, expected: dict, prefix: str = "") -> list[str]:
     """Paths below ``folder`` that ``expected`` does not describe, hidden files included. ``expected`` maps a name
-    or an ``fnmatch`` pattern to ``None`` (a file) or to the ``expected`` of a sub-folder; symbolic links are
-    always foreign (a command never writes one, and replacing one could reach outside the folder)."""
+    or an ``fnmatch`` pattern to ``None`` (a file), to the ``expected`` of a sub-folder or to ``ANY_CONTENT``;
+    symbolic links are always foreign (a command never writes one, and replacing one could reach outside the
+    folder)."""
     import fnmatch
 
     found = []
@@ -134,7 +138,7 @@ def foreign_entries(folder: Path, expected: dict, prefix: str = "") -> list[str]
         label = prefix + entry.name
         if spec == "missing" or entry.is_symlink() or (spec is None) != (not entry.is_dir()):
             found.append(label + ("/" if entry.is_dir() else ""))
-        elif spec is not None:
+        elif isinstance(spec, dict):
             found += foreign_entries(entry, spec, label + "/")
     return found
 

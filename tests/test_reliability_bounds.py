@@ -1,0 +1,79 @@
+"""Issue 24, resource bounds: a 9 KB CIF with a 0.0001 Å cell ran for minutes at 7 GB, and a 20,000-atom XYZ
+allocated 9 GB for an N x N x 3 geometry check; both are now refused in one line before any such work, and a
+folder build accounts for them in its summary."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kflow.cli import main
+from kflow.molecular.assemble import MAX_MOLECULE_ATOMS, InputError, read_assembly_input
+from kflow.molecular.crystals import MAX_CELL_ATOMS, MIN_CELL_WIDTH, cell_problem, read_cif, read_crystals
+from kflow.molecular.sources import build_clusters_from_files
+
+REPO = Path(__file__).resolve().parents[1]
+CIF = REPO / "data" / "examples" / "GASXON.cif"
+
+
+def _tiny_cell_cif(path: Path) -> Path:
+    lines = [("_cell_length_a 0.0001" if line.startswith("_cell_length_a") else line)
+             for line in CIF.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _big_xyz(path: Path, atoms: int = 20_000) -> Path:
+    grid = np.stack(np.meshgrid(*[np.arange(28)] * 3, indexing="ij"), -1).reshape(-1, 3)[:atoms] * 1.5
+    path.write_text(f"{atoms}\nbig\n" + "".join(f"C {x:.3f} {y:.3f} {z:.3f}\n" for x, y, z in grid))
+    return path
+
+
+def test_a_tiny_cell_is_refused_before_any_neighbour_search(tmp_path):
+    path = _tiny_cell_cif(tmp_path / "tiny.cif")
+    problems, t0 = [], time.perf_counter()
+    assert list(read_cif(path, problems)) == []
+    assert time.perf_counter() - t0 < 10  # ran past 120 s before
+    assert problems[0].reason == "out_of_bounds" and f"{MIN_CELL_WIDTH}" in problems[0].message
+    with pytest.raises(InputError, match="tiny.cif: out_of_bounds: .*thin"):
+        read_assembly_input(str(path))
+
+
+def test_a_20000_atom_molecule_is_refused_before_pairwise_geometry(tmp_path, capsys):
+    import tracemalloc
+
+    path = _big_xyz(tmp_path / "big.xyz")
+    tracemalloc.start()
+    with pytest.raises(InputError, match=f"big.xyz: too_large: 20000 atoms.*{MAX_MOLECULE_ATOMS}"):
+        read_assembly_input(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 500 * 2 ** 20  # the N x N x 3 check allocated 8.9 GiB
+    assert main(["assemble", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "too_large" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cell_bounds():
+    cell = np.diag([10.0, 10.0, 10.0])
+    assert cell_problem(cell, 100) is None
+    assert "thin" in cell_problem(np.diag([10.0, 10.0, 0.5]), 10)
+    assert "long" in cell_problem(np.diag([10.0, 10.0, 5000.0]), 10)
+    assert "per atom" in cell_problem(cell, 900)
+    assert "atoms in the cell" in cell_problem(np.diag([100.0] * 3), MAX_CELL_ATOMS + 1)
+    assert "finite" in cell_problem(np.full((3, 3), np.nan), 1)
+
+
+def test_a_folder_build_accounts_for_the_pathological_files(tmp_path):
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    (folder / "GASXON.cif").write_bytes(CIF.read_bytes())
+    _tiny_cell_cif(folder / "tiny.cif")
+    t0 = time.perf_counter()
+    store, summary = build_clusters_from_files([folder], tmp_path / "out", draws_per_crystal=1, num_workers=1,
+                                               progress=False)
+    assert time.perf_counter() - t0 < 60 and len(store) == 1
+    files = json.loads((tmp_path / "out" / "summary.json").read_text())["files"]
+    assert set(files) == {str(folder / "GASXON.cif"), str(folder / "tiny.cif")}
+    assert "out_of_bounds" in json.dumps(files[str(folder / "tiny.cif")])
+    assert [name for name, _ in read_crystals(folder / "GASXON.cif")] == ["GASXON"]
