@@ -77,3 +77,32 @@ def test_a_folder_build_accounts_for_the_pathological_files(tmp_path):
     assert set(files) == {str(folder / "GASXON.cif"), str(folder / "tiny.cif")}
     assert "out_of_bounds" in json.dumps(files[str(folder / "tiny.cif")])
     assert [name for name, _ in read_crystals(folder / "GASXON.cif")] == ["GASXON"]
+
+
+# ---------------------------------------------------------------------------------------------- docs/PROMISES.md
+PROMISES = REPO / "docs" / "PROMISES.md"
+
+
+def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
+    import re
+
+    from kflow.core import training
+    from kflow.molecular import assemble, crystals
+
+    text = PROMISES.read_text()
+    assert "docs/PROMISES.md" in (REPO / "README.md").read_text()
+    for heading in ("Nothing lost", "Nothing hung", "One writer per run folder", "Exact resume", "Determinism",
+                    "One line, not a traceback"):
+        assert f"**{heading}" in text, heading
+    rows = re.findall(r"\| ([0-9.]+)[^|]*\| `(\w+)\.(\w+)` \|", text.replace("at least ", "").replace("at most ", ""))
+    modules = {"assemble": assemble, "crystals": crystals}
+    assert len(rows) == 5
+    for value, module, name in rows:
+        assert float(value) == getattr(modules[module], name), name
+    assert f"`{training.RUN_LOCK}`" in text
+    for test_file in set(re.findall(r"test_reliability_\w+\.py", text)):
+        assert (REPO / "tests" / test_file).is_file(), test_file
+    from kflow.molecular.commands import train_parser
+
+    options = train_parser().format_help()
+    assert "--accept-changes" in options and "--resume [CHECKPOINT]" in options
