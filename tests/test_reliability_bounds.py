@@ -106,3 +106,39 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
 
     options = train_parser().format_help()
     assert "--accept-changes" in options and "--resume [CHECKPOINT]" in options
+
+
+def _misbehaving_reader(path):
+    """Stands in for a reader meeting a pathological file (forked workers inherit it)."""
+    import os
+
+    from kflow.molecular import sources
+
+    name = Path(path).name
+    if name == "slow.cif":
+        time.sleep(60)
+    if name == "hog.cif":
+        hoard = [np.ones(2 ** 24) for _ in range(10_000)]  # 128 MiB at a time, far past the limit
+        return hoard
+    if name == "dies.cif":
+        os._exit(9)
+    return sources._real_read_file(path)
+
+
+def test_one_pathological_file_can_neither_stall_nor_kill_a_folder_build(tmp_path, monkeypatch):
+    from kflow.molecular import sources
+
+    files = []
+    for name in ("GASXON.cif", "slow.cif", "hog.cif", "dies.cif"):
+        (tmp_path / name).write_bytes(CIF.read_bytes())
+        files.append(tmp_path / name)
+    monkeypatch.setattr(sources, "_real_read_file", sources._read_file, raising=False)
+    monkeypatch.setattr(sources, "_read_file", _misbehaving_reader)
+    t0 = time.perf_counter()
+    crystals, summary = sources.read_crystal_inputs(files, workers=2, time_limit=5, memory_limit=512 * 2 ** 20)
+    assert time.perf_counter() - t0 < 30  # the slow file alone would take 60 s
+    assert [name for name, _ in crystals] == ["GASXON"]
+    report = json.dumps(summary.as_dict())
+    assert "slow.cif: exceeded the time limit of 5 s" in report
+    assert "hog.cif: exceeded the memory limit of 0.5 GiB" in report
+    assert "dies.cif: its worker died" in report

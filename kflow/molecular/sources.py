@@ -123,16 +123,109 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
     return store, summary
 
 
-def read_crystal_inputs(files: Sequence[str | os.PathLike]) -> tuple[list, RejectionSummary]:
-    """Read crystal files (``crystals.crystal_files`` of the inputs) for a build: ([(name, atoms)], summary), the
-    summary already holding a record for every file and the read problems (unreadable files, blocks without a
-    cell, ...) as rejections with their reasons, so no file can leave the build unaccounted for."""
+FILE_TIME_LIMIT_S = 300.0  # reading one input file, in its own worker process
+FILE_MEMORY_LIMIT = 4 << 30  # bytes a worker may allocate beyond what it inherited
+
+
+def _limit_memory(extra: int) -> None:
+    """Cap this process's address space at its current size + ``extra`` bytes: an allocation beyond it raises
+    ``MemoryError`` here instead of the kernel killing the machine's largest process."""
+    import resource
+
+    try:
+        current = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return  # no /proc: no cap (the time limit still applies)
+    resource.setrlimit(resource.RLIMIT_AS, (current + extra, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def _isolated_child(function, item, conn, memory_limit: int) -> None:
+    try:
+        _limit_memory(memory_limit)
+        torch.set_num_threads(1)
+        outcome = ("ok", function(item))
+    except MemoryError:
+        outcome = ("limit", f"exceeded the memory limit of {memory_limit / 2 ** 30:g} GiB")
+    except BaseException as err:  # reported by the parent; a worker never raises into the build
+        outcome = ("error", f"{type(err).__name__}: {err}")
+    try:
+        conn.send(outcome)
+    except Exception as err:  # e.g. a result too large to pickle within the memory limit
+        conn.send(("limit", f"its result could not be returned ({type(err).__name__})"))
+    finally:
+        conn.close()
+        os._exit(0)  # a forked child must not run the parent's exit handlers
+
+
+def isolated_map(function, items: Sequence, workers: int = 1, time_limit: float = FILE_TIME_LIMIT_S,
+                 memory_limit: int = FILE_MEMORY_LIMIT):
+    """``function(item)`` for every item, each in its own forked process with a time and a memory budget, at most
+    ``workers`` at once; yields ``(status, value)`` in the order of ``items``: ``("ok", result)``, ``("error",
+    message)`` or ``("limit", message)`` (out of time or memory, or the worker died). One item can neither stall
+    nor kill the caller."""
+    import time
+    from multiprocessing.connection import wait
+
+    context = get_context("fork")
+    pending, running, done, next_out = list(enumerate(items)), {}, {}, 0
+    while pending or running:
+        while pending and len(running) < max(workers, 1):
+            index, item = pending.pop(0)
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_isolated_child, args=(function, item, sender, memory_limit))
+            process.start()
+            sender.close()
+            running[receiver] = (index, process, time.monotonic() + time_limit)
+        timeout = max(min(deadline for _, _, deadline in running.values()) - time.monotonic(), 0)
+        for receiver in wait(list(running), timeout=timeout):
+            index, process, _ = running.pop(receiver)
+            try:
+                done[index] = receiver.recv()
+            except (EOFError, OSError):  # the worker ended without a result
+                process.join()
+                done[index] = ("limit", f"its worker died (exit status {process.exitcode}; killed for memory?)")
+            receiver.close()
+            process.join()
+        now = time.monotonic()
+        for receiver, (index, process, deadline) in list(running.items()):
+            if now > deadline:
+                process.kill()
+                process.join()
+                receiver.close()
+                del running[receiver]
+                done[index] = ("limit", f"exceeded the time limit of {time_limit:g} s")
+        while next_out in done:
+            yield done.pop(next_out)
+            next_out += 1
+
+
+def _read_file(path):
     from kflow.molecular.crystals import read_crystals
 
-    summary, problems = RejectionSummary(), []
+    problems = []
+    return list(read_crystals(path, problems)), problems
+
+
+def read_crystal_inputs(files: Sequence[str | os.PathLike], workers: int | None = None,
+                        time_limit: float = FILE_TIME_LIMIT_S,
+                        memory_limit: int = FILE_MEMORY_LIMIT) -> tuple[list, RejectionSummary]:
+    """Read crystal files (``crystals.crystal_files`` of the inputs) for a build: ([(name, atoms)], summary), the
+    summary already holding a record for every file and the read problems (unreadable files, blocks without a
+    cell, ...) as rejections with their reasons, so no file can leave the build unaccounted for.
+
+    Each file is read in its own worker process (``isolated_map``, ``workers`` at once, default one per core)
+    with ``time_limit`` seconds and ``memory_limit`` bytes: a file that needs more is rejected as
+    ``resource_limit`` with the limit it hit, and the build goes on."""
+    summary, problems, sources = RejectionSummary(), [], []
     for f in files:
         summary.note_file(str(f))
-    sources = [item for f in files for item in read_crystals(f, problems)]
+    workers = workers or min(os.cpu_count() or 1, max(len(files), 1))
+    for f, (status, value) in zip(files, isolated_map(_read_file, list(files), workers, time_limit, memory_limit)):
+        if status == "ok":
+            sources += value[0]
+            problems += value[1]
+        else:
+            summary.reject("resource_limit" if status == "limit" else "unreadable", f"{f}: {value}", source=str(f))
     for problem in problems:
         summary.reject(problem.reason, f"{problem.source}: {problem.message}", source=problem.file)
     return sources, summary
