@@ -135,3 +135,20 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+
+
+def test_a_name_with_a_newline_gives_extxyz_files_that_read_back(tiny_model, tmp_path):
+    import ase.db
+    import ase.io
+
+    from kflow.molecular import read_crystals
+
+    db = tmp_path / "rows.db"
+    with ase.db.connect(str(db)) as con:
+        con.write(next(read_crystals(CIF))[1], data={"name": 'GAS"XON\nINJECTED=1'})
+    out = tmp_path / "out"
+    assert main(["assemble", str(db), "--out", str(out), "--model", tiny_model, "--samples", "2",
+                 "--no-progress"]) == 0
+    for name in ("pred.extxyz", "start.extxyz", "truth.extxyz", "samples.extxyz"):
+        frames = ase.io.read(out / name, index=":")  # a raw newline in the comment line made this fail
+        assert "INJECTED" not in frames[0].info and "\n" not in frames[0].info["name"]

@@ -634,7 +634,8 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
     _check_out_dir(out_dir)
     best = order[0]
     chosen = clusters[best]
-    name = chosen.crystal
+    # a name read from a file (an ASE db row may hold a newline) must not break the extxyz comment line
+    name = " ".join("".join(c if c.isprintable() else " " for c in chosen.crystal).replace('"', "'").split())
     files = ["pred.extxyz", "pred.pdb", "start.extxyz"] + (["samples.extxyz"] if len(clusters) > 1 else []) + (
         ["truth.extxyz"] if truth else []) + ["cluster.png", "summary.json"]
     summary = {**summary, "files": files}
