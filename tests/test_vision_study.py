@@ -78,6 +78,9 @@ def test_missing_fashion_mnist_says_what_to_run(tmp_path, capsys, monkeypatch):
     from kflow.utils.cli import run_main
 
     monkeypatch.delenv("KFLOW_FASHION_MNIST", raising=False)
+    # evaluate_image checks its samples file before anything else (a bad one is refused first), so give it a real one
+    from kflow.vision.artifacts import write_samples
+    write_samples(tmp_path / "s.npz", torch.rand(2, 1, 8, 8), None)
     for script, argv in ((train_image, ["--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1",
                                         "--no-progress"]),
                          (evaluate_image, ["--samples", str(tmp_path / "s.npz"), "--data-root", str(tmp_path)])):
