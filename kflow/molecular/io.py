@@ -21,11 +21,12 @@ from kflow.molecular.geometry import pad_by_index, rigid_residuals
 from kflow.utils.io import atomic_path, safe_filename
 
 __all__ = ["read_cluster_csv", "read_cod_cluster17", "read_cod_cluster17_record",
-           "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "cluster_pdb_text",
+           "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "cluster_pdb_text", "intramolecular_bonds",
            "check_rigid_consistency",
            "record_residuals"]
 
 FINAL_DIR, INITIAL_DIR = "FinalPositions", "InitialPositions"
+BOND_FACTOR = 1.2  # covalent-radius multiplier for bonds, as crystals.find_molecules and assemble use
 # Element symbols as written (C, Cl) plus upper/lower-case variants seen in converted files (CL, cl).
 _SYMBOLS = {v: z for s, z in ASE_ATOMIC_NUMBERS.items() if z > 0 for v in (s, s.upper(), s.lower())}
 
@@ -229,9 +230,45 @@ def write_cod_cluster17(cluster: Cluster, root: str | os.PathLike, cluster_id: s
     return initial, final
 
 
+def intramolecular_bonds(atomic_numbers: torch.Tensor, molecule_index: torch.Tensor, positions: torch.Tensor,
+                         bond_factor: float = BOND_FACTOR) -> np.ndarray:
+    """Covalent bonds [E, 2] (i < j, atom indices) within each molecule: d < bond_factor × (r_cov,i + r_cov,j).
+
+    Pairs of different molecules are never bonds, however close: a viewer must draw molecules, not clashes.
+    """
+    from ase.data import covalent_radii
+
+    n = int(atomic_numbers.numel())
+    if n == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    # Pad atoms to [M, P] per molecule, so the distances are one [M, P, P] block per molecule, never [N, N].
+    atom, mask, _ = pad_by_index(torch.arange(n), molecule_index, fill=-1)
+    pos, _, _ = pad_by_index(positions.detach().double().cpu(), molecule_index)
+    radii, _, _ = pad_by_index(torch.from_numpy(covalent_radii * bond_factor)[atomic_numbers.long()], molecule_index)
+    close = torch.cdist(pos, pos) < radii[:, :, None] + radii[:, None, :]
+    close &= mask[:, :, None] & mask[:, None, :]
+    m, a, b = torch.nonzero(torch.triu(close, diagonal=1), as_tuple=True)
+    pairs = torch.stack([atom[m, a], atom[m, b]], 1)
+    return np.sort(pairs.numpy(), axis=1)
+
+
+def _conect_lines(bonds: np.ndarray, serials: np.ndarray) -> list[str]:
+    """CONECT records listing every bond from both atoms (as the PDB format does), at most 4 partners a line."""
+    both = np.concatenate([bonds, bonds[:, ::-1]])
+    both = both[np.lexsort((both[:, 1], both[:, 0]))]
+    owners, starts = np.unique(both[:, 0], return_index=True)
+    lines = []
+    for owner, partners in zip(owners, np.split(both[:, 1], starts[1:])):
+        for k in range(0, len(partners), 4):
+            lines.append(f"CONECT{serials[owner]:5d}" + "".join(f"{serials[p]:5d}" for p in partners[k:k + 4]))
+    return lines
+
+
 def cluster_pdb_text(cluster: Cluster, positions: torch.Tensor, title: str = "") -> str:
     """PDB text of ``positions`` [N, 3] Å: one residue (MOL, numbered 1..M) and one chain (A, B, ...) per molecule,
-    atoms named element + count, so viewers colour and select molecules one by one."""
+    atoms named element + count, so viewers colour and select molecules one by one; CONECT records give the
+    covalent bonds within each molecule (``intramolecular_bonds``), so viewers do not guess bonds across the close
+    contacts between molecules."""
     chains = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
     title = "".join(c if c.isprintable() else " " for c in title)  # a name from a file must not add records
     lines = [f"REMARK   1 {title}"[:80]]
@@ -244,6 +281,9 @@ def cluster_pdb_text(cluster: Cluster, positions: torch.Tensor, title: str = "")
         name = f" {name:<3}" if len(symbol) == 1 and len(name) < 4 else f"{name:<4}"
         lines.append(f"HETATM{serial % 100000:5d} {name} MOL {chains[m % len(chains)]}{m + 1:4d}    "
                      f"{x:8.3f}{y:8.3f}{w:8.3f}  1.00  0.00          {symbol.upper():>2}")
+    if cluster.num_atoms < 100000:  # serials wrap above 99999, and a CONECT to a wrapped serial would be wrong
+        bonds = intramolecular_bonds(cluster.atomic_numbers, cluster.molecule_index, positions)
+        lines += _conect_lines(bonds, np.arange(1, cluster.num_atoms + 1))
     lines += ["END", ""]
     return "\n".join(lines)
 
