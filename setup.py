@@ -12,10 +12,13 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["kflow", "kflow.*"]),
-    # The pretrained assembly models (kflow.molecular.pretrained.load_pretrained finds them by name).
-    package_data={"kflow.molecular": ["pretrained_models/*.pt", "pretrained_models/README.md"]},
+    # The pretrained assembly models (kflow.molecular.pretrained.load_pretrained finds them by name) and the PEP 561
+    # marker that tells type checkers kflow is typed.
+    package_data={"kflow": ["py.typed"],
+                  "kflow.molecular": ["pretrained_models/*.pt", "pretrained_models/README.md"]},
     include_package_data=True,
     install_requires=[
         # Any torch >= 2.1 works; `make install` pins the CPU build 2.13.0 first so pip never pulls CUDA wheels.
