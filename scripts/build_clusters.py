@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from kflow.molecular.crystals import NOISE_PRESETS, NoiseModel
 from kflow.molecular.sources import build_clusters_from_files
+from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_float, positive_int, run_main
 
 
@@ -29,11 +30,11 @@ def _noise(args) -> NoiseModel:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(__doc__)
+    p = ArgumentParser(__doc__, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="CIF file/folder, ASE database or extxyz file(s)")
     p.add_argument("--out", required=True, help="output folder (raw/, processed/clusters.lmdb, summary.json)")
     p.add_argument("--draws", type=positive_int, default=4, help="noisy initial clusters per crystal")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the start-cluster draws")
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--no-raw", action="store_true", help="skip the raw CSV layout, write only the LMDB store")
     p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),

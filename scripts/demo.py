@@ -14,22 +14,24 @@ from pathlib import Path
 from kflow.molecular.config import AssemblyModelConfig
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.workflow import compare_assembly_models, format_results_table, load_assembly_dataset
+from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.utils.io import atomic_write_text
 
 
 def main(argv=None):
-    p = ArgumentParser(__doc__)
-    p.add_argument("--steps", type=positive_int, default=300, help="training steps per model (same for both)")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--sample-steps", type=positive_int, default=20)
-    p.add_argument("--repeats", type=positive_int, default=2)
+    p = ArgumentParser(__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per model (the same for all)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="clusters per training step")
+    p.add_argument("--sample-steps", type=positive_int, default=20, help="sampling steps per prediction")
+    p.add_argument("--repeats", type=positive_int, default=2,
+                   help="predictions per test cluster (the table keeps each cluster's best)")
     p.add_argument("--bands", type=positive_int, nargs="+", default=[1, 2], help="models to compare (1 = rigid FM)")
     p.add_argument("--regression", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the direct-regression baseline (the study's best model for mild starts)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--seed", type=int, default=0, help="start draws, split, initialisation and data order")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs and results.md / results.json")
+    p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
 

@@ -8,6 +8,7 @@ class-aware FID and the Class-Dropping-Ratio when samples with the condition kep
 Per-class FIDs (for the CDR) warn when a class has fewer than 100 samples on either side.
 """
 
+from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.vision.artifacts import read_samples
 from kflow.vision.data import add_data_root_argument
@@ -15,15 +16,16 @@ from kflow.vision.workflow import evaluate_images
 
 
 def main(argv=None):
-    p = ArgumentParser(__doc__)
-    p.add_argument("--samples", required=True)
+    p = ArgumentParser(__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--samples", required=True, help="samples .npz written by sample_image.py")
     p.add_argument("--dropped", default=None, help="samples generated with the condition dropped after tau")
     p.add_argument("--reference", default="fashion-mnist-test",
                    help="fashion-mnist-test | digits-test | .npz | image folder")
     add_data_root_argument(p)
-    p.add_argument("--max-reference", type=positive_int, default=10000)
+    p.add_argument("--max-reference", type=positive_int, default=10000,
+                   help="reference images embedded at most (the first N; their features are cached)")
     p.add_argument("--feature-net", default=None, help="TorchScript feature network instead of InceptionV3")
-    p.add_argument("--k", type=positive_int, default=3)
+    p.add_argument("--k", type=positive_int, default=3, help="nearest neighbours for precision and recall")
     p.add_argument("--json", default=None, help="results file (default <samples>.metrics.json)")
     args = p.parse_args(argv)
     for samples in filter(None, (args.samples, args.dropped)):  # refuse a bad file before minutes of features

@@ -10,6 +10,7 @@ samples_heun50_n64_cfg1.5); an existing file is kept unless --overwrite.
 """
 
 from kflow.core import SAMPLING_METHODS
+from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_int, run_main
 from kflow.vision.data import add_data_root_argument
 from kflow.vision.sampling import SamplingConfig
@@ -17,19 +18,21 @@ from kflow.vision.workflow import sample_images
 
 
 def main(argv=None):
-    p = ArgumentParser(__doc__)
-    p.add_argument("--run", required=True)
-    p.add_argument("--num", type=positive_int, default=64)
-    p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--method", default="heun", choices=SAMPLING_METHODS)
+    p = ArgumentParser(__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--run", required=True, help="run folder of train_image.py")
+    p.add_argument("--num", type=positive_int, default=64, help="images to generate")
+    p.add_argument("--steps", type=positive_int, default=50, help="integration steps (NFE for euler/band)")
+    p.add_argument("--method", default="heun", choices=SAMPLING_METHODS, help="integrator")
     p.add_argument("--steps-per-band", type=positive_int, nargs="+", default=None,
                    help="steps inside each band's window (one count per band; replaces --steps)")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--condition-tau", type=float, default=None)
-    p.add_argument("--share-bands", type=int, nargs="*", default=None)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--condition-tau", type=float, default=None,
+                   help="keep the class only for t < TAU, then drop it (default: kept throughout)")
+    p.add_argument("--share-bands", type=int, nargs="*", default=None,
+                   help="bands whose noise all samples share (e.g. 0: one coarse structure, varied details)")
     p.add_argument("--class-id", type=int, default=None, help="one class for all samples (default: cycle)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images sampled together")
     p.add_argument("--out", default=None,
                    help="output prefix: PREFIX.npz + PREFIX.png (default <run>/samples_<method><steps>_n<num>...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.npz")

@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from kflow.cli import HelpFormatter, set_help
 from kflow.utils.cli import ArgumentParser, add_run_arguments, nonnegative_int, positive_float, positive_int
 
 __all__ = ["train_main", "sample_main", "evaluate_main", "assemble_main", "train_pretrained_main", "train_parser",
@@ -81,7 +82,7 @@ Examples:
 
 
 def _parser(description: str, prog: str | None) -> ArgumentParser:
-    return ArgumentParser(description, prog=prog)
+    return ArgumentParser(description, prog=prog, formatter_class=HelpFormatter)
 
 
 def _noise_argument(p, help_suffix: str = ""):
@@ -93,28 +94,38 @@ def _noise_argument(p, help_suffix: str = ""):
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None = None) -> None:
-    """The ``AssemblyModelConfig`` flags shared by ``kflow train`` and ``scripts/train_pretrained.py``."""
+def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None = None,
+                        coupling_note: str = "") -> None:
+    """The ``AssemblyModelConfig`` flags shared by ``kflow train`` and ``scripts/train_pretrained.py``;
+    ``coupling_note`` ends the help of ``--coupling`` (a command whose default is not a constant says it there)."""
     from kflow.core import ORDERS, RAMPS
     from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
     from kflow.molecular.flow import COUPLINGS
     from kflow.molecular.network import CONVOLUTIONS
 
-    p.add_argument("--num-bands", type=positive_int, default=2, help="1 = rigid flow matching (AssembleFlow-style)")
-    p.add_argument("--ramp", default="linear", choices=RAMPS)
-    p.add_argument("--order", default="low_to_high", choices=ORDERS)
-    p.add_argument("--hidden-irreps", default=AssemblyModelConfig.hidden_irreps)
-    p.add_argument("--atom-layers", type=positive_int, default=AssemblyModelConfig.num_atom_layers)
-    p.add_argument("--molecule-layers", type=positive_int, default=AssemblyModelConfig.num_molecule_layers)
-    p.add_argument("--inter-cutoff", type=positive_float, default=AssemblyModelConfig.inter_cutoff)
+    p.add_argument("--num-bands", type=positive_int, default=2,
+                   help="Laplacian bands K of the flow; 1 = rigid flow matching (AssembleFlow-style)")
+    p.add_argument("--ramp", default="linear", choices=RAMPS, help="how each band switches on over its window")
+    p.add_argument("--order", default="low_to_high", choices=ORDERS,
+                   help="band order: low_to_high places the collective, cluster-wide modes first")
+    p.add_argument("--hidden-irreps", default=AssemblyModelConfig.hidden_irreps,
+                   help="e3nn irreps of the network's hidden atom features")
+    p.add_argument("--atom-layers", type=positive_int, default=AssemblyModelConfig.num_atom_layers,
+                   help="equivariant convolution layers over the atoms")
+    p.add_argument("--molecule-layers", type=positive_int, default=AssemblyModelConfig.num_molecule_layers,
+                   help="message-passing layers over the 17 molecules")
+    p.add_argument("--inter-cutoff", type=positive_float, default=AssemblyModelConfig.inter_cutoff,
+                   help="Å; atoms of different molecules closer than this are joined by an edge")
     p.add_argument("--conv", default=AssemblyModelConfig.conv, choices=sorted(CONVOLUTIONS),
-                   help="uvu: depthwise convolutions (fast); fctp: fully connected (kflow <= 0.2)")
+                   help="uvu: depthwise convolutions (fast); fctp: fully connected (the earlier network)")
     p.add_argument("--heavy-atoms-only", action=argparse.BooleanOptionalAction,
                    default=AssemblyModelConfig.heavy_atoms_only,
-                   help="atom graph without hydrogens (default; faster); --no-heavy-atoms-only keeps every atom")
+                   help="atom graph without hydrogens (faster; they ride along rigidly); --no-heavy-atoms-only "
+                        "keeps every atom")
     p.add_argument("--coupling", default=coupling_default or AssemblyModelConfig.coupling, choices=COUPLINGS,
                    help="index: start molecule i flows to final molecule i; ot: to the final slot of an optimal "
-                        "assignment within each cluster (centroid distances)")
+                        "assignment within each cluster (centroid distances); eot: ot alternating with a rotation "
+                        "of the final cluster onto the start" + coupling_note)
     p.add_argument("--objective", default="flow", choices=OBJECTIVES,
                    help="flow: K-Flow / flow matching; regression: one-step prediction baseline (needs --num-bands 1)")
 
@@ -131,25 +142,33 @@ def model_config_from_args(args, coupling: str | None = None):
 
 def train_parser(prog: str | None = None) -> ArgumentParser:
     p = _parser(TRAIN_HELP, prog)
-    p.add_argument("--dataset", default="cod", help="cod | demo | csd500 | PATH (store, CIF(s), ASE db, extxyz)")
-    p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k | 10k | all | PATH to an id list")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--draws-per-crystal", type=positive_int, default=4, help="noisy initial clusters per crystal")
+    p.add_argument("--dataset", default="cod", help="training data: cod (COD-Cluster17), demo (pyxtal's embedded "
+                                                    "crystals), csd500 (shipped) or PATH (store, CIF(s), ASE db, "
+                                                    "extxyz with lattices)")
+    p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k, 10k, all or PATH to an id list")
+    p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")
+    p.add_argument("--draws-per-crystal", type=positive_int, default=4,
+                   help="noisy start clusters drawn per crystal (data sets built from crystals)")
     _noise_argument(p)
     add_model_arguments(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=positive_int, default=None)
-    group.add_argument("--epochs", type=positive_int, default=None, help="default 50 when --steps is not given")
+    group.add_argument("--steps", type=positive_int, default=None,
+                       help="training steps (default: 50 epochs of the training split)")
+    group.add_argument("--epochs", type=positive_int, default=None,
+                       help="passes over the training split instead of --steps (default: 50)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="clusters per process")
-    p.add_argument("--lr", type=positive_float, default=2e-3)
-    p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--checkpoint-every", type=positive_int, default=200)
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate (cosine decay)")
+    p.add_argument("--ema-decay", type=float, default=0.99,
+                   help="decay of the weights' moving average, which is saved and sampled")
+    p.add_argument("--checkpoint-every", type=positive_int, default=200, help="training steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument("--data-seed", type=int, default=0,
                    help="start-cluster draws and the crystal-level split (keep it fixed to compare seeds)")
-    p.add_argument("--num-workers", type=nonnegative_int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default runs/assembly_<dataset>_k<bands>)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0,
+                   help="data-loading worker processes (0: load in the training process)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/assembly_<dataset>_k<bands>)")
     add_run_arguments(p)
+    set_help(p, "--no-progress", "no progress bars")
     return p
 
 
@@ -182,25 +201,27 @@ def sample_parser(prog: str | None = None) -> ArgumentParser:
     from kflow.core import SAMPLING_METHODS
 
     p = _parser(SAMPLE_HELP, prog)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", default="demo")
-    p.add_argument("--subset", default="10k")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of kflow train (RUN/checkpoints/last.pt)")
+    p.add_argument("--dataset", default="demo", help="clusters to predict: demo, csd500, cod or PATH (as kflow train)")
+    p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k, 10k, all or PATH to an id list")
+    p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")
     _noise_argument(p, " (as in training)")
     p.add_argument("--split", default=None, choices=["train", "valid", "test", "all"],
                    help="default: test for demo/csd500/cod, all for a file, folder or store given by path")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match training)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (start perturbation of repeats > 0)")
     p.add_argument("--steps", type=positive_int, default=20, help="integration steps (NFE for euler/band)")
-    p.add_argument("--method", default="band", choices=SAMPLING_METHODS)
+    p.add_argument("--method", default="band", choices=SAMPLING_METHODS,
+                   help="integrator; band takes the exact step of each band's path")
     p.add_argument("--steps-per-band", type=positive_int, nargs="+", default=None,
                    help="steps inside each band's window (one count per band; replaces --steps)")
-    p.add_argument("--repeats", type=positive_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="predictions per cluster (the evaluation keeps each cluster's best)")
     p.add_argument("--repeat-noise", type=float, default=0.1, help="Å; perturbation of the start for repeats > 0")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="clusters sampled together")
     p.add_argument("--out", required=True, help="predictions .npz")
     p.add_argument("--extxyz-dir", default=None, help="also write <name>_predicted.extxyz (first repeat)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -231,15 +252,16 @@ def sample_main(argv=None, prog: str | None = None):
 def evaluate_parser(prog: str | None = None) -> ArgumentParser:
     p = _parser(EVALUATE_HELP, prog)
     p.add_argument("--predictions", required=True, nargs="+", help="one or more .npz from kflow sample")
-    p.add_argument("--labels", nargs="+", default=None, help="method names for the table")
-    p.add_argument("--dataset", default="demo")
-    p.add_argument("--subset", default="10k")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="method names for the table (default: the predictions' folder names)")
+    p.add_argument("--dataset", default="demo", help="the clusters that were sampled: demo, csd500, cod or PATH")
+    p.add_argument("--subset", default="10k", help="COD-Cluster17 subset: 5k, 10k, all or PATH to an id list")
+    p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")
     _noise_argument(p, " (as in training)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split that was sampled: train, valid, test or all")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and split seed (must match sampling)")
     p.add_argument("--json", default=None, help="write the results here (default: next to the first predictions)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -276,13 +298,14 @@ def assemble_parser(prog: str | None = None) -> ArgumentParser:
                                                 "kflow assemble output)")
     p.add_argument("--model", default="hard", help="shipped model name (hard: a molecule alone; mild: a rough "
                                                    "packing to refine) or a pretrained .pt file")
-    p.add_argument("--samples", type=positive_int, default=8, help="starts to sample and rank")
+    p.add_argument("--samples", type=positive_int, default=8,
+                   help="starts to sample and rank; the first-ranked prediction is pred.extxyz / pred.pdb")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="start draws (and the SMILES conformer)")
     p.add_argument("--mirror", default=None, choices=MIRROR_MODES,
                    help="copies of a lone molecule: none (all the same conformer) or half (8 of 17 mirrored, a "
                         "racemic mix); default: what the model was trained with")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress line or bar")
     return p
 
 
@@ -340,23 +363,25 @@ def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
                    help="how kflow assemble makes the copies of a lone molecule for this model (recorded)")
     p.add_argument("--datasets", nargs="+", default=["csd500", "demo"],
                    help="the first gives the held-out validation and test splits; the rest are training data")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--draws-per-crystal", type=positive_int, default=2)
+    p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")
+    p.add_argument("--draws-per-crystal", type=positive_int, default=2, help="noisy start clusters drawn per crystal")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and the crystal-level split")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    add_model_arguments(p, coupling_default=None)
+    add_model_arguments(p, coupling_default=None, coupling_note=" (default: ot for --preset hard, index for mild)")
     p.set_defaults(coupling=None)  # default: ot for hard, index for mild (the study's choice)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=positive_int, default=None)
+    group.add_argument("--steps", type=positive_int, default=None, help="training steps instead of --epochs")
     group.add_argument("--epochs", type=positive_float, default=8.0, help="passes over the training store")
-    p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="clusters per step")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate (cosine decay)")
     p.add_argument("--evals", type=positive_int, default=6, help="validation evaluations (checkpoint selection)")
-    p.add_argument("--val-clusters", type=positive_int, default=32)
+    p.add_argument("--val-clusters", type=positive_int, default=32,
+                   help="validation clusters scored at each evaluation")
     p.add_argument("--sample-steps", type=positive_int, default=10, help="sampling steps (validation, test, and "
                                                                         "kflow assemble's default)")
-    p.add_argument("--work", default=None, help="run folder (default runs/pretrained_<name>)")
+    p.add_argument("--work", default=None, help="run folder (default: runs/pretrained_<name>)")
     add_run_arguments(p)
+    set_help(p, "--no-progress", "no progress bars")
     return p
 
 
