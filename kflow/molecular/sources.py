@@ -474,12 +474,13 @@ def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[st
     final_dir = raw / "FinalPositions"
     if not final_dir.is_dir() and download:
         _download_cod(root)
-    if not final_dir.is_dir():
+    if not final_dir.is_dir():  # say where the data lives, which files go where and how to check: no more
         raise FileNotFoundError(
-            f"COD-Cluster17 raw data not found under {raw}. Download the folder COD/ of the hub dataset "
-            f"'{COD_HUB_DATASET}' (raw/ and processed_5000|processed_10000/valid_idx.txt; AssembleFlow's layout) "
-            f"and place it so that {raw}/FinalPositions/<id>_cluster16.csv and "
-            f"{raw}/InitialPositions/<id>_cluster16_noised.csv exist. " + _subsets_help(root))
+            f"COD-Cluster17 data not found in {root}: get the folder COD/ of the hub dataset '{COD_HUB_DATASET}' "
+            f"and put its raw/FinalPositions/<id>_cluster16.csv and raw/InitialPositions/<id>_cluster16_noised.csv "
+            f"under {root}/, with its id lists processed_5000/valid_idx.txt and processed_10000/valid_idx.txt beside "
+            f"raw/; then check the layout with: python -c \"from kflow.molecular.sources import cod_cluster17_ids "
+            f"as ids; print(len(ids({str(root)!r}, {subset!r}, download=False)), 'clusters')\"")
     if subset == "all":
         return sorted(p.name[: -len("_cluster16.csv")] for p in final_dir.glob("*_cluster16.csv"))
     if subset in COD_SUBSETS:
@@ -513,7 +514,8 @@ def _download_cod(root: Path):
         snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=COD_HUB_PATTERNS,
                           local_dir=str(root / "hub"))
     except Exception as err:
-        print(f"COD-Cluster17 download from {COD_HUB_DATASET} failed ({type(err).__name__}); working offline")
+        why = "huggingface_hub is not installed" if isinstance(err, ImportError) else "no network, or no answer"
+        print(f"COD-Cluster17: nothing downloaded from the hub dataset {COD_HUB_DATASET} ({why})")
         return
     found = sorted((root / "hub").rglob("FinalPositions"), key=lambda p: len(p.parts))
     if not found:
