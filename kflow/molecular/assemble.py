@@ -1,17 +1,41 @@
 """Predict how one molecule packs: the library behind ``kflow assemble``.
 
+Python (objects in, objects out)::
+
+    from kflow.molecular.assemble import assemble
+
+    result = assemble("CC(=O)Oc1ccccc1C(=O)O")     # or an RDKit Mol, an ASE Atoms, a pymatgen Structure, a path
+    best = result.predictions[0]                    # ase.Atoms, 17 molecules (array "mol_idx"), best first
+    result.scores[0], result.metrics                # contact scores / ranking; metrics against a known crystal
+    result.write("runs/aspirin")                    # the files of ``kflow assemble --out runs/aspirin``
+
 Input (``read_assembly_input``) is one of
-- a molecule: an XYZ, MOL or SDF file (one structure; RDKit for MOL/SDF, ASE otherwise) or a SMILES string (RDKit:
-  hydrogens added, one ETKDG conformer embedded with the seed, MMFF-optimised, UFF where MMFF lacks parameters);
-- a crystal: a CIF, an extxyz (or any ASE-readable file) with a periodic cell, or an ASE database row. A file with
-  several structures needs ``PATH@N``: for an ASE database N is the row id (``crystals.db@3``), for other files
-  the 0-based position of the structure (CIF data block, SDF record, extxyz frame).
+- a molecule: an RDKit ``Mol`` (its first 3-D conformer; one is embedded as for SMILES when it has none), an ASE
+  ``Atoms`` without periodicity, a pymatgen ``Molecule``, an XYZ, MOL or SDF file (one structure; RDKit for
+  MOL/SDF, ASE otherwise) or a SMILES string (RDKit: hydrogens added, one ETKDG conformer embedded with the seed,
+  MMFF-optimised, UFF where MMFF lacks parameters);
+- a crystal: an ASE ``Atoms`` periodic along all three axes (a cell and ``pbc=True``), a pymatgen ``Structure``,
+  a CIF, an extxyz (or any ASE-readable file) with a periodic cell, or an ASE database row. A file with several
+  structures needs ``PATH@N``: for an ASE database N is the row id (``crystals.db@3``), for other files the 0-based
+  position of the structure (CIF data block, SDF record, extxyz frame).
+A string is a path when that file exists (``PATH@N``: when PATH exists), else SMILES when RDKit parses it, else a
+missing file; ``smiles=True`` always reads SMILES, ``smiles=False`` never.
+
+Names: the structure's own name wherever one is shown (titles, extxyz ``name``, PDB title, summary): an RDKit
+``_Name``, an ASE ``info`` / pymatgen ``properties`` key ``name``, ``refcode``, ``csd_code``, ``identifier`` or
+``title`` (any case), a CIF data block, an ASE database row's refcode, an SDF title; else the molecule's formula
+(a SMILES string, an unnamed object) or the file name. ``name=`` overrides it.
 
 A molecule alone gets 17 start copies with the ``hard`` preset logic (random orientations, centroids placed at
 random without overlap at crystal density). The density comes from the molecule alone: its van der Waals volume
 (union of Bondi spheres, on a 0.25 Å grid) divided by the packing coefficient 0.71, the median of the CSD-500
 crystals (5–95 %: 0.69–0.76; Kitaigorodskii's organic crystals span 0.65–0.77). ``mirror="half"`` mirrors 8 of
 the 17 copies (x → −x, then the random rotation) for a racemic mix; every copy keeps the input's atom order.
+With ``mirror="half"`` the notes say what the mirrored copies are (``mirror_note``): RDKit perceives the molecule
+from its 3-D geometry (bond orders, else connectivity) and compares the isomeric SMILES of the input and of its
+mirror image; when they differ the molecule is chiral and the 8 copies are its enantiomer (a racemic cluster, which
+an enantiopure compound does not form: use ``mirror="none"``), else they are the same compound. Axial and planar
+chirality (atropisomers) are not perceived.
 A crystal gets its true 17-molecule cluster and a start by the model's preset (``crystals.build_cluster``).
 
 Prediction runs the model's sampler on all ``samples`` starts at once, each molecule is snapped onto the exact
@@ -22,8 +46,8 @@ and the samples are ranked by a physical score: fewest close contacts (intermole
 With a crystal input the samples are also scored against the true cluster (PM-atom, PM-center, index-paired and
 with molecules matched, RMSD₁₅, collision and separation rates).
 
-Outputs (``write_assembly_outputs``) appear together or not at all: the folder is built beside ``out_dir`` and
-swapped in when complete (``store.staged_folder``).
+Outputs (``AssemblyResult.write``, ``write_assembly_outputs``) appear together or not at all: the folder is built
+beside the output folder and swapped in when complete (``store.staged_folder``).
 """
 from __future__ import annotations
 
@@ -33,7 +57,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,10 +66,18 @@ from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCrystal
 from kflow.molecular.io import cluster_pdb_text
 from kflow.molecular.pretrained import MIRROR_MODES
 
-__all__ = ["AssemblyInput", "InputError", "assemble", "read_assembly_input", "check_input",
-           "estimate_volume_per_molecule", "lone_molecule_starts", "crystal_starts", "predict_clusters",
-           "contact_scores", "rank_samples", "truth_metrics", "write_assembly_outputs", "plot_clusters",
-           "OUTPUT_FILES", "PACKING_COEFFICIENT", "CONTACT_FACTOR", "HBOND_CONTACT_FACTOR", "RIGID_TOLERANCE"]
+if TYPE_CHECKING:
+    from ase import Atoms
+
+__all__ = ["AssemblyInput", "AssemblyModel", "AssemblyResult", "InputError", "assemble", "read_assembly_input",
+           "molecule_from_smiles", "check_input", "mirror_note", "estimate_volume_per_molecule",
+           "lone_molecule_starts", "crystal_starts", "predict_clusters", "contact_scores", "rank_samples",
+           "truth_metrics", "write_assembly_outputs", "plot_clusters", "clear_model_cache", "OUTPUT_FILES",
+           "DEFAULT_SAMPLES", "DEFAULT_MODEL", "PACKING_COEFFICIENT", "CONTACT_FACTOR", "HBOND_CONTACT_FACTOR",
+           "RIGID_TOLERANCE"]
+
+DEFAULT_SAMPLES = 8  # starts sampled and ranked, in Python (assemble) and on the command line (kflow assemble)
+DEFAULT_MODEL = "hard"  # the shipped model for a molecule alone
 
 PACKING_COEFFICIENT = 0.71  # van der Waals volume / crystal volume per molecule, median of CSD-500
 CONTACT_FACTOR = 0.75  # close contact: distance < factor × (r_vdw,i + r_vdw,j)
@@ -152,6 +184,45 @@ def _detail(err: InvalidCrystal) -> str:
     return str(err).removeprefix(f"{err.reason}: ") or err.reason
 
 
+_NAME_KEYS = ("name", "refcode", "csd_code", "identifier", "title")  # a structure's own name, in this order
+
+
+def _own_name(properties: Mapping | None) -> str | None:
+    """A structure's own name in a dictionary of properties (ASE ``info``, pymatgen ``properties``): the first
+    non-empty value under ``_NAME_KEYS`` (any letter case, e.g. extxyz ``NAME``), also inside a nested
+    ``key_value_pairs`` or ``data`` dictionary (``ase.db`` rows: ``row.toatoms(add_additional_information=True)``)."""
+    if not isinstance(properties, Mapping):
+        return None
+    for place in (properties, properties.get("key_value_pairs"), properties.get("data")):
+        if not isinstance(place, Mapping):
+            continue
+        lower = {str(k).lower(): v for k, v in place.items()}
+        for key in _NAME_KEYS:
+            value = lower.get(key)
+            if isinstance(value, (str, int, np.integer)) and not isinstance(value, bool) and str(value).strip():
+                return str(value).strip()
+    return None
+
+
+def _add_implicit_hydrogens(mol) -> tuple[Any, list[str]]:
+    """The RDKit molecule with its implicit hydrogens made explicit (coordinates from the geometry), and a note."""
+    from rdkit import Chem
+
+    implicit = sum(a.GetNumImplicitHs() for a in mol.GetAtoms()) if _sanitized(mol) else 0
+    if not implicit:
+        return mol, []
+    return Chem.AddHs(mol, addCoords=True), [f"added {implicit} implicit hydrogens (RDKit, coordinates from the "
+                                             "geometry)"]
+
+
+def _rdkit_input(mol, name: str, source: str, reader: str, notes: list[str], smiles: str | None = None
+                 ) -> AssemblyInput:
+    """A lone molecule from an RDKit molecule with (at least) one conformer: its first one."""
+    return AssemblyInput("molecule", name, source, reader,
+                         np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64),
+                         np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64), smiles=smiles, notes=notes)
+
+
 def _read_rdkit(path: Path, selector: int | None, source: str) -> AssemblyInput:
     from rdkit import Chem, RDLogger
 
@@ -173,19 +244,12 @@ def _read_rdkit(path: Path, selector: int | None, source: str) -> AssemblyInput:
         raise InputError(source, "unreadable", f"RDKit cannot parse the {suffix.lstrip('.').upper()} record")
     if mol.GetNumConformers() == 0:
         raise InputError(source, "no_coordinates", "the molecule has no coordinates")
-    notes = []
     if not mol.GetConformer().Is3D():
         raise InputError(source, "no_coordinates", "the coordinates are 2-D (a drawing); give a 3-D structure or "
                          "use --smiles")
-    implicit = sum(a.GetNumImplicitHs() for a in mol.GetAtoms()) if _sanitized(mol) else 0
-    if implicit:
-        mol = Chem.AddHs(mol, addCoords=True)
-        notes.append(f"added {implicit} implicit hydrogens (RDKit, coordinates from the geometry)")
+    mol, notes = _add_implicit_hydrogens(mol)
     name = (mol.GetProp("_Name").strip() if mol.HasProp("_Name") else "") or path.stem
-    inp = AssemblyInput("molecule", name, source, "rdkit",
-                        np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64),
-                        np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64), notes=notes)
-    return inp
+    return _rdkit_input(mol, name, source, "rdkit", notes)
 
 
 def _sanitized(mol) -> bool:
@@ -237,21 +301,16 @@ def _read_ase(path: Path, selector: int | None, source: str) -> AssemblyInput:
     if not frames:
         raise InputError(source, "no_structure", "the file holds no structure")
     atoms = _pick(frames, selector, source, "frame")
-    name = str(atoms.info.get("NAME") or atoms.info.get("name") or path.stem)
-    return _from_atoms(atoms, name, source, "ase")
+    return _from_atoms(atoms, _own_name(atoms.info) or path.stem, source, "ase")
 
 
-def molecule_from_smiles(smiles: str, seed: int = 0) -> AssemblyInput:
-    """A molecule from SMILES: RDKit adds hydrogens, embeds one conformer (ETKDGv3, ``seed``) and optimises it
-    with MMFF94 (UFF where MMFF has no parameters). Refuses mixtures (``.``) and polymer repeat units (``*``)."""
-    from rdkit import Chem, RDLogger
+def _embed(mol, seed: int, source: str) -> tuple[Any, list[str]]:
+    """An RDKit molecule (a graph) made 3-D: hydrogens added, one conformer embedded (ETKDGv3, ``seed``) and
+    optimised with MMFF94 (UFF where MMFF has no parameters); notes say how. Refuses mixtures and attachment
+    points ``*``."""
+    from rdkit import Chem
     from rdkit.Chem import AllChem
 
-    RDLogger.DisableLog("rdApp.*")
-    source = f"SMILES {smiles!r}"
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        raise InputError(source, "unreadable", "RDKit cannot parse the SMILES")
     dummies = sum(a.GetAtomicNum() == 0 for a in mol.GetAtoms())
     if dummies:
         raise InputError(source, "polymeric", f"{dummies} attachment point(s) '*': a repeat unit or fragment, not a "
@@ -277,41 +336,191 @@ def molecule_from_smiles(smiles: str, seed: int = 0) -> AssemblyInput:
         notes.append("optimised with UFF (MMFF has no parameters for it)")
     else:
         notes.append("not optimised (no MMFF or UFF parameters)")
-    return AssemblyInput("molecule", "smiles", source, "rdkit (SMILES)",
-                         np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64),
-                         np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64), smiles=smiles, notes=notes)
+    return mol, notes
 
 
-def read_assembly_input(source: str, smiles: bool = False, seed: int = 0) -> AssemblyInput:
-    """A molecule or crystal from a file (``PATH`` or ``PATH@N``, see the module docstring) or, with ``smiles``,
-    a SMILES string. Raises ``InputError`` (one line naming the input and the reason) for anything unusable:
-    unreadable files, salts and mixtures, polymeric networks, linear or tiny molecules, overlapping atoms."""
-    if smiles:
-        inp = molecule_from_smiles(source, seed)
-    else:
-        path, selector = _split_selector(str(source))
-        label = str(source) if selector is None else str(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
-        if path.is_dir():
-            raise InputError(label, "unreadable", "a folder; give one molecule or crystal file")
-        suffix = path.suffix.lower()
+def molecule_from_smiles(smiles: str, seed: int = 0, name: str | None = None) -> AssemblyInput:
+    """A molecule from SMILES: RDKit adds hydrogens, embeds one conformer (ETKDGv3, ``seed``) and optimises it
+    with MMFF94 (UFF where MMFF has no parameters). Refuses mixtures (``.``) and polymer repeat units (``*``).
+
+    Its name is ``name``, else a name written after the SMILES (``"c1ccccc1 benzene"``), else its formula."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    source = f"SMILES {smiles!r}"
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise InputError(source, "unreadable", "RDKit cannot parse the SMILES")
+    own = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
+    mol, notes = _embed(mol, seed, source)
+    inp = _rdkit_input(mol, "", source, "rdkit (SMILES)", notes, smiles=smiles)
+    inp.name = name or own or inp.formula
+    return inp
+
+
+def _from_rdkit_mol(mol, seed: int, name: str | None) -> AssemblyInput:
+    """A lone molecule from an RDKit ``Mol``: its first 3-D conformer (implicit hydrogens added at coordinates
+    from the geometry); without one (no conformer, or a 2-D drawing) a conformer is embedded as for SMILES."""
+    from rdkit import Chem, rdBase
+
+    own = name or (mol.GetProp("_Name").strip() if mol.HasProp("_Name") else "")
+    source = f"RDKit Mol {own!r}" if own else "RDKit Mol"
+    if mol.GetNumAtoms() == 0:
+        raise InputError(source, "no_atoms", "the molecule has no atoms")
+    with rdBase.BlockLogs():
         try:
-            if suffix in MOLECULE_SUFFIXES:
-                inp = _read_rdkit(path, selector, label)
-            elif suffix in CRYSTAL_SUFFIXES:
-                inp = _read_cif(path, selector, label)
-            elif suffix in DATABASE_SUFFIXES:
-                inp = _read_database(path, selector, label)
+            conformers = [c.GetId() for c in mol.GetConformers() if c.Is3D()]
+            if conformers:
+                notes = [] if mol.GetNumConformers() == 1 else [
+                    f"used conformer {conformers[0]}, the first 3-D one of {mol.GetNumConformers()}"]
+                one, implicit = _add_implicit_hydrogens(Chem.Mol(mol, False, conformers[0]))
+                notes += implicit
             else:
-                inp = _read_ase(path, selector, label)
-        except (InputError, FileNotFoundError):
+                what = "a 2-D conformer (a drawing)" if mol.GetNumConformers() else "no conformer"
+                one, notes = _embed(Chem.Mol(mol), seed, source)
+                notes.insert(0, f"the Mol has {what}: embedded a 3-D one")
+        except InputError:
             raise
-        except Exception as err:  # a reader failing on a malformed file is the file's problem, said in one line
-            raise InputError(label, "unreadable", f"{type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from None
+        except Exception as err:  # an unsanitisable or otherwise broken Mol: RDKit's reason in one line
+            raise InputError(source, "unreadable", f"RDKit cannot use the Mol ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    inp = _rdkit_input(one, own, source, "rdkit (Mol)", notes)
+    inp.name = own or inp.formula
+    return inp
+
+
+def _from_ase_object(atoms, name: str | None, source: str | None = None, reader: str = "ase (Atoms)"
+                     ) -> AssemblyInput:
+    """A crystal from an ``ase.Atoms`` periodic along all three axes, else a lone molecule (a copy: the caller's
+    object is never changed). Named by ``name``, its ``info`` (``_own_name``), else the molecule's formula."""
+    own = name or _own_name(atoms.info)
+    source = source or (f"ASE Atoms {own!r}" if own else f"ASE Atoms {atoms.get_chemical_formula() or '(empty)'}")
+    if len(atoms) == 0:
+        raise InputError(source, "no_atoms", "the structure has no atoms")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.any() and not _is_periodic(atoms):
+        raise InputError(source, "partly_periodic", f"pbc={pbc.tolist()} with a cell of rank {atoms.cell.rank}: a "
+                         "crystal needs a 3-D cell periodic along all three axes (pbc=True), a molecule none "
+                         "(pbc=False)")
+    inp = _from_atoms(atoms.copy(), own or "", source, reader)
+    if inp.kind == "molecule" and atoms.cell.rank == 3:
+        inp.notes.append("read as a molecule: the cell is ignored because pbc is False (set pbc=True for a crystal)")
+    inp.name = own or inp.formula
+    return inp
+
+
+def _from_pymatgen(structure, name: str | None) -> AssemblyInput:
+    """A crystal from a pymatgen ``Structure`` or a lone molecule from a ``Molecule`` (through ASE)."""
+    from pymatgen.core import IStructure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    kind = "Structure" if isinstance(structure, IStructure) else "Molecule"
+    own = name or _own_name(getattr(structure, "properties", None))
+    formula = structure.composition.hill_formula.replace(" ", "") if len(structure) else "(empty)"
+    source = f"pymatgen {kind} {own!r}" if own else f"pymatgen {kind} {formula}"
+    if len(structure) == 0:
+        raise InputError(source, "no_atoms", "the structure has no atoms")
+    if not structure.is_ordered:
+        raise InputError(source, "disordered", "partial occupancies (a disordered structure); give one ordered "
+                         "structure")
+    try:
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+    except Exception as err:  # dummy species and the like
+        raise InputError(source, "unreadable", f"cannot convert it to atoms ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    if kind == "Structure":
+        atoms.pbc = True
+    return _from_ase_object(atoms, own, source, f"pymatgen ({kind})")
+
+
+def _object_reader(x):
+    """The reader of an in-memory structure (RDKit ``Mol``, ASE ``Atoms``, pymatgen ``Structure``/``Molecule``),
+    or None. RDKit and pymatgen are only looked at when already imported (an object of theirs means they are)."""
+    import sys
+
+    from ase import Atoms
+
+    if isinstance(x, Atoms):
+        return _from_ase_object
+    chem = sys.modules.get("rdkit.Chem")
+    if chem is not None and isinstance(x, chem.Mol):
+        return _from_rdkit_mol
+    core = sys.modules.get("pymatgen.core")
+    if core is not None and isinstance(x, (core.IStructure, core.IMolecule)):
+        return _from_pymatgen
+    return None
+
+
+def _is_smiles(text: str) -> bool:
+    """A string that is not a file (nor ``PATH@N`` of one) and parses as SMILES."""
+    from rdkit import Chem, rdBase
+
+    if not text.strip() or "\n" in text or Path(text).exists():
+        return False
+    base, at, _ = text.rpartition("@")
+    if at and base and Path(base).exists():
+        return False
+    with rdBase.BlockLogs():
+        return Chem.MolFromSmiles(text) is not None
+
+
+InputLike = Union[str, "os.PathLike[str]", "AssemblyInput", Any]  # a path, SMILES, RDKit Mol, ASE Atoms, pymatgen
+
+
+def read_assembly_input(source: InputLike, smiles: bool | None = None, seed: int = 0,
+                        name: str | None = None) -> AssemblyInput:
+    """A molecule or crystal (see the module docstring) from an RDKit ``Mol``, an ASE ``Atoms``, a pymatgen
+    ``Structure`` or ``Molecule``, a path (``PATH`` or ``PATH@N``) or a SMILES string. ``smiles``: None reads a
+    string as a path when that file exists, else as SMILES when RDKit parses it; True always as SMILES (the
+    conformer is embedded with ``seed``); False always as a path. ``name`` replaces the structure's own name.
+
+    Raises ``InputError`` (one line naming the input and the reason) for anything unusable: unreadable files,
+    salts and mixtures, polymeric networks, linear or tiny molecules, overlapping atoms; ``FileNotFoundError`` for
+    a missing file. The caller's object is never changed."""
+    if isinstance(source, AssemblyInput):
+        inp = source
+        if name:
+            inp = AssemblyInput(**{**vars(inp), "name": name})
+    elif (reader := _object_reader(source)) is not None:
+        if smiles:
+            raise InputError(type(source).__name__, "not_smiles", "smiles=True takes a SMILES string")
+        inp = reader(source, seed, name) if reader is _from_rdkit_mol else reader(source, name)
+    elif not isinstance(source, (str, os.PathLike)):
+        raise InputError(type(source).__name__, "unsupported_type", "give an RDKit Mol, an ASE Atoms, a pymatgen "
+                         "Structure or Molecule, a SMILES string or a file path")
+    elif smiles or (smiles is None and isinstance(source, str) and _is_smiles(source)):
+        inp = molecule_from_smiles(str(source), seed, name)
+    else:
+        inp = _read_file(source, hint=smiles is None and isinstance(source, str))
+        if name:
+            inp.name = name
     _check_geometry(inp)
     return inp
+
+
+def _read_file(source: str | os.PathLike, hint: bool = False) -> AssemblyInput:
+    """A molecule or crystal from ``PATH`` or ``PATH@N``; ``hint``: a missing file may have been meant as SMILES."""
+    path, selector = _split_selector(str(source))
+    label = str(source) if selector is None else str(path)
+    if not path.exists():
+        smiles_hint = " (nor a SMILES string RDKit parses)" if hint and not path.suffix else ""
+        raise FileNotFoundError(f"{path}: no such file{smiles_hint}")
+    if path.is_dir():
+        raise InputError(label, "unreadable", "a folder; give one molecule or crystal file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in MOLECULE_SUFFIXES:
+            return _read_rdkit(path, selector, label)
+        if suffix in CRYSTAL_SUFFIXES:
+            return _read_cif(path, selector, label)
+        if suffix in DATABASE_SUFFIXES:
+            return _read_database(path, selector, label)
+        return _read_ase(path, selector, label)
+    except (InputError, FileNotFoundError):
+        raise
+    except Exception as err:  # a reader failing on a malformed file is the file's problem, said in one line
+        raise InputError(label, "unreadable", f"{type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from None
 
 
 def _bonds(z: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -413,6 +622,47 @@ def _reference_copies(inp: AssemblyInput, mirror: str) -> np.ndarray:
     copies = np.repeat(centred[None], NUM_MOLECULES, 0)
     copies[_mirrored(mirror), :, 0] *= -1
     return copies
+
+
+def _isomeric_smiles(z: np.ndarray, pos: np.ndarray) -> str | None:
+    """The isomeric SMILES RDKit perceives from a 3-D geometry (bond orders, else connectivity only; stereo from
+    the coordinates), or None when it cannot."""
+    from ase.data import chemical_symbols
+    from rdkit import Chem, rdBase
+    from rdkit.Chem import rdDetermineBonds
+
+    block = f"{len(z)}\n\n" + "".join(f"{chemical_symbols[a]} {x:.6f} {y:.6f} {w:.6f}\n" for a, (x, y, w) in
+                                      zip(z, pos))
+    with rdBase.BlockLogs():
+        for determine in (lambda m: rdDetermineBonds.DetermineBonds(m, charge=0),
+                          rdDetermineBonds.DetermineConnectivity):
+            try:
+                mol = Chem.MolFromXYZBlock(block)
+                determine(mol)
+                Chem.AssignStereochemistryFrom3D(mol)
+                return Chem.MolToSmiles(Chem.RemoveHs(mol, sanitize=False))
+            except Exception:  # no consistent bond orders (charges, radicals): try connectivity alone
+                continue
+    return None
+
+
+def mirror_note(atomic_numbers: np.ndarray, positions: np.ndarray) -> str:
+    """One sentence on what ``mirror="half"`` makes of this molecule: RDKit perceives it from its geometry and
+    from its mirror image (x → −x); different isomeric SMILES mean a chiral molecule, whose mirrored copies are its
+    enantiomer (a racemic cluster, wrong for an enantiopure compound), equal ones an achiral molecule, whose
+    mirrored copies are the same compound. Axial and planar chirality are not perceived."""
+    z = np.asarray(atomic_numbers)
+    pos = np.asarray(positions, dtype=np.float64)
+    mirrored = int(_mirrored("half").sum())
+    head = f"mirror half: {mirrored} of the {NUM_MOLECULES} copies are the mirror image (x -> -x) of the input"
+    smiles, image = _isomeric_smiles(z, pos), _isomeric_smiles(z, pos * [-1.0, 1.0, 1.0])
+    if smiles is None or image is None:
+        return head + "; RDKit could not perceive the molecule, so whether they are its enantiomer is not known"
+    if smiles != image:
+        return (f"{head}; the molecule is chiral ({smiles}), so they are its enantiomer ({image}) and the cluster is "
+                f"a racemate ({NUM_MOLECULES - mirrored}:{mirrored}); for an enantiopure compound use mirror none "
+                "(--mirror none)")
+    return f"{head}; the molecule is achiral ({smiles}), so they are the same compound in a mirrored conformer"
 
 
 def lone_molecule_starts(inp: AssemblyInput, samples: int, seed: int = 0, mirror: str = "none",
@@ -563,7 +813,13 @@ def _check_out_dir(out_dir: Path) -> None:
     check_replaceable_folder(out_dir, dict.fromkeys(OUTPUT_FILES), "kflow assemble")
 
 
-def _atoms(cluster: Cluster, positions: torch.Tensor, **info):
+def _display_name(name: str) -> str:
+    """A name as the outputs show it: one line of printable characters, no double quotes (a name read from a file,
+    e.g. an ASE db row holding a newline, must not break the extxyz comment line)."""
+    return " ".join("".join(c if c.isprintable() else " " for c in name).replace('"', "'").split())
+
+
+def _atoms(cluster: Cluster, positions: torch.Tensor, **info) -> Atoms:
     import ase
 
     atoms = ase.Atoms(numbers=cluster.atomic_numbers.numpy(), positions=positions.double().numpy())
@@ -634,8 +890,7 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
     _check_out_dir(out_dir)
     best = order[0]
     chosen = clusters[best]
-    # a name read from a file (an ASE db row may hold a newline) must not break the extxyz comment line
-    name = " ".join("".join(c if c.isprintable() else " " for c in chosen.crystal).replace('"', "'").split())
+    name = _display_name(chosen.crystal)
     files = ["pred.extxyz", "pred.pdb", "start.extxyz"] + (["samples.extxyz"] if len(clusters) > 1 else []) + (
         ["truth.extxyz"] if truth else []) + ["cluster.png", "summary.json"]
     summary = {**summary, "files": files}
@@ -666,6 +921,141 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
     return files
 
 
+# ------------------------------------------------------------------------------------------------------- models
+@dataclass(frozen=True, eq=False)
+class AssemblyModel:
+    """A loaded pretrained model for ``assemble(model=...)``: load once, predict many times.
+
+    ``net`` (the flow model, eval mode), ``rigid`` (its ``RigidKFlow``) and ``meta`` are what
+    ``pretrained.load_pretrained`` returns; ``name`` and ``path`` are reported in the summary."""
+
+    net: torch.nn.Module = field(repr=False)
+    rigid: Any = field(repr=False)
+    meta: dict = field(repr=False)
+    name: str = "loaded model"
+    path: str | None = None
+
+    @classmethod
+    def load(cls, model: str | os.PathLike = DEFAULT_MODEL, cache: bool = True) -> "AssemblyModel":
+        """A shipped model by name (``pretrained.list_pretrained()``) or a pretrained file. With ``cache`` a file
+        already loaded (same path, size and modification time) is reused: ``assemble(model="hard")`` loads the
+        model once per process. ``clear_model_cache()`` forgets them."""
+        import copy
+
+        from kflow.molecular.pretrained import load_pretrained, resolve_pretrained
+
+        path = resolve_pretrained(model)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        loaded = _MODEL_CACHE.pop(key, None) if cache else None  # popped and put back: the newest entry
+        if loaded is None:
+            loaded = load_pretrained(path)
+        if cache:
+            _MODEL_CACHE[key] = loaded
+            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+                _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
+        net, rigid, meta = loaded
+        return cls(net, rigid, copy.deepcopy(meta), str(model), str(path))
+
+
+_MODEL_CACHE: dict[tuple[str, int, int], tuple] = {}
+_MODEL_CACHE_SIZE = 4  # a shipped model is ~0.2 MB of weights; a few files at most in one session
+
+
+def clear_model_cache() -> None:
+    """Forget the models ``assemble`` / ``AssemblyModel.load`` loaded by name or path."""
+    _MODEL_CACHE.clear()
+
+
+ModelLike = Union[str, "os.PathLike[str]", AssemblyModel, tuple]
+
+
+def _as_model(model: ModelLike) -> AssemblyModel:
+    """An ``AssemblyModel`` from a name or file (cached), an ``AssemblyModel``, or ``load_pretrained``'s
+    ``(model, rigid, meta)``."""
+    from kflow.molecular.pretrained import _check_meta
+
+    if isinstance(model, AssemblyModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return AssemblyModel.load(model)
+    if isinstance(model, (tuple, list)) and len(model) == 3 and isinstance(model[2], dict):
+        _check_meta(model[2], "model")
+        return AssemblyModel(model[0], model[1], model[2])
+    raise TypeError(f"model must be a shipped name, a pretrained file, an AssemblyModel or load_pretrained's "
+                    f"(model, rigid, meta); got {type(model).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------------ results
+@dataclass(eq=False)
+class AssemblyResult:
+    """What ``assemble`` predicts for one molecule or crystal.
+
+    - ``predictions``: the predicted 17-molecule clusters as ``ase.Atoms`` (Å, no cell), best first; per-atom
+      array ``mol_idx`` (molecule 0..16, each molecule's atoms contiguous and in the input's atom order) and
+      ``info`` ``name``, ``arrangement``, ``sample``, ``rank`` (0 = best), as the frames of samples.extxyz.
+    - ``starts``: the start cluster of each prediction, in the same order.
+    - ``scores``: one dict per prediction, in the same order: ``sample``, ``rank`` (1 = best), ``start_seed`` (a
+      lone molecule) or ``draw`` (a crystal), ``close_contacts``, ``radius_of_gyration`` (Å), ``collision_pct``,
+      ``separation_pct`` (``contact_scores``) and, for a crystal, ``metrics`` (``truth_metrics``).
+    - ``order``: the sample indices, best first (``rank_samples``).
+    - ``truth``: the crystal's true 17-molecule cluster (``ase.Atoms``) for a crystal input, else None;
+      ``metrics`` / ``start_metrics``: the best prediction's and its start's scores against it.
+    - ``summary``: what summary.json holds (input, model, seed, steps, start, ranking, samples, rigidity, timings;
+      ``files`` once written); ``input``: the ``AssemblyInput`` read.
+    - ``write(folder)``: the files of ``kflow assemble --out folder``; ``files`` and ``folder`` then say which
+      and where. ``total_s``: seconds ``assemble`` took (with writing when it wrote).
+    """
+
+    input: AssemblyInput
+    predictions: list[Atoms]
+    starts: list[Atoms]
+    scores: list[dict]
+    order: list[int]
+    summary: dict
+    truth: Atoms | None = None
+    metrics: dict | None = None
+    start_metrics: dict | None = None
+    files: list[str] | None = None
+    folder: Path | None = None
+    total_s: float = 0.0
+    clusters: list[Cluster] = field(default_factory=list, repr=False)  # the samples' clusters (starts, truth)
+    positions: torch.Tensor | None = field(default=None, repr=False)  # [S, N, 3] float64, in sample order
+
+    @property
+    def name(self) -> str:
+        """The molecule's (or crystal's) name, as the outputs show it."""
+        return self.summary["input"]["name"]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the reader and the start did that the user may not expect (conformer, hydrogens, mirror, ...)."""
+        return self.summary["input"]["notes"]
+
+    @property
+    def best(self) -> Atoms:
+        """The first-ranked prediction (``predictions[0]``, written as pred.extxyz / pred.pdb)."""
+        return self.predictions[0]
+
+    def write(self, folder: str | os.PathLike) -> list[str]:
+        """Write pred.extxyz, pred.pdb, start.extxyz, samples.extxyz (several samples), truth.extxyz (a crystal),
+        cluster.png and summary.json into ``folder``, all of them or none (``write_assembly_outputs``); ``folder``
+        is created, or replaced when it holds an earlier kflow assemble output only. Returns the file names."""
+        files = write_assembly_outputs(folder, self.clusters, self.positions, self.order, self.summary,
+                                       self.truth is not None)
+        self.summary = {**self.summary, "files": files}
+        self.files, self.folder = files, Path(folder)
+        return files
+
+    def __repr__(self) -> str:
+        first = self.scores[0]
+        text = (f"AssemblyResult({self.name!r}, {self.input.kind}, {len(self.predictions)} prediction(s); best: "
+                f"sample {first['sample']}, {first['close_contacts']} close contacts")
+        if self.metrics:
+            text += f", PM-center matched {self.metrics['pm_center_matched']:.2f} Å"
+        return text + (f"; written to {str(self.folder)!r})" if self.folder else ")")
+
+
 # ----------------------------------------------------------------------------------------------------- pipeline
 class _Phases:
     """One progress line over the steps of ``assemble`` (each may take a second or more: the first imports, the
@@ -673,10 +1063,10 @@ class _Phases:
 
     NAMES = ("reading input", "loading model", "building starts", "sampling", "scoring", "writing")
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, writing: bool = True):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=len(self.NAMES), bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
+        self.bar = tqdm(total=len(self.NAMES) - (not writing), bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
                         disable=not enabled, leave=False)
         self.timings: dict[str, float] = {}
         self.t0 = time.perf_counter()
@@ -696,44 +1086,57 @@ class _Phases:
         self.bar.close()
 
 
-def assemble(source: str, out_dir: str | os.PathLike, model: str = "hard", smiles: bool = False,
-             samples: int = 1, steps: int | None = None, seed: int = 0, mirror: str | None = None,
-             progress: bool = True, log=None) -> dict:
-    """Predict the 17-molecule packing of a molecule (file or SMILES) or a crystal and write the outputs to
-    ``out_dir`` (see the module docstring); returns the summary (also ``out_dir/summary.json``).
+def _check_integer(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None
+                                                                                and value < minimum):
+        need = f"an integer >= {minimum}" if minimum is not None else "an integer"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
 
-    ``model``: a shipped name (``pretrained.list_pretrained()``) or a pretrained file. ``samples`` starts drawn with
-    ``seed`` are sampled in ``steps`` band steps (default: the model's ``sample_steps``) and ranked by
-    ``contact_scores``; ``mirror`` ("none" | "half", default: the model's) applies to lone molecules.
-    Every failure (bad input, missing model) raises before anything is written."""
-    if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+
+def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike = DEFAULT_MODEL, seed: int = 0,
+             out: str | os.PathLike | None = None, steps: int | None = None, mirror: str | None = None,
+             progress: bool = False, smiles: bool | None = None, name: str | None = None) -> AssemblyResult:
+    """Predict the 17-molecule packing of a molecule or a crystal (see the module docstring).
+
+    ``x``: an RDKit ``Mol``, an ASE ``Atoms`` (a crystal when periodic along all three axes), a pymatgen
+    ``Structure`` or ``Molecule``, a SMILES string, or a file (``PATH`` or ``PATH@N``); ``smiles`` True/False
+    forces or forbids reading a string as SMILES (``read_assembly_input``); ``name`` replaces the structure's own.
+    ``model``: a shipped name (``pretrained.list_pretrained()``) or a pretrained file, loaded once per process, or
+    an ``AssemblyModel`` / ``load_pretrained``'s ``(model, rigid, meta)``. ``samples`` starts drawn with ``seed``
+    are sampled in ``steps`` band steps (default: the model's ``sample_steps``) and ranked by ``contact_scores``;
+    ``mirror`` ("none" | "half", default: the model's) applies to lone molecules; ``progress`` shows a progress line.
+
+    Returns an ``AssemblyResult`` (``.predictions``: ``ase.Atoms``, best first). ``out``: also write the files of
+    ``kflow assemble --out`` there (as ``result.write(out)``). Every failure (bad input, missing model, an output
+    folder that holds other files) raises before anything is written."""
+    _check_integer("samples", samples, 1)
+    _check_integer("seed", seed)
+    if steps is not None:
+        _check_integer("steps", steps, 1)
     if mirror is not None and mirror not in MIRROR_MODES:
-        raise ValueError(f"--mirror must be one of {MIRROR_MODES}, got {mirror!r}")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
-    phase = _Phases(progress)
+        raise ValueError(f"mirror must be one of {MIRROR_MODES}, got {mirror!r}")
+    out_dir = None if out is None else Path(out)
+    if out_dir is not None:
+        _check_out_dir(out_dir)
+    phase = _Phases(progress, writing=out_dir is not None)
     try:
-        summary = _assemble(source, out_dir, model, smiles, samples, steps, seed, mirror, progress, phase)
+        result = _predict(x, model, smiles, name, int(samples), steps, int(seed), mirror, progress, phase)
+        if out_dir is not None:
+            with phase("writing"):
+                result.write(out_dir)
     finally:
         phase.close()
-    if log is not None:
-        for line in summary["input"]["notes"]:
-            log(f"note: {line}")
-    return {**summary, "total_s": phase.elapsed()}
+    result.total_s = phase.elapsed()
+    return result
 
 
-def _assemble(source, out_dir: Path, model, smiles, samples, steps, seed, mirror, progress, phase: _Phases) -> dict:
-    from kflow.molecular.pretrained import load_pretrained, resolve_pretrained
-
+def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, phase: _Phases) -> AssemblyResult:
     with phase("reading input"):
-        inp = read_assembly_input(source, smiles=smiles, seed=seed)
+        inp = read_assembly_input(x, smiles=smiles, seed=seed, name=name)
     with phase("loading model"):
-        model_path = resolve_pretrained(model)
-        net, rigid, meta = load_pretrained(model_path)
-        check_input(inp, meta, f"model {model!r}")
+        loaded = _as_model(model)
+        net, rigid, meta = loaded.net, loaded.rigid, loaded.meta
+        check_input(inp, meta, f"model {loaded.name!r}")
     notes = list(inp.notes)
     mirror_mode = mirror or meta["mirror"]
     with phase("building starts"):
@@ -745,8 +1148,10 @@ def _assemble(source, out_dir: Path, model, smiles, samples, steps, seed, mirror
                      "volume_per_molecule": volume,
                      "volume_source": f"van der Waals volume / packing coefficient {PACKING_COEFFICIENT}"}
             if meta["preset"] != "hard":
-                notes.append(f"model {model!r} was trained on {meta['preset']!r} starts (each molecule near its "
-                             "target); a lone molecule gets a 'hard' start, which it was not trained for")
+                notes.append(f"model {loaded.name!r} was trained on {meta['preset']!r} starts (each molecule near "
+                             "its target); a lone molecule gets a 'hard' start, which it was not trained for")
+            if mirror_mode == "half":
+                notes.append(mirror_note(inp.atomic_numbers, inp.positions))
         else:
             clusters = crystal_starts(inp, samples, seed, meta["preset"])
             references = torch.stack([_molecules(c.final_positions.double()[None], clusters)[0] for c in clusters])
@@ -777,7 +1182,7 @@ def _assemble(source, out_dir: Path, model, smiles, samples, steps, seed, mirror
         "input": {"kind": inp.kind, "source": inp.source, "name": inp.name, "reader": inp.reader,
                   "formula": inp.formula, "atoms_per_molecule": len(inp.atomic_numbers),
                   **({"smiles": inp.smiles} if inp.smiles else {}), "notes": notes},
-        "model": {"name": str(model), "path": str(model_path), "preset": meta["preset"],
+        "model": {"name": loaded.name, "path": loaded.path, "preset": meta["preset"],
                   "trained_mirror": meta["mirror"], "test_metrics": meta.get("test_metrics"),
                   "created": meta.get("created")},
         "seed": seed, "steps": steps, "method": "band", "num_samples": samples, "start": start,
@@ -792,11 +1197,18 @@ def _assemble(source, out_dir: Path, model, smiles, samples, steps, seed, mirror
     if truth:
         summary["metrics"] = sample_rows[best]["metrics"]
         summary["start_metrics"] = start_metrics
-    # summary.json is written with the outputs, so it holds the times up to writing
+    # summary.json holds the times up to writing (the same whether written by assemble(out=...) or .write)
     summary["timings"] = {**phase.timings, "total_before_writing_s": phase.elapsed()}
-    with phase("writing"):
-        files = write_assembly_outputs(out_dir, clusters, positions, order, summary, truth)
-    return {**summary, "files": files}
+    shown = _display_name(clusters[best].crystal)
+    predictions = [_atoms(clusters[k], positions[k], name=shown, arrangement="predicted", sample=k, rank=r)
+                   for r, k in enumerate(order)]
+    starts = [_atoms(clusters[k], clusters[k].initial_positions, name=shown, arrangement="start", sample=k, rank=r)
+              for r, k in enumerate(order)]
+    truth_atoms = _atoms(clusters[best], clusters[best].final_positions, name=shown,
+                         arrangement="crystal") if truth else None
+    return AssemblyResult(input=inp, predictions=predictions, starts=starts, scores=[sample_rows[k] for k in order],
+                          order=order, summary=summary, truth=truth_atoms, metrics=summary.get("metrics"),
+                          start_metrics=start_metrics, clusters=list(clusters), positions=positions)
 
 
 def _check_rigid(positions: torch.Tensor, references: torch.Tensor, clusters: Sequence[Cluster],

@@ -49,19 +49,22 @@ Example:
 
 ASSEMBLE_HELP = """Predict how 17 rigid copies of a molecule pack (a local crystal cluster) with a pretrained model.
 
-INPUT is a molecule (XYZ, MOL or SDF file; or --smiles) or a crystal (CIF, extxyz with a cell, ASE database).
+INPUT is a molecule (XYZ, MOL or SDF file; a SMILES string, or --smiles) or a crystal (CIF, extxyz with a cell, ASE
+database).
 A file with several structures needs PATH@N: the row id of an ASE database (crystals.db@3), else the 0-based
 number of the structure (CIF data block, SDF record, extxyz frame). For a crystal the true cluster is built too and
 the prediction is scored against it (PM-atom, PM-center, RMSD15, collisions).
 
 Writes DIR/pred.extxyz (molecule ids in the mol_idx column), DIR/pred.pdb (one residue and chain per molecule),
 DIR/start.extxyz, DIR/samples.extxyz (all samples, best first), DIR/truth.extxyz (crystals), DIR/summary.json and
-DIR/cluster.png; all of them or none.
+DIR/cluster.png; all of them or none. The same in Python, with RDKit, ASE and pymatgen objects in and ASE Atoms
+out: kflow.molecular.assemble.assemble(x, out=DIR) (see its docstring and the README's "Python API").
 
 Examples:
     kflow assemble data/examples/GASXON.sdf --out runs/gasxon
     kflow assemble data/examples/GASXON.cif --out runs/gasxon_crystal --samples 8
     kflow assemble --smiles "c1ccccc1" --out runs/benzene --mirror none
+    kflow assemble "CC(=O)Oc1ccccc1C(=O)O" --out runs/aspirin       # a string that is no file: SMILES
     kflow assemble crystals.db@12 --out runs/row12 --model mild
 """
 
@@ -289,22 +292,28 @@ def evaluate_main(argv=None, prog: str | None = None):
 
 # --------------------------------------------------------------------------------------------------- assemble
 def assemble_parser(prog: str | None = None) -> ArgumentParser:
+    """``kflow assemble``: every default is ``kflow.molecular.assemble.assemble``'s (one place: DEFAULT_SAMPLES,
+    DEFAULT_MODEL)."""
+    from kflow.molecular.assemble import DEFAULT_MODEL, DEFAULT_SAMPLES
     from kflow.molecular.pretrained import MIRROR_MODES
 
     p = _parser(ASSEMBLE_HELP, prog)
-    p.add_argument("input", nargs="?", default=None, help="molecule or crystal file (PATH or PATH@N)")
+    p.add_argument("input", nargs="?", default=None,
+                   help="molecule or crystal file (PATH or PATH@N), or a SMILES string (a string that is no file "
+                        "and that RDKit parses)")
     p.add_argument("--smiles", default=None, help="a molecule as SMILES instead of INPUT (RDKit conformer)")
     p.add_argument("--out", required=True, help="output folder (created, or replaced if it holds an earlier "
                                                 "kflow assemble output)")
-    p.add_argument("--model", default="hard", help="shipped model name (hard: a molecule alone; mild: a rough "
-                                                   "packing to refine) or a pretrained .pt file")
-    p.add_argument("--samples", type=positive_int, default=8,
+    p.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name (hard: a molecule alone; mild: a "
+                                                          "rough packing to refine) or a pretrained .pt file")
+    p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
                    help="starts to sample and rank; the first-ranked prediction is pred.extxyz / pred.pdb")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="start draws (and the SMILES conformer)")
     p.add_argument("--mirror", default=None, choices=MIRROR_MODES,
                    help="copies of a lone molecule: none (all the same conformer) or half (8 of 17 mirrored, a "
-                        "racemic mix); default: what the model was trained with")
+                        "racemic mix; a note says whether the molecule is chiral); default: what the model was "
+                        "trained with")
     p.add_argument("--no-progress", action="store_true", help="no progress line or bar")
     return p
 
@@ -314,6 +323,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def assemble_main(argv=None, prog: str | None = None):
+    """``kflow assemble``: parse, call ``assemble(..., out=--out)``, print the notes (stderr) and the ranking."""
     from kflow.molecular.assemble import assemble
 
     p = assemble_parser(prog)
@@ -321,34 +331,37 @@ def assemble_main(argv=None, prog: str | None = None):
     if (args.input is None) == (args.smiles is None):
         p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
     source = args.smiles if args.smiles is not None else args.input
-    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    summary = assemble(source, args.out, model=args.model, smiles=args.smiles is not None, samples=args.samples,
-                       steps=args.steps, seed=args.seed, mirror=args.mirror, progress=not args.no_progress, log=log)
+    result = assemble(source, samples=args.samples, model=args.model, seed=args.seed, out=args.out,
+                      steps=args.steps, mirror=args.mirror, progress=not args.no_progress,
+                      smiles=True if args.smiles is not None else None)
+    for line in result.notes:
+        print(f"note: {line}", file=sys.stderr)
+    summary = result.summary
     inp = summary["input"]
     print(f"{inp['name']} ({inp['kind']}, {inp['formula']}, {inp['atoms_per_molecule']} atoms) with model "
           f"{summary['model']['name']!r}: {summary['num_samples']} sample(s), {summary['steps']} steps, start "
           f"{summary['start']['preset']}, mirror {summary['start']['mirror']}")
-    truth = "metrics" in summary
+    truth = result.metrics is not None
     head = f"{'sample':>6} {'rank':>4} {'contacts':>8} {'Rg/Å':>6}" + (
         f" {'PM-atom':>7} {'PM-ctr':>7} {'PM-ctr matched':>14} {'RMSD15':>7}" if truth else "")
     print(head)
-    for row in sorted(summary["samples"], key=lambda r: r["rank"]):
+    for row in result.scores:  # best first
         line = f"{row['sample']:>6} {row['rank']:>4} {row['close_contacts']:>8} {row['radius_of_gyration']:>6.2f}"
         if truth:
             m = row["metrics"]
             line += (f" {_fmt(m['pm_atom']):>7} {_fmt(m['pm_center']):>7} {_fmt(m['pm_center_matched']):>14} "
                      f"{_fmt(m['rmsd15']):>7}")
         print(line)
-    best = summary["samples"][summary["chosen_sample"]]
+    best = result.scores[0]
     print(f"ranked first: sample {best['sample']} ({best['close_contacts']} close contacts, centroid radius of "
           f"gyration {best['radius_of_gyration']:.2f} Å)")
     if truth:
-        m, s = summary["metrics"], summary["start_metrics"]
+        m, s = result.metrics, result.start_metrics
         print(f"against the crystal: PM-atom {m['pm_atom']:.2f} Å, PM-center {m['pm_center']:.2f} Å (matched "
               f"{m['pm_center_matched']:.2f}), RMSD15 {m['rmsd15']:.2f} Å, collisions {m['collision_pct']:.2f} % "
               f"(start: PM-center matched {s['pm_center_matched']:.2f}, RMSD15 {s['rmsd15']:.2f} Å)")
     print(f"rigid to {summary['rigidity']['sampler_residual_A']:.1e} Å before snapping; wrote {args.out}/: "
-          f"{', '.join(summary['files'])} in {summary['total_s']:.1f} s")
+          f"{', '.join(result.files)} in {result.total_s:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------ train_pretrained
