@@ -40,6 +40,31 @@ def test_a_full_disk_while_assembling_is_one_line_and_writes_nothing(tiny_model,
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def _disk_full_unnamed(*args, **kwargs):  # what a library's flush or close raises: no file name
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model, tmp_path, capsys, monkeypatch):
+    import kflow.molecular.assemble as assemble
+    from kflow.molecular.store import staged_folder
+    from kflow.utils.io import atomic_path
+
+    final = tmp_path / "run" / "last.pt"
+    with pytest.raises(OSError) as caught:
+        with atomic_path(final):
+            _disk_full_unnamed()
+    assert error_line(caught.value).startswith(f"error: {final}: No space left on device")  # was no file at all
+    with pytest.raises(OSError) as caught:
+        with staged_folder(tmp_path / "built"):
+            _disk_full_unnamed()
+    assert caught.value.filename == str(tmp_path / "built") and not (tmp_path / "built").exists()
+    monkeypatch.setattr(assemble, "plot_clusters", _disk_full_unnamed)
+    out = tmp_path / "out"
+    assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",
+                 "--no-progress"]) == 1
+    assert _one_error_line(capsys.readouterr().err).startswith(f"error: {out}: No space left on device")
+
+
 def test_every_command_reports_os_errors_in_one_line(capsys, monkeypatch):
     monkeypatch.setitem(COMMANDS, "train", ("test_reliability_errors", "_disk_full", "fails"))
     assert main(["train"]) == 1

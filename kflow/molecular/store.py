@@ -30,6 +30,7 @@ import numpy as np
 
 from kflow.molecular.cluster import Cluster
 from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
+from kflow.utils.io import name_the_file
 
 if TYPE_CHECKING:
     from kflow.molecular.datasets import ClusterDataset
@@ -135,7 +136,11 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-{os.getpid()}-", dir=final.parent))
     try:
         new = work / final.name
-        yield new
+        try:
+            yield new
+        except OSError as err:  # e.g. a full disk found while a library closes a file: say which folder
+            name_the_file(err, final)
+            raise
         if not new.is_dir():
             raise FileNotFoundError(f"{new}: the staged build produced no folder")
         _swap_into_place(new, final, work)

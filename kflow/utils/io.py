@@ -72,6 +72,15 @@ def make_temporary(final: str | os.PathLike, is_dir: bool = False, kind: str = "
     return tmp
 
 
+def name_the_file(err: OSError, path: str | os.PathLike) -> OSError:
+    """Give an ``OSError`` that names no file (a full disk found while a library flushes or closes a file it was
+    handed) the file being written, so its one-line message says where: ``error: runs/x/last.pt: No space left on
+    device``. Returns ``err``."""
+    if isinstance(err, OSError) and err.filename is None and err.strerror:
+        err.filename = str(path)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success rename it onto ``final``.
@@ -84,7 +93,11 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temporary(final, is_dir)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:
+            name_the_file(err, final)
+            raise
         if is_dir and final.exists():
             # Directories cannot be renamed over non-empty ones: move the old one aside first.
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
