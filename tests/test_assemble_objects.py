@@ -195,8 +195,9 @@ def test_path_and_selector(tiny_model, tmp_path):
     with ase.db.connect(str(db)) as con:
         for refcode in ("GASXON", "GASXON_COPY"):
             con.write(next(read_crystals(CIF))[1], refcode=refcode)
-    result = _run(f"{db}@2", tiny_model, samples=1)
+    result = _run(f"{db}@1", tiny_model, samples=1)  # PATH@N: the 0-based position, in every format
     assert result.name == "GASXON_COPY" and result.input.kind == "crystal"
+    assert _run(f"{db}@id=2", tiny_model, samples=1).name == "GASXON_COPY"  # the row id, as `ase db` lists it
 
 
 # ------------------------------------------------------------------------------------- files, defaults, models

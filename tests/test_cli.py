@@ -136,9 +136,9 @@ def test_assemble_database_row_and_rerun_into_the_same_folder(tiny_model, tmp_pa
     assert _assemble([str(db), "--out", str(out)], tiny_model) == 1
     line = _one_error_line(capsys)
     assert str(db) in line and "several_structures" in line and "@N" in line and not out.exists()
-    assert _assemble([f"{db}@2", "--out", str(out), "--samples", "1"], tiny_model) == 0
+    assert _assemble([f"{db}@1", "--out", str(out), "--samples", "1"], tiny_model) == 0  # 0-based, as ase.io.read
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["input"]["name"] == "GASXON_COPY" and summary["input"]["source"] == f"{db}@2"
+    assert summary["input"]["name"] == "GASXON_COPY" and summary["input"]["source"] == f"{db}@1"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # a failing run leaves the earlier output as it was; a folder with other files is refused
     assert main(["assemble", "--smiles", "Brc1ccccc1", "--out", str(out), "--model", tiny_model]) == 1

@@ -28,7 +28,7 @@ import torch
 from kflow.core.training import load_checkpoint
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.io import export_cluster
-from kflow.utils.io import atomic_write_bytes, atomic_write_text, safe_filename
+from kflow.utils.io import atomic_write_bytes, atomic_write_text, safe_filename, unique_filename
 
 __all__ = ["default_run_dir", "load_assembly_model", "write_predictions", "read_predictions",
            "export_predictions", "metrics_path", "write_metrics"]
@@ -84,11 +84,13 @@ def read_predictions(path: str | os.PathLike, dataset) -> list[torch.Tensor]:
 def export_predictions(out_dir: str | os.PathLike, dataset, predictions: Sequence[torch.Tensor],
                        repeat: int = 0) -> list[Path]:
     """``out_dir/<name>_predicted.extxyz`` per cluster (one repeat); names are sanitised, so a cluster name taken
-    from an input file can never place a file outside ``out_dir``."""
-    paths = []
+    from an input file can never place a file outside ``out_dir``, and made unique (``unique_filename``: names
+    that collide once sanitised get a suffix ``-2``, ...), so every cluster gets its own file. Each file's
+    ``name`` is the cluster's own name (``printable_name``). Returns the paths in the order of the clusters."""
+    paths, taken = [], set()
     for i, pred in enumerate(predictions):
         cluster = dataset.cluster(i)
-        path = Path(out_dir) / f"{safe_filename(cluster.name)}_predicted.extxyz"
+        path = Path(out_dir) / f"{unique_filename(cluster.name, taken)}_predicted.extxyz"
         paths.append(export_cluster(cluster, path, "predicted", pred[repeat]))
     return paths
 

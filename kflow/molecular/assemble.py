@@ -15,9 +15,10 @@ Input (``read_assembly_input``) is one of
   MOL/SDF, ASE otherwise) or a SMILES string (RDKit: hydrogens added, one ETKDG conformer embedded with the seed,
   MMFF-optimised, UFF where MMFF lacks parameters);
 - a crystal: an ASE ``Atoms`` periodic along all three axes (a cell and ``pbc=True``), a pymatgen ``Structure``,
-  a CIF, an extxyz (or any ASE-readable file) with a periodic cell, or an ASE database row. A file with several
-  structures needs ``PATH@N``: for an ASE database N is the row id (``crystals.db@3``), for other files the 0-based
-  position of the structure (CIF data block, SDF record, extxyz frame).
+  a CIF, an extxyz (or any ASE-readable file) with a periodic cell, or an ASE database row (``.db``, ``.json``). A
+  file with several structures needs ``PATH@N``: N is the 0-based position of the structure in the file, the same
+  for every format (CIF data block, SDF record, extxyz frame, database row; as ``ase.io.read("PATH@N")`` counts);
+  ``PATH@id=K`` picks an ASE database row by its id. The structure's ``source`` is ``PATH@N`` as given.
 A string is a path when that file exists (``PATH@N``: when PATH exists), else SMILES when RDKit parses it, else a
 missing file; ``smiles=True`` always reads SMILES, ``smiles=False`` never.
 
@@ -65,6 +66,7 @@ import torch
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCrystal
 from kflow.molecular.io import cluster_pdb_text
 from kflow.molecular.pretrained import MIRROR_MODES
+from kflow.utils.io import printable_name
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -90,7 +92,7 @@ MIN_ATOM_DISTANCE = 0.5  # Å: closer atoms are a broken structure (duplicates, 
 MAX_MOLECULE_ATOMS = 1000
 MOLECULE_SUFFIXES = (".sdf", ".mol", ".mol2")  # read by RDKit; everything else by ASE or the CIF reader
 CRYSTAL_SUFFIXES = (".cif",)
-DATABASE_SUFFIXES = (".db",)
+DATABASE_SUFFIXES = (".db", ".json")  # ASE databases (ase.db): SQLite or JSON, read alike
 OUTPUT_FILES = ("pred.extxyz", "pred.pdb", "start.extxyz", "truth.extxyz", "samples.extxyz", "summary.json",
                 "cluster.png")
 _POLAR = (7, 8, 9)
@@ -129,30 +131,47 @@ class AssemblyInput:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def _split_selector(text: str) -> tuple[Path, int | None]:
-    """``PATH`` or ``PATH@N`` -> (path, N or None). An existing file whose name contains ``@`` is taken whole."""
+def _split_selector(text: str) -> tuple[Path, "int | tuple[str, int] | None"]:
+    """``PATH``, ``PATH@N`` or ``PATH@id=K`` -> (path, N, ``("id", K)`` or None). ``N`` is the 0-based position of
+    the structure in the file, for every format (as ``ase.io.read("PATH@N")`` counts); ``id=K`` names an ASE
+    database row by its id. An existing file whose name contains ``@`` is taken whole."""
     path = Path(text)
     if path.exists() or "@" not in text:
         return path, None
     base, _, selector = text.rpartition("@")
+    key, is_id, value = selector.partition("=")
     try:
-        return Path(base), int(selector)
+        number = int(value if is_id else selector)
+        if is_id and key.strip() != "id" or number < 0:
+            raise ValueError
     except ValueError:
-        raise InputError(text, "unreadable", f"'@{selector}' is not a structure number (PATH@N)") from None
+        raise InputError(text, "unreadable", f"'@{selector}' is not a structure number (PATH@N, N counted from 0) "
+                         "nor a database row id (PATH@id=K)") from None
+    return Path(base), ("id", number) if is_id else number
 
 
-def _pick(items: list, selector: int | None, source: str, what: str, ids: Sequence | None = None):
-    """The one structure of a file, or the one ``selector`` names."""
-    ids = list(ids) if ids is not None else list(range(len(items)))
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    shown = [f"{k} {printable_name(n)}" for k, n in enumerate(names[:limit])]
+    return ", ".join(shown) + (f", ... {len(names) - 1} {printable_name(names[-1])}" if len(names) > limit else "")
+
+
+def _pick(items: list, selector, source: str, what: str, names: Sequence[str] | None = None):
+    """The one structure of a file, or the one ``selector`` names: its 0-based position in the file (``PATH@N``
+    means the same for every multi-structure format). ``names``: the structures' own names, shown when the choice
+    is missing or wrong, so the number can be checked against the name."""
+    listing = f": {_listing(names)}" if names else ""
+    if isinstance(selector, tuple):
+        raise InputError(source, "no_structure", f"@id= selects a row of an ASE database by its id; the {what}s of "
+                         f"this file are chosen by position, {source}@N (N one of 0..{len(items) - 1}{listing})")
     if selector is None:
         if len(items) != 1:
             raise InputError(source, "several_structures", f"the file holds {len(items)} {what}s; choose one with "
-                             f"{source}@N (N one of {ids[0]}..{ids[-1]})")
+                             f"{source}@N (N one of 0..{len(items) - 1}{listing})")
         return items[0]
-    if selector not in ids:
-        raise InputError(source, "no_structure", f"no {what} {selector} (the file holds {what}s "
-                         f"{ids[0]}..{ids[-1]})")
-    return items[ids.index(selector)]
+    if selector >= len(items):
+        raise InputError(source, "no_structure", f"no {what} {selector} (the file holds {len(items)} {what}"
+                         f"{'s' if len(items) != 1 else ''}: 0..{len(items) - 1}{listing})")
+    return items[selector]
 
 
 def _is_periodic(atoms) -> bool:
@@ -271,9 +290,15 @@ def _read_database(path: Path, selector: int | None, source: str) -> AssemblyInp
         raise InputError(source, "unreadable", f"not an ASE database ({type(err).__name__}: {err})") from None
     if not rows:
         raise InputError(source, "no_structure", "the database holds no rows")
-    row = _pick(rows, selector, source, "row", [r.id for r in rows])
-    name = _row_name(row) or f"{path.stem}_{row.id}"
-    return _from_atoms(row.toatoms(), name, f"{path}@{row.id}", "ase.db")
+    names = [_row_name(r) or f"{path.stem}_{r.id}" for r in rows]
+    if isinstance(selector, tuple):  # PATH@id=K: the row id, as `ase db` lists it
+        ids = [r.id for r in rows]
+        if selector[1] not in ids:
+            shown = ", ".join(map(str, ids[:8])) + (f", ... {ids[-1]}" if len(ids) > 8 else "")
+            raise InputError(source, "no_structure", f"no row with id {selector[1]} (ids {shown})")
+        selector = ids.index(selector[1])
+    row = _pick(rows, selector, source, "row", names)
+    return _from_atoms(row.toatoms(), names[selector or 0], source, "ase.db")
 
 
 def _read_cif(path: Path, selector: int | None, source: str) -> AssemblyInput:
@@ -285,7 +310,9 @@ def _read_cif(path: Path, selector: int | None, source: str) -> AssemblyInput:
         problem = problems[0] if problems else None
         raise InputError(source, problem.reason if problem else "no_structure",
                          problem.message if problem else "no crystal structure in the file")
-    name, atoms = _pick(crystals, selector, source, "data block")
+    if len(crystals) > 1:  # name each by its data block (its own title), not by its position
+        crystals = [(atoms.info.get("block") or name, atoms) for name, atoms in crystals]
+    name, atoms = _pick(crystals, selector, source, "data block", [name for name, _ in crystals])
     return _crystal_input(atoms, name, source, f"cif ({atoms.info.get('reader', 'ase')})")
 
 
@@ -300,8 +327,9 @@ def _read_ase(path: Path, selector: int | None, source: str) -> AssemblyInput:
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})") from None
     if not frames:
         raise InputError(source, "no_structure", "the file holds no structure")
-    atoms = _pick(frames, selector, source, "frame")
-    return _from_atoms(atoms, _own_name(atoms.info) or path.stem, source, "ase")
+    names = [_own_name(f.info) or (f"{path.stem}_{k}" if len(frames) > 1 else path.stem) for k, f in enumerate(frames)]
+    atoms = _pick(frames, selector, source, "frame", names)
+    return _from_atoms(atoms, names[selector or 0], source, "ase")
 
 
 def _embed(mol, seed: int, source: str) -> tuple[Any, list[str]]:
@@ -501,7 +529,7 @@ def read_assembly_input(source: InputLike, smiles: bool | None = None, seed: int
 def _read_file(source: str | os.PathLike, hint: bool = False) -> AssemblyInput:
     """A molecule or crystal from ``PATH`` or ``PATH@N``; ``hint``: a missing file may have been meant as SMILES."""
     path, selector = _split_selector(str(source))
-    label = str(source) if selector is None else str(path)
+    label = str(path)
     if not path.exists():
         smiles_hint = " (nor a SMILES string RDKit parses)" if hint and not path.suffix else ""
         raise FileNotFoundError(f"{path}: no such file{smiles_hint}")
@@ -510,12 +538,16 @@ def _read_file(source: str | os.PathLike, hint: bool = False) -> AssemblyInput:
     suffix = path.suffix.lower()
     try:
         if suffix in MOLECULE_SUFFIXES:
-            return _read_rdkit(path, selector, label)
-        if suffix in CRYSTAL_SUFFIXES:
-            return _read_cif(path, selector, label)
-        if suffix in DATABASE_SUFFIXES:
-            return _read_database(path, selector, label)
-        return _read_ase(path, selector, label)
+            inp = _read_rdkit(path, selector, label)
+        elif suffix in CRYSTAL_SUFFIXES:
+            inp = _read_cif(path, selector, label)
+        elif suffix in DATABASE_SUFFIXES:
+            inp = _read_database(path, selector, label)
+        else:
+            inp = _read_ase(path, selector, label)
+        if selector is not None:
+            inp.source = str(source)  # the chosen structure, as given: PATH@N or PATH@id=K
+        return inp
     except (InputError, FileNotFoundError):
         raise
     except Exception as err:  # a reader failing on a malformed file is the file's problem, said in one line
@@ -815,8 +847,8 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _display_name(name: str) -> str:
     """A name as the outputs show it: one line of printable characters, no double quotes (a name read from a file,
-    e.g. an ASE db row holding a newline, must not break the extxyz comment line)."""
-    return " ".join("".join(c if c.isprintable() else " " for c in name).replace('"', "'").split())
+    e.g. an ASE db row holding a newline or a backslash, must not break the extxyz comment line)."""
+    return printable_name(name)
 
 
 def _atoms(cluster: Cluster, positions: torch.Tensor, **info) -> Atoms:

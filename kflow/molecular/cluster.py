@@ -139,6 +139,8 @@ class RejectionSummary:
     show that every file ended in exactly one of: crystal(s) built (``built``), every crystal rejected with a named
     reason (``rejected``), or an error naming the file and the cause (``error``: reasons in ``ERROR_REASONS``).
     ``reader`` (e.g. "ase" or "pymatgen") counts which reader produced the kept crystals of each file.
+    ``renamed`` maps a cluster name to the file name it was written under where the two differ (characters a file
+    name cannot hold, or a suffix because another name became the same file name).
     """
 
     ERROR_REASONS = frozenset({"unreadable", "error"})
@@ -149,6 +151,11 @@ class RejectionSummary:
         self.examples: dict[str, list[str]] = {}
         self.files: dict[str, dict] = {}
         self.readers: Counter = Counter()
+        self.renamed: dict[str, str] = {}
+
+    def rename(self, name: str, file_id: str):
+        """Record that ``name`` was written under the file name ``file_id``."""
+        self.renamed[str(name)] = str(file_id)
 
     def note_file(self, source: str) -> dict:
         """The record of input file ``source`` (created empty, so a file that yields nothing still shows)."""
@@ -189,6 +196,7 @@ class RejectionSummary:
         self.kept += other.kept
         self.rejected.update(other.rejected)
         self.readers.update(other.readers)
+        self.renamed.update(other.renamed)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: 3 - len(self.examples[k])])
         for source, theirs in other.files.items():
@@ -202,6 +210,8 @@ class RejectionSummary:
         out = {"kept": self.kept, "rejected": dict(self.rejected), "examples": self.examples}
         if self.readers:
             out["readers"] = dict(self.readers)
+        if self.renamed:
+            out["renamed"] = dict(self.renamed)
         if self.files:
             files = {}
             for source, record in self.files.items():
@@ -225,4 +235,7 @@ class RejectionSummary:
         if self.readers:
             lines.append("readers of the kept crystals: " + ", ".join(f"{k} {v}" for k, v in
                                                                         self.readers.most_common()))
+        if self.renamed:
+            lines.append(f"{len(self.renamed)} cluster(s) written under another file name (characters a file name "
+                         "cannot hold, or a name that became another's): listed under 'renamed' in summary.json")
         return "\n".join(lines)

@@ -50,9 +50,10 @@ Example:
 ASSEMBLE_HELP = """Predict how 17 rigid copies of a molecule pack (a local crystal cluster) with a pretrained model.
 
 INPUT is a molecule (XYZ, MOL or SDF file; a SMILES string, or --smiles) or a crystal (CIF, extxyz with a cell,
-ASE database). A file with several structures needs PATH@N: the row id of an ASE database (crystals.db@3), else the
-0-based number of the structure (CIF data block, SDF record, extxyz frame). For a crystal the true cluster is built
-too and the prediction is scored against it (PM-atom, PM-center, RMSD15, collisions).
+ASE database). A file with several structures needs PATH@N, N the 0-based position of the structure in the file in
+every format (CIF data block, SDF record, extxyz frame, database row), or PATH@id=K for a database row by its id.
+For a crystal the true cluster is built too and the prediction is scored against it (PM-atom, PM-center, RMSD15,
+collisions).
 
 Writes DIR/pred.extxyz (molecule ids in the mol_idx column), DIR/pred.pdb (one residue and chain per molecule),
 DIR/start.extxyz, DIR/samples.extxyz (all samples, best first), DIR/truth.extxyz (crystals), DIR/summary.json and

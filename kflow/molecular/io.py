@@ -18,7 +18,7 @@ from ase.data import chemical_symbols
 
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster
 from kflow.molecular.geometry import pad_by_index, rigid_residuals
-from kflow.utils.io import atomic_path, safe_filename
+from kflow.utils.io import atomic_path, printable_name, safe_filename
 
 __all__ = ["read_cluster_csv", "read_cod_cluster17", "read_cod_cluster17_record",
            "write_cod_cluster17", "cod_cluster17_paths", "export_cluster", "cluster_pdb_text", "intramolecular_bonds",
@@ -316,7 +316,7 @@ def export_cluster(cluster: Cluster, path: str | os.PathLike, which: str = "fina
         return path
     atoms = ase.Atoms(numbers=cluster.atomic_numbers.numpy(), positions=pos.double().detach().cpu().numpy())
     atoms.set_array("mol_idx", cluster.molecule_index.numpy().astype(np.int64))
-    atoms.info["name"] = cluster.name
+    atoms.info["name"] = printable_name(cluster.name)  # a newline or backslash would break the comment line
     atoms.info["arrangement"] = which
     with atomic_path(path) as tmp:
         ase.io.write(tmp, atoms, format=fmt or "extxyz")

@@ -19,7 +19,7 @@ import torch
 
 from kflow.molecular.cluster import InvalidCrystal, RejectionSummary
 from kflow.molecular.store import ClusterStore, close_store, serialize_cluster, staged_folder, write_cluster_store
-from kflow.utils.io import ANY_CONTENT, atomic_path, atomic_write_text, safe_filename
+from kflow.utils.io import ANY_CONTENT, atomic_path, atomic_write_text, safe_filename, unique_filename
 
 __all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
            "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17", "build_key",
@@ -102,7 +102,7 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
     def clusters():
         from kflow.molecular.io import write_cod_cluster17
 
-        iterator = results()
+        iterator, taken = results(), set()
         if progress:
             from tqdm.auto import tqdm
 
@@ -114,8 +114,11 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
                 continue
             summary.keep(source=source, reader=reader)
             for cluster in built:
-                if raw_root is not None:
-                    write_cod_cluster17(cluster, raw_root, cluster.name)
+                if raw_root is not None:  # one file per cluster: names that collide once made file names get a suffix
+                    file_id = unique_filename(cluster.name, taken)
+                    if file_id != cluster.name:
+                        summary.rename(cluster.name, file_id)
+                    write_cod_cluster17(cluster, raw_root, file_id)
                 yield cluster
         store_meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
 

@@ -36,6 +36,30 @@ def safe_filename(name: str) -> str:
     return cleaned or "unnamed"
 
 
+def unique_filename(name: str, taken: set[str]) -> str:
+    """``safe_filename(name)``, with a suffix ``-2``, ``-3``, ... when that is already in ``taken`` (compared
+    without letter case: ``ABC`` and ``abc`` are one file on macOS and Windows); the result is added to ``taken``.
+    Names that differ only in characters ``safe_filename`` replaces (``X/1``, ``X:1``, ``X_1``) would otherwise
+    overwrite each other's files."""
+    base = safe_filename(name)
+    candidate, k = base, 1
+    while candidate.casefold() in taken:
+        k += 1
+        suffix = f"-{k}"
+        candidate = base[:MAX_FILENAME_LENGTH - len(suffix)] + suffix
+    taken.add(candidate.casefold())
+    return candidate
+
+
+def printable_name(name) -> str:
+    """A name read from an input file as text files show it: one line of printable characters (newlines and other
+    control characters become spaces, runs of spaces one), double quotes as single ones and backslashes as ``/``:
+    a raw newline ends an extxyz comment line early and a backslash escapes the quote after it, so the file could
+    not be read back (or its other fields would be read as part of the name)."""
+    text = "".join(c if c.isprintable() else " " for c in str(name))
+    return " ".join(text.replace('"', "'").replace("\\", "/").split()) or "unnamed"
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the platform allows (``/proc``; changing it, even
     briefly, would race with other threads creating files)."""
