@@ -79,6 +79,48 @@ def test_a_folder_build_accounts_for_the_pathological_files(tmp_path):
     assert [name for name, _ in read_crystals(folder / "GASXON.cif")] == ["GASXON"]
 
 
+def test_a_folder_build_lists_every_file_of_the_folder_and_reads_with_the_workers_given(tmp_path, monkeypatch):
+    from kflow.molecular import sources
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "GASXON.cif").write_bytes(CIF.read_bytes())
+    _big_xyz(folder / "big.xyz", atoms=30)
+    (folder / "notes.txt").write_text("mine")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    seen = []
+
+    def reading(files, workers=None, **limits):
+        seen.append(workers)
+        return real_reading(files, workers, **limits)
+
+    real_reading = sources.read_crystal_inputs
+    monkeypatch.setattr(sources, "read_crystal_inputs", reading)
+    store, summary = build_clusters_from_files([folder], tmp_path / "out", draws_per_crystal=1, num_workers=1,
+                                               progress=False)
+    assert seen == [1]  # --workers 1 read with one worker per core before
+    files = json.loads((tmp_path / "out" / "summary.json").read_text())["files"]
+    assert set(files) == {str(folder / name) for name in ("GASXON.cif", "big.xyz", "notes.txt", ".DS_Store")}
+    assert files[str(folder / "GASXON.cif")]["status"] == "built"  # the others were not in the summary at all
+    for name in ("big.xyz", "notes.txt", ".DS_Store"):
+        record = files[str(folder / name)]
+        assert record["status"] == "rejected" and record["rejected"] == {"not_read": 1}
+        assert "give it by name" in record["messages"][0]
+
+
+def test_a_20000_atom_xyz_given_to_a_folder_build_is_refused_in_bounded_memory(tmp_path):
+    import resource
+
+    big = _big_xyz(tmp_path / "big.xyz")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    store, summary = build_clusters_from_files([CIF, big], tmp_path / "out", draws_per_crystal=1, num_workers=1,
+                                               progress=False)
+    files = json.loads((tmp_path / "out" / "summary.json").read_text())["files"]
+    assert files[str(big)]["status"] == "rejected" and len(store) == 1
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 2 * 2 ** 20 or peak_kib == before  # the reading worker stayed far below 2 GiB
+
+
 # ---------------------------------------------------------------------------------------------- docs/PROMISES.md
 PROMISES = REPO / "docs" / "PROMISES.md"
 

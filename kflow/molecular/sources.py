@@ -257,6 +257,23 @@ def _check_build_folder(out: Path, files: Sequence[Path]) -> None:
     check_replaceable_folder(out, BUILD_FOLDER_LAYOUT, "a cluster build")
 
 
+def _note_unread_files(paths: Sequence[str | os.PathLike], read: Sequence[Path], summary: RejectionSummary) -> None:
+    """List in ``summary`` every file of an input folder that a build does not read (a folder contributes its
+    ``.cif`` files), so every file is accounted for: an XYZ or a database dropped into a CIF folder shows as
+    ``not_read``, with how to read it."""
+    from kflow.molecular.crystals import FOLDER_SUFFIXES
+
+    read = set(read)
+    for folder in (Path(p) for p in paths):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f not in read:
+                summary.note_file(str(f))
+                summary.reject("not_read", f"{f}: a folder contributes its {'/'.join(FOLDER_SUFFIXES)} files; give "
+                               "it by name to read it", source=str(f))
+
+
 def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, draws_per_crystal: int = 4,
                               seed: int = 0, num_workers: int | None = None, write_raw: bool = True,
                               progress: bool = True, **build_kwargs):
@@ -264,7 +281,9 @@ def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.
     ``write_raw`` the raw COD-Cluster17 CSV layout under ``out/raw``, and ``out/summary.json``: kept/rejected
     crystals by reason, and for every input file its outcome (``built``, ``rejected`` with reasons, or ``error``
     with the cause) and the reader of its crystals. Unreadable files or entries count as ``unreadable``; files
-    without a structure as ``no_structure``, ``no_cell``, ``no_atoms``.
+    without a structure as ``no_structure``, ``no_cell``, ``no_atoms``; files of an input folder that are not
+    read (not ``.cif``) as ``not_read``. Files are read ``num_workers`` at a time, each in its own worker process
+    with a time and memory budget (``read_crystal_inputs``).
 
     The build is transactional: everything is written into a staging folder beside ``out`` and swapped in when
     complete, so a killed build leaves the previous ``out`` (or none), never a partial data set, and a rebuild
@@ -275,7 +294,8 @@ def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.
     out = Path(out)
     files = list(dict.fromkeys(f for p in paths for f in crystal_files(p)))  # missing inputs raise before writing
     _check_build_folder(out, files)
-    sources, summary = read_crystal_inputs(files)
+    sources, summary = read_crystal_inputs(files, num_workers)
+    _note_unread_files(paths, files, summary)
     with staged_folder(out) as stage:
         stage.mkdir()
         store_path = stage / "processed" / "clusters.lmdb"
