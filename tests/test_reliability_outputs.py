@@ -152,3 +152,25 @@ def test_a_name_with_a_newline_gives_extxyz_files_that_read_back(tiny_model, tmp
     for name in ("pred.extxyz", "start.extxyz", "truth.extxyz", "samples.extxyz"):
         frames = ase.io.read(out / name, index=":")  # a raw newline in the comment line made this fail
         assert "INJECTED" not in frames[0].info and "\n" not in frames[0].info["name"]
+
+
+def test_sample_and_evaluate_check_their_output_files_before_any_work(tmp_path, capsys, monkeypatch):
+    import kflow.molecular.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "load_assembly_model", lambda *a, **k: pytest.fail("model loaded first"))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    real_access = os.access  # root may write anywhere: say what an ordinary user would be told
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    cases = {"folder": "is a folder", "file/p.npz": "is a file", "ro/p.npz": "permission denied"}
+    for out, expected in cases.items():  # each was found after minutes of sampling, naming a temporary file
+        assert main(["sample", "--checkpoint", "x.pt", "--out", str(tmp_path / out), "--no-progress"]) == 1
+        assert expected in _one_error_line(capsys)
+    assert main(["sample", "--checkpoint", "x.pt", "--out", str(tmp_path / "p.npz"), "--extxyz-dir",
+                 str(tmp_path / "file"), "--no-progress"]) == 1
+    assert "--extxyz-dir" in _one_error_line(capsys)
+    assert main(["evaluate", "--predictions", str(tmp_path / "p.npz"), "--json", str(tmp_path / "folder"),
+                 "--no-progress"]) == 1
+    assert "--json" in _one_error_line(capsys)

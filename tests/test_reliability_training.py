@@ -228,3 +228,24 @@ def test_kflow_train_refuses_a_busy_folder_and_a_resume_onto_other_seed_or_data(
     with pytest.warns(UserWarning, match="accepted"):
         assert main(args) == 0
     assert json.loads((run / "config.json").read_text())["accepted_changes"][0]["step"] == 2
+
+
+def test_kflow_train_checks_its_run_folder_before_reading_any_data(tmp_path, capsys, monkeypatch):
+    import kflow.molecular.workflow as workflow
+    from kflow.cli import main
+
+    monkeypatch.setattr(workflow, "load_assembly_dataset", lambda *a, **k: pytest.fail("data read first"))
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["train", "--dataset", "demo", "--out", str(tmp_path / "file"), "--no-progress"]) == 1
+    assert "is a file" in capsys.readouterr().err  # was said after the data set had been built
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / RUN_LOCK).write_text(_lock_of(holder.pid))
+        assert main(["train", "--dataset", "demo", "--out", str(run), "--resume", "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()

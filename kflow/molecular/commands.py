@@ -9,6 +9,7 @@ errors are raised (``ValueError``, ``FileNotFoundError``) and turned into one li
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -177,15 +178,20 @@ def train_parser(prog: str | None = None) -> ArgumentParser:
 
 def train_main(argv=None, prog: str | None = None):
     from kflow.core.distributed import is_main_process
+    from kflow.core.training import RUN_LOCK
     from kflow.molecular.artifacts import default_run_dir
     from kflow.molecular.workflow import load_assembly_dataset, steps_for_epochs, train_assembly
+    from kflow.utils.io import FolderLock, check_writable_folder
 
     args = train_parser(prog).parse_args(argv)
+    out = args.out or default_run_dir(args.dataset, args.num_bands)
+    check_writable_folder(out)  # a file, a read-only place or a busy run folder: said before any data is read
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 takes the lock, the other ranks must not see it busy
+        FolderLock(out, RUN_LOCK, "training run").check()
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, args.draws_per_crystal, args.data_seed,
                                   progress=not args.no_progress, noise=args.noise)
     config = model_config_from_args(args)
     steps = args.steps or steps_for_epochs(store, args.epochs or 50, args.batch_size, args.data_seed)
-    out = args.out or default_run_dir(args.dataset, args.num_bands)
     _, _, summary = train_assembly(store, out, config, steps=steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, split_seed=args.data_seed, resume=args.resume,
                                    ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
@@ -232,8 +238,12 @@ def sample_main(argv=None, prog: str | None = None):
     from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
     from kflow.molecular.datasets import ClusterDataset
     from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
+    from kflow.utils.io import check_writable_file, check_writable_folder
 
     args = sample_parser(prog).parse_args(argv)
+    check_writable_file(args.out)  # said now, not after minutes of sampling
+    if args.extxyz_dir:
+        check_writable_folder(args.extxyz_dir, "--extxyz-dir")
     model, rigid, _ = load_assembly_model(args.checkpoint)
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
                                   noise=args.noise, progress=not args.no_progress)
@@ -272,8 +282,10 @@ def evaluate_main(argv=None, prog: str | None = None):
     from kflow.molecular.artifacts import metrics_path, read_predictions, write_metrics
     from kflow.molecular.datasets import ClusterDataset
     from kflow.molecular.workflow import evaluate_assembly, format_results_table, load_assembly_dataset
+    from kflow.utils.io import check_writable_file
 
     args = evaluate_parser(prog).parse_args(argv)
+    check_writable_file(args.json or metrics_path(args.predictions[0]), "--json")  # before the data and scores
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
                                   noise=args.noise, progress=not args.no_progress)
     dataset = ClusterDataset(store, split=args.split, seed=args.data_seed)

@@ -159,6 +159,21 @@ def check_writable_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
     return out
 
 
+def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, a file name that cannot be written: an existing folder, a path below a file, or a
+    folder this user may not write into (the file is written beside its final place and renamed in). Returns
+    ``path`` as a ``Path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    anchor = _first_existing(path.parent)
+    if not anchor.is_dir():
+        raise ValueError(f"{flag} {path}: {anchor} is a file, so nothing can be written below it")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: permission denied, {anchor} is not writable for this user")
+    return path
+
+
 ANY_CONTENT = "any content"  # in an ``expected`` layout: a folder kflow made whose content is its own
 
 
@@ -374,14 +389,23 @@ class FolderLock:
                     if holder is None:
                         continue  # released meanwhile
                     if _holder_alive(holder):
-                        raise FolderBusyError(
-                            f"{self.path.parent} is in use by another {self.what} (pid {holder.get('pid')} on "
-                            f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or "
-                            f"remove {self.path} if that process is gone") from None
+                        raise self._busy(holder) from None
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
             raise FolderBusyError(f"{self.path}: could not take the lock (other processes keep taking it)")
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _busy(self, holder: dict) -> FolderBusyError:
+        return FolderBusyError(f"{self.path.parent} is in use by another {self.what} (pid {holder.get('pid')} on "
+                               f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or "
+                               f"remove {self.path} if that process is gone")
+
+    def check(self) -> None:
+        """Raise ``FolderBusyError`` if a live process holds the lock, without taking it: a command that reads
+        or builds its inputs first can say at once that it could not write its folder anyway."""
+        holder = self._holder()
+        if holder and _holder_alive(holder):
+            raise self._busy(holder)
 
     def release(self) -> None:
         holder = self._holder()
