@@ -241,6 +241,8 @@ def read_samples(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no samples file (.npz written by sample_image.py)")
+    if not zipfile.is_zipfile(path):  # np.load would try a pickle and speak of "pickled (object) data"
+        raise ValueError(f"{path}: not a samples .npz (not a zip archive; .npz files are written by sample_image.py)")
     try:
         with np.load(path, allow_pickle=False) as data:
             if "images" not in data:
