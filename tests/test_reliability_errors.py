@@ -133,6 +133,44 @@ def test_study_results_of_the_wrong_shape_are_refused_in_one_line(tmp_path):
     assert read_versioned_json(path, 1) is None
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # nesting deeper than the JSON parser's recursion limit
+
+
+def test_deeply_nested_json_anywhere_is_a_damaged_file_not_a_traceback(tmp_path, capsys):
+    from kflow.core.training import RUN_LOCK
+    from kflow.molecular.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
+    from kflow.utils.plots import read_metrics_log
+    from test_training import make_trainer
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RUN_LOCK).write_text(DEEP)  # a damaged lock names no live holder: stale
+    assert make_trainer(tmp_path / "run", max_steps=2).fit()["step"] == 2  # was a RecursionError traceback
+    (tmp_path / "run" / "metrics.jsonl").write_text(DEEP + "\n" + '{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 1: not JSON"):
+        read_metrics_log(tmp_path / "run")
+    assert main(["plot", str(tmp_path / "run")]) == 1  # kflow plot: one line
+    assert "line 1: not JSON" in _one_error_line(capsys.readouterr().err)
+    assert make_trainer(tmp_path / "run", max_steps=4).fit(resume=True)["step"] == 4  # the damaged line is dropped
+    assert DEEP not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RecordStoreError, match="corrupt record header"):
+        decode_record(RECORD_MAGIC + len(DEEP).to_bytes(4, "little") + DEEP.encode())
+    meta = {"kind": CLUSTER_STORE_KIND, "version": CLUSTER_STORE_VERSION, "count": 2, "names": ["c", "d"],
+            "crystals": ["c", "d"]}
+    path = write_record_store(tmp_path / "store", [_cluster_record(info=DEEP), _cluster_record(info="{oops")], meta)
+    for i in range(2):
+        with pytest.raises(RecordStoreError, match=f"store: cluster {i} .*'info' is not a JSON object"):
+            ClusterStore(path)[i]
+    import lmdb
+
+    from kflow.molecular.store import close_store
+
+    close_store(path)
+    with lmdb.open(str(path), subdir=True, lock=False) as env, env.begin(write=True) as txn:
+        txn.put(b"__meta__", DEEP.encode())
+    with pytest.raises(RecordStoreError, match="not a kflow record-store header"):
+        ClusterStore(path)
+
+
 def test_evaluate_image_rejects_bad_samples_before_any_features(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "scripts"))
     try:

@@ -39,7 +39,7 @@ from torch import nn
 
 from kflow.core import distributed as dist_utils
 from kflow.utils.io import (FolderBusyError, FolderLock, atomic_path, atomic_save, atomic_write_text,
-                            check_writable_folder)
+                            check_writable_folder, loads_json)
 
 __all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "RunExistsError",
            "RunBusyError", "Resume", "data_identity", "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup",
@@ -481,8 +481,8 @@ class Trainer:
             records = []
             for ln in jsonl.read_text().splitlines():
                 try:
-                    records.append(json.loads(ln))
-                except json.JSONDecodeError:  # a line torn by the crash that made us resume
+                    records.append(loads_json(ln))
+                except json.JSONDecodeError:  # a line torn by the crash that made us resume (or damaged)
                     continue
             kept = [r for r in records if isinstance(r, dict) and r.get("step", step + 1) <= step]
             atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in kept))

@@ -30,7 +30,7 @@ import numpy as np
 
 from kflow.molecular.cluster import Cluster
 from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
-from kflow.utils.io import name_the_file
+from kflow.utils.io import loads_json, name_the_file
 
 if TYPE_CHECKING:
     from kflow.molecular.datasets import ClusterDataset
@@ -215,6 +215,12 @@ def _record_problem(record: dict) -> str:
             return f"field {name!r} is not a string"
     if "info" in record and not isinstance(record["info"], str):
         return "field 'info' is not a string"
+    if "info" in record:
+        try:
+            if not isinstance(loads_json(record["info"]), dict):
+                raise ValueError
+        except ValueError:
+            return "field 'info' is not a JSON object"
     return ""
 
 

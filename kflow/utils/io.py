@@ -238,6 +238,16 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
 
 
+def loads_json(text: str | bytes):
+    """``json.loads``, with nesting deeper than the parser's recursion limit raised as ``json.JSONDecodeError`` (a
+    damaged or hostile file, refused like any other malformed JSON) instead of a ``RecursionError`` traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        doc = text if isinstance(text, str) else ""
+        raise json.JSONDecodeError("nested deeper than the JSON reader's recursion limit", doc, 0) from None
+
+
 def read_versioned_json(path: str | os.PathLike, version: int) -> dict | None:
     """A JSON object written (atomically) with ``"version": version``, or None when the file is missing, unreadable
     or of another version: how resumable studies tell a finished result from one still to compute."""
@@ -368,7 +378,7 @@ class FolderLock:
 
     def _holder(self) -> dict | None:
         try:
-            holder = json.loads(self.path.read_text())
+            holder = loads_json(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -388,7 +398,7 @@ class FolderLock:
                     holder = self._holder()
                     if holder is None:
                         continue  # released meanwhile
-                    if _holder_alive(holder):
+                    if holder and _holder_alive(holder):  # {}: unreadable, names no live holder: stale
                         raise self._busy(holder) from None
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
             raise FolderBusyError(f"{self.path}: could not take the lock (other processes keep taking it)")

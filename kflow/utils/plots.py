@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from kflow.utils.io import atomic_path
+from kflow.utils.io import atomic_path, loads_json
 
 __all__ = ["read_metrics_log", "plot_learning_curves", "plot_run"]
 
@@ -28,7 +28,7 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except json.JSONDecodeError as err:
             if number == len(lines):
                 break  # the run was stopped mid-write

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from kflow.utils.io import atomic_path
+from kflow.utils.io import atomic_path, loads_json
 
 __all__ = ["RecordStore", "RecordStoreError", "write_record_store", "encode_record", "decode_record",
            "STORE_FORMAT", "STORE_VERSION"]
@@ -99,7 +99,7 @@ def decode_record(blob: bytes, source: str = "record") -> dict:
                                "kflow; it is never unpickled); rebuild the store")
     length = int.from_bytes(blob[len(RECORD_MAGIC):start], "little")
     try:
-        header = json.loads(bytes(blob[start:start + length]).decode("utf-8"))
+        header = loads_json(bytes(blob[start:start + length]).decode("utf-8"))
         fields = header["fields"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise RecordStoreError(f"{source}: corrupt record header ({err})") from err
@@ -249,7 +249,7 @@ class RecordStore:
             raise RecordStoreError(f"{self.path}: {description} has no metadata record (incomplete build, or an "
                                    "LMDB folder that is not a kflow store)")
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = loads_json(raw.decode("utf-8"))
             known = isinstance(header, dict) and header.get("format") == STORE_FORMAT
         except (UnicodeDecodeError, json.JSONDecodeError):
             known = False

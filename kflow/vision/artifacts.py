@@ -38,7 +38,7 @@ import torch
 
 from kflow.core import PCADecomposition
 from kflow.core.training import load_checkpoint
-from kflow.utils.io import atomic_path, atomic_write_bytes, atomic_write_text, safe_filename
+from kflow.utils.io import atomic_path, atomic_write_bytes, atomic_write_text, loads_json, safe_filename
 from kflow.utils.store import RecordStore, RecordStoreError, write_record_store
 from kflow.vision.autoencoders import DiffusersVAE, IdentityAutoencoder, load_autoencoder
 from kflow.vision.config import ImageModelConfig, build_image_model
@@ -79,7 +79,7 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[ImageModelConfig, dict]
     if not path.is_file():
         raise FileNotFoundError(f"{Path(run_dir)}: not an image run folder (no {IMAGE_CONFIG_FILE})")
     try:
-        record = json.loads(path.read_text())
+        record = loads_json(path.read_text())
         return ImageModelConfig.from_dict(record), record
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image run record ({err})") from err
@@ -121,7 +121,7 @@ def latent_fingerprint(latent_dir: str | os.PathLike, description: dict) -> str:
 def read_latent_record(latent_dir: str | os.PathLike) -> dict | None:
     """{"description": ..., "fingerprint": ...} of a latent folder, or None when it has none (yet)."""
     try:
-        return json.loads((Path(latent_dir) / LATENT_RECORD_FILE).read_text())
+        return loads_json((Path(latent_dir) / LATENT_RECORD_FILE).read_text())
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as err:
