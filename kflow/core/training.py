@@ -533,6 +533,8 @@ class Trainer:
 
         while True:
             epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
+            if hasattr(self.dataset, "set_epoch"):  # e.g. training starts redrawn every epoch, seeded by epoch
+                self.dataset.set_epoch(epoch)
             remaining = self.sampler.batches(epoch)[position:]
             loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn or (lambda x: x),
                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(epoch))

@@ -12,6 +12,7 @@ cluster and ranked by the physical score ``kflow assemble`` uses. What a chemist
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -34,10 +35,9 @@ PYXTAL_SPACE_GROUPS = ("P21/c", "P-1", "P212121", "C2/c", "P21")
 _RIGID_TOLERANCE = 1e-3
 
 
-def thomson_points(n: int, iterations: int = 200, dtype=torch.float64) -> torch.Tensor:
-    """n points [n, 3] on the unit sphere, spread by gradient steps on the Coulomb energy Σ 1/r_ij from a
-    Fibonacci spiral (deterministic)."""
-    k = torch.arange(n, dtype=dtype) + 0.5
+@functools.lru_cache(maxsize=8)
+def _thomson_points(n: int, iterations: int) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64) + 0.5
     polar, azimuth = torch.acos(1 - 2 * k / n), math.pi * (1 + 5 ** 0.5) * k
     x = torch.stack([polar.sin() * azimuth.cos(), polar.sin() * azimuth.sin(), polar.cos()], -1)  # [n, 3]
     eye = torch.eye(n, dtype=torch.bool)
@@ -48,6 +48,12 @@ def thomson_points(n: int, iterations: int = 200, dtype=torch.float64) -> torch.
         force = force - (force * x).sum(-1, keepdim=True) * x  # tangential part
         x = torch.nn.functional.normalize(x + 0.01 * force, dim=-1)
     return x
+
+
+def thomson_points(n: int, iterations: int = 200, dtype=torch.float64) -> torch.Tensor:
+    """n points [n, 3] on the unit sphere, spread by gradient steps on the Coulomb energy Σ 1/r_ij from a
+    Fibonacci spiral (deterministic; computed once per (n, iterations))."""
+    return _thomson_points(n, iterations).to(dtype).clone()
 
 
 def shell_predictions(dataset, seed: int = 0) -> list[torch.Tensor]:

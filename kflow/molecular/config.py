@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from kflow.molecular.flow import COUPLINGS, RigidKFlow
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
+from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 
 __all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES"]
 
@@ -29,6 +30,11 @@ class AssemblyModelConfig:
     flow matching with K = 1) or "regression" (the same network and loss, trained at t = 0 only and sampled in
     one step: the direct-regression baseline).
     Network: see ``AssemblyNetwork`` for the meaning of each field.
+    Generative recipe for starts from the molecule alone (docs/MATH.md §6): ``central`` (the start's molecule 0
+    sits at its centre: "eot" pivots on it and pairs it with the crystal's central molecule, and the network marks
+    it), ``rotation_loss``/``rotation_weight`` and ``time_sampling`` (``objective.AssemblyLoss``), and
+    ``redraw_starts`` (training starts drawn anew every epoch from the stored crystal, ``datasets.RedrawnStarts``).
+    These are saved with the model, so a checkpoint says how it was trained.
     """
 
     num_bands: int = 2
@@ -50,12 +56,23 @@ class AssemblyModelConfig:
     # The network sees the chart offset from the start (True: refinement, where the start is informative) or only
     # the poses at time t (False: a true noise source for starts from the molecule alone; docs/MATH.md §6).
     condition_on_start: bool = True
+    central: bool = False
+    rotation_loss: str = "chart"  # "chart" | "atoms"
+    rotation_weight: float = 1.0
+    time_sampling: str = "uniform"  # "uniform" | "band_start"
+    redraw_starts: bool = False
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.rotation_loss not in ROTATION_LOSSES:
+            raise ValueError(f"rotation_loss must be one of {ROTATION_LOSSES}, got {self.rotation_loss!r}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}")
+        if not self.rotation_weight >= 0:
+            raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
         if self.objective == "regression" and self.num_bands != 1:
             raise ValueError(f"objective 'regression' has no bands: num_bands must be 1, got {self.num_bands}")
 
@@ -79,5 +96,5 @@ def build_assembly_model(config: AssemblyModelConfig) -> tuple[AssemblyFlowModel
     net = AssemblyNetwork(config.hidden_irreps, config.num_atom_layers, config.num_molecule_layers,
                           config.intra_cutoff, config.inter_cutoff, config.molecule_cutoff, config.lmax,
                           config.num_basis, schedule=rigid.schedule, conv=config.conv,
-                          heavy_atoms_only=config.heavy_atoms_only)
+                          heavy_atoms_only=config.heavy_atoms_only, central_feature=config.central)
     return AssemblyFlowModel(net, config.condition_on_start), rigid

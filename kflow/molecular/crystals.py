@@ -765,6 +765,11 @@ class NoiseModel:
       numbered by distance from the centre (molecule 0 central, as in the final cluster; with ``central`` it sits
       exactly at the centre and the others are placed around it). Only the molecule and the crystal's density
       are used: the start a user has when just the molecule is known.
+    - ``"shell"`` (preset ``shell``): molecule 0 at the centre and the others on Thomson points of a sphere
+      (``baselines.thomson_points``) in a Haar-random global orientation, at the mean distance from the centre
+      that points uniform in the crystal-density ball have (3/4 of its radius), each site jittered by isotropic
+      Gaussian noise of ``jitter`` Å, numbered at random: the data-free evenly spread shell as a source. It uses
+      the same information as ``"random"``.
     """
 
     expansion: float = 1.25
@@ -780,8 +785,8 @@ class NoiseModel:
     def __post_init__(self):
         if self.rotation not in ("haar", "bounded"):
             raise ValueError(f"unknown rotation noise {self.rotation!r}; use 'haar' or 'bounded'")
-        if self.placement not in ("expand", "random"):
-            raise ValueError(f"unknown centroid placement {self.placement!r}; use 'expand' or 'random'")
+        if self.placement not in ("expand", "random", "shell"):
+            raise ValueError(f"unknown centroid placement {self.placement!r}; use 'expand', 'random' or 'shell'")
         if not (self.volume_factor > 0 and self.min_separation >= 0):
             raise ValueError("volume_factor must be > 0 and min_separation >= 0")
 
@@ -794,6 +799,8 @@ class NoiseModel:
         rot = self._rotations(positions.shape[0], positions.dtype, generator)  # [M, 3, 3]
         if self.placement == "expand":
             new_centroids = self._expanded(centroids, generator)
+        elif self.placement == "shell":
+            new_centroids = self._shell_placement(centroids, generator, volume_per_molecule)
         else:
             new_centroids = self._random_placement(centroids, generator, volume_per_molecule)
         return torch.einsum("mij,mpj->mpi", rot, positions - centroids[:, None]) + new_centroids[:, None]
@@ -812,12 +819,30 @@ class NoiseModel:
         jitter = torch.randn(centroids.shape, generator=generator, dtype=centroids.dtype)
         return centre + self.expansion * (centroids - centre) + self.jitter * jitter
 
+    def _ball_radius(self, centroids: torch.Tensor, volume_per_molecule) -> float:
+        """Radius of the ball holding the M molecules at crystal density (× ``volume_factor``), Å."""
+        m = centroids.shape[0]
+        if volume_per_molecule is None:
+            volume_per_molecule = 4 / 3 * np.pi * float((centroids - centroids.mean(0)).norm(dim=1).max()) ** 3 / m
+        return (3 * m * volume_per_molecule * self.volume_factor / (4 * np.pi)) ** (1 / 3)
+
+    def _shell_placement(self, centroids: torch.Tensor, generator, volume_per_molecule) -> torch.Tensor:
+        from kflow.molecular.baselines import thomson_points
+
+        m, dtype = centroids.shape[0], centroids.dtype
+        radius = 0.75 * self._ball_radius(centroids, volume_per_molecule)
+        turn = random_rotations(1, dtype=dtype, generator=generator)[0]
+        sites = radius * thomson_points(m - 1, dtype=dtype) @ turn.T  # [M - 1, 3]
+        sites = sites + self.jitter * torch.randn(sites.shape, generator=generator, dtype=dtype)
+        sites = sites[torch.randperm(m - 1, generator=generator)]  # the numbering says nothing
+        return torch.cat([torch.zeros(1, 3, dtype=dtype), sites]) + centroids.mean(0)
+
     def _random_placement(self, centroids: torch.Tensor, generator, volume_per_molecule) -> torch.Tensor:
         m, dtype = centroids.shape[0], centroids.dtype
         centre = centroids.mean(0)
         if volume_per_molecule is None:
             volume_per_molecule = 4 / 3 * np.pi * float((centroids - centre).norm(dim=1).max()) ** 3 / m
-        radius = (3 * m * volume_per_molecule * self.volume_factor / (4 * np.pi)) ** (1 / 3)
+        radius = self._ball_radius(centroids, volume_per_molecule)
         min_distance = self.min_separation * volume_per_molecule ** (1 / 3)
         placed = torch.zeros(1 if self.central else 0, 3, dtype=dtype)  # central: molecule 0 at the centre
         for _ in range(len(placed), m):  # sequential random addition: 64 uniform candidates, first far enough
@@ -833,7 +858,11 @@ class NoiseModel:
 
 NOISE_PRESETS = {
     "mild": NoiseModel(name="mild"),
-    "hard": NoiseModel(placement="random", name="hard"),
+    # Molecule 0 exactly at the centre: the start has a central molecule with the role of the crystal's (paired
+    # with it by the coupling, marked for the network), the same in training, the study and ``kflow assemble``.
+    "hard": NoiseModel(placement="random", central=True, name="hard"),
+    # The evenly spread shell as a source: the same information as "hard" (molecule + density), less entropy.
+    "shell": NoiseModel(placement="shell", central=True, name="shell"),
 }
 
 
@@ -927,6 +956,7 @@ def build_cluster(atoms, num_neighbors: int = NUM_MOLECULES - 1, seed: int = 0, 
     cluster = Cluster(z, mol_id, (initial.reshape(-1, 3) - shift).float(), (flat_final - shift).float(),
                       f"{name}_draw{draw}", str(name))
     cluster.info["noise"] = asdict(noise)
+    cluster.info["volume_per_molecule"] = volume_per_molecule  # redrawing a start needs the crystal's density
     return cluster.validate(num_neighbors + 1)
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from torch_geometric.data import Dataset
 
 from kflow.molecular.cluster import Cluster
 from kflow.molecular.sources import COD_SUBSETS, cod_cluster17_ids, cod_store_key, preprocess_cod_cluster17
 from kflow.molecular.store import ClusterStore
 
-__all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset"]
+__all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset", "RedrawnStarts", "redraw_start"]
 
 
 def split_indices(groups: Sequence[str], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[int]]:
@@ -102,3 +103,70 @@ class CODCluster17Dataset(ClusterDataset):
         if not current:
             preprocess_cod_cluster17(root, ids, store_path, num_workers, progress, rigid_tolerance)
         super().__init__(store_path, split=split, seed=seed, transform=transform)
+
+
+REDRAW_SEED_STRIDE = 1_000_003
+
+
+def redraw_start(cluster: Cluster, noise, seed: int) -> Cluster:
+    """A copy of ``cluster`` with a new start drawn by ``noise`` (a ``NoiseModel`` or preset name) from its final
+    cluster, seeded by ``seed``; as ``crystals.build_cluster`` does, both are then shifted so the start's atoms are
+    centred. The crystal's density comes from ``info["volume_per_molecule"]`` (stores built before it was recorded
+    fall back to the sphere enclosing the final centroids, ``NoiseModel.apply``)."""
+    from kflow.molecular.crystals import noise_model
+
+    m = cluster.num_molecules
+    final = cluster.final_positions.double().reshape(m, -1, 3)  # [M, P, 3]: molecules are contiguous, equal size
+    gen = torch.Generator().manual_seed(int(seed))
+    initial = noise_model(noise).apply(final, gen, cluster.info.get("volume_per_molecule")).reshape(-1, 3)
+    shift = initial.mean(0)
+    dtype = cluster.initial_positions.dtype
+    out = Cluster(cluster.atomic_numbers, cluster.molecule_index, (initial - shift).to(dtype),
+                  (final.reshape(-1, 3) - shift).to(dtype), cluster.name, cluster.crystal, dict(cluster.info))
+    out.info["start_seed"] = int(seed)
+    return out
+
+
+class RedrawnStarts(Dataset):
+    """Training view of a ``ClusterDataset`` whose starts are drawn anew every epoch from the stored crystal
+    clusters, so a crystal gives unlimited (start, crystal) pairs instead of the few drawn when the store was built.
+
+    Item ``i`` of epoch ``e`` gets the start seeded by (``seed``, e, store index of ``i``): reproducible, and a
+    resumed run sees the starts the uninterrupted one saw (the ``Trainer`` calls ``set_epoch`` before each epoch).
+    Validation and test splits keep their stored, fixed starts. ``noise``: the start model (``crystals.NoiseModel``
+    or a preset name); None (default): each cluster's own, recorded in its ``info["noise"]`` when it was built.
+    """
+
+    def __init__(self, dataset: ClusterDataset, noise=None, seed: int = 0):
+        super().__init__(None)
+        from kflow.molecular.crystals import noise_model
+
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+        self.noise = None if noise is None else noise_model(noise)
+        self.store = dataset.store  # the data identity the Trainer checks on resume
+        if self.noise is None and len(dataset) and not isinstance(dataset.cluster(0).info.get("noise"), dict):
+            raise ValueError(f"{dataset.store.path}: the clusters record no start model (info['noise']), so starts "
+                             "cannot be redrawn; pass noise= (a NoiseModel or preset name)")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def start_seed(self, idx: int) -> int:
+        return (self.seed * REDRAW_SEED_STRIDE + self.epoch) * REDRAW_SEED_STRIDE + self.dataset.indices_[idx]
+
+    def len(self) -> int:
+        return len(self.dataset)
+
+    def cluster(self, idx: int) -> Cluster:
+        from kflow.molecular.crystals import NoiseModel
+
+        stored = self.dataset.cluster(idx)
+        noise = self.noise or NoiseModel(**stored.info["noise"])
+        return redraw_start(stored, noise, self.start_seed(idx))
+
+    def get(self, idx: int):
+        return self.cluster(idx).to_data()
+
+    @property
+    def crystals(self) -> list[str]:
+        return self.dataset.crystals

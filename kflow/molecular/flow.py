@@ -225,7 +225,7 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
 
 
 def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2,
-                     coupling: str = "index", orientation_weight: float = 0.0) -> AssemblyBatch:
+                     coupling: str = "index", orientation_weight: float = 0.0, central: bool = False) -> AssemblyBatch:
     """Build an ``AssemblyBatch`` from clusters (``Cluster`` objects, PyG ``Data`` or dicts with the fields
     atomic_numbers [N], molecule_index [N], initial_positions [N, 3], final_positions [N, 3]).
 
@@ -235,7 +235,9 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
     π(i). All molecules of a cluster are copies of one molecule with one atom order, so this is a relabelling of
     the final cluster (the same crystal), and the flow learns shorter, less crossed paths. "eot" also rotates the
     final cluster about its centroid onto the start (``equivariant_coupling``): the crystal's orientation in its
-    file is as arbitrary as its numbering.
+    file is as arbitrary as its numbering. With ``central`` (starts whose molecule 0 sits at their centre, the
+    ``hard`` preset) "eot" pivots on molecule 0 and always pairs it with the crystal's central molecule 0;
+    without it the pivot is the cluster centroid.
 
     Raises ``RigidityError`` naming the cluster and molecule when a final molecule is not a rigid copy of its
     initial one (RMS residual above ``rigidity_tolerance`` Å), and ``ValueError`` for inconsistent molecules.
@@ -283,10 +285,11 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
         t1 = torch.gather(t1, 1, perm[:, :, None].expand_as(t1))
     elif coupling == "eot":
         _check_identical_copies(z, parsed)
-        # Pivot: the cluster centroid. Today's starts have no molecule at their centre (the hard start's molecule 0
-        # sits ~5 Å off it), and pinning molecule 0 there lengthens the paths (CSD-500 hard test: RMS centroid
-        # displacement 7.60 Å about molecule 0, 5.35 about the centroid, 6.69 with assignment alone).
-        perm, rot_g, (p0, p1), _, _ = equivariant_coupling(x0, x1, mask, central=False,
+        # Pivot: molecule 0 when the start has a central molecule; otherwise the cluster centroid (pinning an
+        # off-centre start molecule 0 to the crystal's central one lengthens the paths: on the CSD-500 hard test
+        # starts without a central molecule, RMS centroid displacement 7.60 Å about molecule 0, 5.35 about the
+        # centroid, 6.69 with assignment alone).
+        perm, rot_g, (p0, p1), _, _ = equivariant_coupling(x0, x1, mask, central=central,
                                                            rigidity_tolerance=rigidity_tolerance)
         x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
         x1 = torch.einsum("bij,bmpj->bmpi", rot_g, x1 - p1[:, None, None]) + p0[:, None, None]

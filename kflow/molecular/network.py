@@ -204,6 +204,9 @@ class AssemblyNetwork(nn.Module):
         conv: "uvu" (depthwise, default) or "fctp" (fully connected, the previous network).
         heavy_atoms_only: atom-level message passing over non-hydrogen atoms only (hydrogens ride along rigidly).
         atom_num_neighbors, molecule_num_neighbors: normalisation of the message sums at each level.
+        central_feature: mark molecule 0 of every cluster (the central molecule of a ``hard`` start) with a learned
+            scalar on its atoms and its molecule node: a network that sees only relative vectors cannot otherwise
+            tell which molecule has the central role.
     """
 
     def __init__(self, hidden_irreps: str = "32x0e + 8x1o + 8x1e", num_atom_layers: int = 1,
@@ -211,7 +214,7 @@ class AssemblyNetwork(nn.Module):
                  molecule_cutoff: float = 20.0, lmax: int = 2, num_basis: int = 10,
                  schedule: BandSchedule | None = None, time_dim: int = 32, conv: str = "uvu",
                  heavy_atoms_only: bool = False, atom_num_neighbors: float = ATOM_NUM_NEIGHBORS,
-                 molecule_num_neighbors: float = MOLECULE_NUM_NEIGHBORS):
+                 molecule_num_neighbors: float = MOLECULE_NUM_NEIGHBORS, central_feature: bool = False):
         super().__init__()
         if conv not in CONVOLUTIONS:
             raise ValueError(f"conv must be one of {sorted(CONVOLUTIONS)}, got {conv!r}")
@@ -225,6 +228,10 @@ class AssemblyNetwork(nn.Module):
         self.time_embedding = BandTimeEmbedding(time_dim, schedule)
         self.time_to_atoms = nn.Linear(time_dim, num_scalars)
         self.time_to_molecules = nn.Linear(time_dim, num_scalars)
+        self.central_feature = central_feature
+        if central_feature:  # additive scalars for molecule 0's atoms and molecule node
+            self.central_atoms = nn.Parameter(torch.zeros(num_scalars))
+            self.central_molecule = nn.Parameter(torch.zeros(num_scalars))
         atom_layers, irreps = [], o3.Irreps(f"{num_scalars}x0e")
         for _ in range(num_atom_layers):
             atom_layers.append(convolution(irreps, self.hidden_irreps, self.irreps_sh, num_basis + 1,
@@ -315,6 +322,9 @@ class AssemblyNetwork(nn.Module):
         src, dst, sh, edge_scalars = self._atom_edges(positions, centroids, graph)  # E edges
         h = self.atom_embedding(graph.atom_types).to(dtype)  # [V, scalars]
         h = h + self.time_to_atoms(temb).repeat_interleave(a, 0)  # [V, scalars]
+        if self.central_feature:
+            is_central = (torch.arange(a, device=h.device) < p).to(dtype).repeat(b)  # [V]: atoms of molecule 0
+            h = h + is_central[:, None] * self.central_atoms  # [V, scalars]
         for layer in self.atom_layers:
             h = layer(h, src, dst, sh, edge_scalars)  # [V, hidden]
 
@@ -323,8 +333,11 @@ class AssemblyNetwork(nn.Module):
         pooled = (h.reshape(b * m, p, -1) * w).sum(1) / w.sum(1).clamp_min(1)  # [N, hidden]
         hm = self.molecule_input(torch.cat([pooled, chart.reshape(b * m, 6)], -1))  # [N, hidden]
         num_scalars = self.time_to_molecules.out_features
-        hm = torch.cat([hm[:, :num_scalars] + self.time_to_molecules(temb).repeat_interleave(m, 0),
-                        hm[:, num_scalars:]], -1)  # [N, hidden]
+        scalars = hm[:, :num_scalars] + self.time_to_molecules(temb).repeat_interleave(m, 0)  # [N, scalars]
+        if self.central_feature:
+            is_central = (torch.arange(m, device=h.device) == 0).to(dtype).repeat(b)  # [N]: molecule 0
+            scalars = scalars + is_central[:, None] * self.central_molecule
+        hm = torch.cat([scalars, hm[:, num_scalars:]], -1)  # [N, hidden]
 
         # ---- molecule level: complete graph over the M molecules of each cluster
         cflat = centroids.reshape(b * m, 3)

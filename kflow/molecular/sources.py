@@ -35,9 +35,10 @@ COD_HUB_PATTERNS = ["COD/*raw/FinalPositions/*", "COD/*raw/InitialPositions/*", 
 # (processed_5000/valid_idx.txt beside raw/).
 COD_SUBSETS = {"5k": ("subset_5k.txt", "processed_5000"), "10k": ("subset_10k.txt", "processed_10000")}
 # Bump when build_cluster's output or the store format changes, so cached stores are rebuilt (3: cluster stores
-# became pickle-free; 4: planar molecules accepted, linear ones rejected, CIFs read by kflow's reader). Cached
-# stores are also keyed by their inputs' content and the build parameters (``build_key``).
-BUILDER_VERSION = 5
+# became pickle-free; 4: planar molecules accepted, linear ones rejected, CIFs read by kflow's reader; 5: start
+# presets; 6: the hard preset's central molecule and info["volume_per_molecule"], which redrawn training starts
+# need). Cached stores are also keyed by their inputs' content and the build parameters (``build_key``).
+BUILDER_VERSION = 6
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder (editable install)
 CSD500_SHIPPED = DATA_ROOT / "csd500.extxyz.xz"
 CSD500_CACHE = DATA_ROOT / "cache" / "csd500.extxyz"

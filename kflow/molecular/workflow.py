@@ -23,7 +23,7 @@ from kflow.core.training import Trainer
 from kflow.molecular.artifacts import load_assembly_model
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.crystals import noise_model
-from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset
+from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, RedrawnStarts
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
                                      separation_rate)
@@ -39,10 +39,14 @@ __all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_
            "METRIC_LABELS"]
 
 # "_perm": the permutation-invariant packing matching (molecules matched before comparing, metrics.match_molecules)
-METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "collision", "separation")
+METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "packing_matched", "packing_rmsd",
+           "collision", "separation", "contacts")
 METRIC_LABELS = {"pm_atom": "PM-atom (Å)", "pm_center": "PM-center (Å)", "pm_atom_perm": "PM-atom, matched (Å)",
-                 "pm_center_perm": "PM-center, matched (Å)", "rmsd15": "RMSD_15 (Å)", "collision": "collision (%)",
-                 "separation": "separation (%)"}
+                 "pm_center_perm": "PM-center, matched (Å)", "rmsd15": "RMSD_15 (Å)",
+                 "packing_matched": "packing similarity (of 15)", "packing_rmsd": "packing RMSD (Å)",
+                 "collision": "collision (%)", "separation": "separation (%)", "contacts": "close contacts"}
+# Averaged over repeated samples rather than taking the best: rates, counts and the higher-is-better similarity.
+MEAN_OVER_REPEATS = ("collision", "separation", "contacts", "packing_matched", "packing_rmsd")
 
 
 def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", subset: str = "10k",
@@ -149,13 +153,16 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     split_seed = seed if split_seed is None else split_seed
     train = ClusterDataset(store, split=train_split, seed=split_seed)
     _check_split(train, train_split)
+    if config.redraw_starts:  # a new start per crystal cluster and epoch, from the store's own start preset
+        train = RedrawnStarts(train, seed=seed)
     torch.manual_seed(seed)
     model, rigid = build_assembly_model(config)
     run_config = {"model": config.to_dict(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
-    collate = functools.partial(collate_clusters, coupling=config.coupling)
-    trainer = Trainer(model, AssemblyLoss(rigid), train, collate_fn=collate, batch_size=batch_size, lr=lr,
+    collate = functools.partial(collate_clusters, coupling=config.coupling, central=config.central)
+    loss = AssemblyLoss(rigid, config.rotation_loss, config.rotation_weight, config.time_sampling)
+    trainer = Trainer(model, loss, train, collate_fn=collate, batch_size=batch_size, lr=lr,
                       max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
                       progress=progress, device=device, overwrite=overwrite, deterministic=deterministic,
@@ -175,8 +182,11 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     cluster). Returns {metric: {"mean", "std", "per_cluster"}} for ``METRICS``: PM-atom, PM-center (Å) as
     AssembleFlow defines them (molecules paired by index), the same after matching the predicted molecules to the
     true ones ("pm_atom_perm", "pm_center_perm"; ``compute_packing_matching(permutation_invariant=True)``, for
-    predictions that carry no index correspondence), RMSD_15 (Å), collision and separation rates (%; for these
-    the mean over repeats is reported, not the minimum).
+    predictions that carry no index correspondence), RMSD_15 (Å), the COMPACK-style packing similarity
+    (``packing_similarity``: molecules of the 15-molecule shell matched within 20 % / 20°, and the heavy-atom RMSD
+    over them), collision and separation rates (%) and close contacts (atom pairs of different molecules closer
+    than the contact threshold of ``assemble.contact_scores``); for the last five the mean over repeats is
+    reported, not the best.
     """
     from torch_geometric.data import Batch
 
@@ -204,10 +214,13 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
         values["rmsd15"].append(rmsd15(true, pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
         values["collision"].append(collision_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
         values["separation"].append(separation_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+        shell = [_shell_scores(item, pred[batch.ptr[i]:batch.ptr[i + 1]]) for i, item in enumerate(items)]
+        for j, key in enumerate(("packing_matched", "packing_rmsd", "contacts")):
+            values[key].append(torch.tensor([row[j] for row in shell], dtype=torch.float64))
     out = {}
     for k, v in values.items():
         v = torch.stack(v)  # [R, B]
-        if k in ("collision", "separation"):
+        if k in MEAN_OVER_REPEATS:
             per = v.mean(0)
             out[k] = {"mean": per.mean().item(), "std": per.std(unbiased=False).item(), "per_cluster": per.tolist()}
         else:
@@ -216,6 +229,24 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     out["num_clusters"] = len(items)
     out["repeats"] = repeats
     return out
+
+
+def _shell_scores(item, pred: torch.Tensor) -> tuple[float, float, float]:
+    """(matched molecules of 15, packing RMSD Å, close contacts) of one cluster's prediction [N, 3]."""
+    from types import SimpleNamespace
+
+    from kflow.molecular.assemble import contact_scores
+    from kflow.molecular.packing_similarity import packing_similarity
+
+    m = int(item.molecule_index.max()) + 1
+    order = torch.argsort(item.molecule_index, stable=True)  # molecule-major: [M, P] atoms in molecule order
+    true, guess = item.final_positions.double()[order].reshape(m, -1, 3), pred.double()[order].reshape(m, -1, 3)
+    heavy = item.atomic_numbers[order].reshape(m, -1)[0] > 1
+    similarity = packing_similarity(true, guess, heavy)
+    cluster = SimpleNamespace(atomic_numbers=item.atomic_numbers.long(), molecule_index=item.molecule_index.long(),
+                              num_molecules=m)
+    contacts = contact_scores(pred.double(), cluster)["close_contacts"]
+    return float(similarity.matched), similarity.rmsd, float(contacts)
 
 
 def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, configs: dict[str, AssemblyModelConfig],
