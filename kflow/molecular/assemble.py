@@ -697,10 +697,15 @@ def mirror_note(atomic_numbers: np.ndarray, positions: np.ndarray) -> str:
     return f"{head}; the molecule is achiral ({smiles}), so they are the same compound in a mirrored conformer"
 
 
+# Start presets that need only the molecule and a density: a lone molecule can be given the start its model knows.
+FROM_MOLECULE_PRESETS = ("hard", "shell")
+
+
 def lone_molecule_starts(inp: AssemblyInput, samples: int, seed: int = 0, mirror: str = "none",
-                         volume_per_molecule: float | None = None) -> list[Cluster]:
-    """``samples`` start clusters of 17 copies of a lone molecule, the ``hard`` preset (``NOISE_PRESETS``) with
-    seeds ``seed``·1000003 + k. There is no true cluster: ``final_positions`` repeat the start."""
+                         volume_per_molecule: float | None = None, preset: str = "hard") -> list[Cluster]:
+    """``samples`` start clusters of 17 copies of a lone molecule, drawn by a start ``preset`` that needs only the
+    molecule and a density ("hard" or "shell", ``NOISE_PRESETS``), with seeds ``seed``·1000003 + k. There is no
+    true cluster: ``final_positions`` repeat the start."""
     from kflow.molecular.crystals import NOISE_PRESETS
 
     volume = volume_per_molecule or estimate_volume_per_molecule(inp.atomic_numbers, inp.positions)
@@ -711,7 +716,7 @@ def lone_molecule_starts(inp: AssemblyInput, samples: int, seed: int = 0, mirror
     out = []
     for k in range(samples):
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-        start = NOISE_PRESETS["hard"].apply(copies, gen, volume).reshape(-1, 3)
+        start = NOISE_PRESETS[preset].apply(copies, gen, volume).reshape(-1, 3)
         start = start - start.mean(0)
         cluster = Cluster(z, mol, start, start, f"{inp.name}_sample{k}", inp.name)
         cluster.info.update(sample=k, start_seed=int(seed) * 1_000_003 + k)
@@ -814,9 +819,38 @@ def _polar_hydrogens(x: torch.Tensor, z: torch.Tensor, mol: torch.Tensor) -> tor
 
 
 def rank_samples(scores: Sequence[dict]) -> list[int]:
-    """Sample indices, best first: fewest close contacts, then the most compact (smallest centroid radius of
-    gyration), then the lower index."""
-    return sorted(range(len(scores)), key=lambda k: (scores[k]["close_contacts"], scores[k]["radius_of_gyration"], k))
+    """Sample indices, best first: fewest close contacts, then the lowest MMFF intermolecular energy where the
+    samples were relaxed (``mmff_energy``), else the most compact (smallest centroid radius of gyration), then the
+    lower index."""
+    def key(k):
+        second = scores[k].get("mmff_energy", scores[k]["radius_of_gyration"])
+        return scores[k]["close_contacts"], second, k
+
+    return sorted(range(len(scores)), key=key)
+
+
+def relax_samples(positions: torch.Tensor, clusters: Sequence[Cluster], progress: bool = False):
+    """Rigid-body MMFF relaxation (``relax.relax_cluster``) of every sample [S, N, 3]. Returns (relaxed positions
+    [S, N, 3] float64, per sample {"mmff_energy", "mmff_energy_before", "relax_shift_rms"}, the start's energy
+    (of the first sample's start), a note or None). Where no force field can be set up for the molecule, the
+    samples are returned unrelaxed with a note saying why."""
+    from tqdm.auto import tqdm
+
+    from kflow.molecular.relax import relax_cluster
+
+    out, rows = positions.clone(), []
+    z, mol = clusters[0].atomic_numbers, clusters[0].molecule_index
+    try:
+        start = relax_cluster(z, clusters[0].initial_positions.double(), mol, max_steps=0, separate_rounds=0)
+        for k in tqdm(range(len(clusters)), desc="relaxing", unit="sample", disable=not progress, leave=False):
+            r = relax_cluster(z, positions[k], mol)
+            out[k] = torch.as_tensor(r.positions, dtype=out.dtype)
+            shift = float((out[k] - positions[k]).square().sum(-1).mean().sqrt())
+            rows.append({"mmff_energy": r.energy_after, "mmff_energy_before": r.energy_before,
+                         "relax_shift_rms": shift, "force_field": r.force_field})
+    except ValueError as err:
+        return positions, None, None, f"not relaxed: {str(err).splitlines()[0]}"
+    return out, rows, start.energy_before, None
 
 
 def truth_metrics(cluster: Cluster, positions: torch.Tensor) -> dict:
@@ -1127,7 +1161,8 @@ def _check_integer(name: str, value: Any, minimum: int | None = None) -> None:
 
 def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike = DEFAULT_MODEL, seed: int = 0,
              out: str | os.PathLike | None = None, steps: int | None = None, mirror: str | None = None,
-             progress: bool = False, smiles: bool | None = None, name: str | None = None) -> AssemblyResult:
+             progress: bool = False, smiles: bool | None = None, name: str | None = None,
+             relax: bool = True) -> AssemblyResult:
     """Predict the 17-molecule packing of a molecule or a crystal (see the module docstring).
 
     ``x``: an RDKit ``Mol``, an ASE ``Atoms`` (a crystal when periodic along all three axes), a pymatgen
@@ -1137,6 +1172,9 @@ def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike =
     an ``AssemblyModel`` / ``load_pretrained``'s ``(model, rigid, meta)``. ``samples`` starts drawn with ``seed``
     are sampled in ``steps`` band steps (default: the model's ``sample_steps``) and ranked by ``contact_scores``;
     ``mirror`` ("none" | "half", default: the model's) applies to lone molecules; ``progress`` shows a progress line.
+    ``relax`` (default): every sample is relaxed as 17 rigid molecules against MMFF94 (``relax.relax_cluster``,
+    tethered to the sample) and ranked by close contacts, then MMFF intermolecular energy; the start's and each
+    sample's contacts and energies (before and after) are in ``summary``.
 
     Returns an ``AssemblyResult`` (``.predictions``: ``ase.Atoms``, best first). ``out``: also write the files of
     ``kflow assemble --out`` there (as ``result.write(out)``). Every failure (bad input, missing model, an output
@@ -1152,7 +1190,8 @@ def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike =
         _check_out_dir(out_dir)
     phase = _Phases(progress, writing=out_dir is not None)
     try:
-        result = _predict(x, model, smiles, name, int(samples), steps, int(seed), mirror, progress, phase)
+        result = _predict(x, model, smiles, name, int(samples), steps, int(seed), mirror, progress, phase,
+                          bool(relax))
         if out_dir is not None:
             with phase("writing"):
                 result.write(out_dir)
@@ -1162,7 +1201,8 @@ def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike =
     return result
 
 
-def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, phase: _Phases) -> AssemblyResult:
+def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, phase: _Phases,
+             relax: bool = True) -> AssemblyResult:
     with phase("reading input"):
         inp = read_assembly_input(x, smiles=smiles, seed=seed, name=name)
     with phase("loading model"):
@@ -1174,12 +1214,13 @@ def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, pha
     with phase("building starts"):
         if inp.kind == "molecule":
             volume = estimate_volume_per_molecule(inp.atomic_numbers, inp.positions)
-            clusters = lone_molecule_starts(inp, samples, seed, mirror_mode, volume)
+            lone_preset = meta["preset"] if meta["preset"] in FROM_MOLECULE_PRESETS else "hard"
+            clusters = lone_molecule_starts(inp, samples, seed, mirror_mode, volume, lone_preset)
             references = torch.from_numpy(_reference_copies(inp, mirror_mode))[None].expand(samples, -1, -1, -1)
-            start = {"preset": "hard", "mirror": mirror_mode, "mirrored_copies": int(_mirrored(mirror_mode).sum()),
-                     "volume_per_molecule": volume,
+            start = {"preset": lone_preset, "mirror": mirror_mode,
+                     "mirrored_copies": int(_mirrored(mirror_mode).sum()), "volume_per_molecule": volume,
                      "volume_source": f"van der Waals volume / packing coefficient {PACKING_COEFFICIENT}"}
-            if meta["preset"] != "hard":
+            if meta["preset"] != lone_preset:
                 notes.append(f"model {loaded.name!r} was trained on {meta['preset']!r} starts (each molecule near "
                              "its target); a lone molecule gets a 'hard' start, which it was not trained for")
             if mirror_mode == "half":
@@ -1197,10 +1238,23 @@ def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, pha
         positions, sampler_residual = predict_clusters(net, rigid, clusters, references.contiguous(), steps, seed,
                                                        progress)
     truth = inp.kind == "crystal"
+    _check_rigid(positions, references, clusters, sampler_residual)
+    relaxed, start_energy = None, None
+    if relax:
+        with phase("relaxing"):
+            positions, relaxed, start_energy, relax_note = relax_samples(positions, clusters, progress)
+        if relax_note:
+            notes.append(relax_note)
     with phase("scoring"):
         _check_rigid(positions, references, clusters, sampler_residual)
         scores = [contact_scores(positions[k], clusters[k]) for k in range(samples)]
+        if relaxed is not None:
+            for score, energy in zip(scores, relaxed):
+                score.update(energy)
         order = rank_samples(scores)
+        start_scores = contact_scores(clusters[order[0]].initial_positions.double(), clusters[order[0]])
+        if start_energy is not None:
+            start_scores["mmff_energy"] = start_energy
         sample_rows = []
         for k, score in enumerate(scores):
             row = {"sample": k, "rank": order.index(k) + 1, "start_seed": clusters[k].info.get("start_seed"),
@@ -1219,7 +1273,13 @@ def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, pha
                   "created": meta.get("created")},
         "seed": seed, "steps": steps, "method": "band", "num_samples": samples, "start": start,
         "ranking": f"fewest close contacts (< {CONTACT_FACTOR} x sum of Bondi radii, {HBOND_CONTACT_FACTOR} x for "
-                   "hydrogen-bond pairs), then smallest radius of gyration of the molecule centroids",
+                   "hydrogen-bond pairs), then "
+                   + ("lowest MMFF intermolecular energy after rigid-body relaxation" if relaxed is not None else
+                      "smallest radius of gyration of the molecule centroids"),
+        "relaxation": ({"method": "rigid-body relaxation of the 17 molecules against MMFF94 (UFF where MMFF has no "
+                                  "parameters), tethered to the sample (kflow.molecular.relax.relax_cluster)",
+                        "energy_unit": "kcal/mol, intermolecular"} if relaxed is not None else None),
+        "start_scores": start_scores,
         "chosen_sample": best,
         "samples": sample_rows,
         "rigidity": {"tolerance_A": RIGID_TOLERANCE, "sampler_residual_A": sampler_residual,

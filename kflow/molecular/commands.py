@@ -106,6 +106,7 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
     from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
     from kflow.molecular.flow import COUPLINGS
     from kflow.molecular.network import CONVOLUTIONS
+    from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 
     p.add_argument("--num-bands", type=positive_int, default=2,
                    help="Laplacian bands K of the flow; 1 = rigid flow matching (AssembleFlow-style)")
@@ -126,12 +127,35 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
                    default=AssemblyModelConfig.heavy_atoms_only,
                    help="atom graph without hydrogens (faster; they ride along rigidly); --no-heavy-atoms-only "
                         "keeps every atom")
-    p.add_argument("--coupling", default=coupling_default or AssemblyModelConfig.coupling, choices=COUPLINGS,
+    p.add_argument("--coupling", default=coupling_default, choices=COUPLINGS,
                    help="index: start molecule i flows to final molecule i; ot: to the final slot of an optimal "
                         "assignment within each cluster (centroid distances); eot: ot alternating with a rotation "
-                        "of the final cluster onto the start" + coupling_note)
+                        "of the final cluster onto the start" + (coupling_note or " (default: index; eot with "
+                                                                 "--generative)"))
     p.add_argument("--objective", default="flow", choices=OBJECTIVES,
                    help="flow: K-Flow / flow matching; regression: one-step prediction baseline (needs --num-bands 1)")
+    p.add_argument("--generative", action="store_true",
+                   help="the recipe for starts from the molecule alone (hard/shell presets): eot coupling about a "
+                        "central molecule the network marks, a network that sees only the poses at time t, starts "
+                        "redrawn every epoch, the atom pose loss, band-start times (docs/MATH.md §6); the flags "
+                        "below override single choices")
+    p.add_argument("--condition-on-start", action=argparse.BooleanOptionalAction, default=None,
+                   help="the network also sees each molecule's offset from its start (refinement; default: yes, "
+                        "no with --generative)")
+    p.add_argument("--central", action=argparse.BooleanOptionalAction, default=None,
+                   help="start molecule 0 is central: eot pivots on it and the network marks it (default: no, yes "
+                        "with --generative)")
+    p.add_argument("--redraw-starts", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw training starts anew every epoch from the stored crystal (default: no, yes with "
+                        "--generative)")
+    p.add_argument("--rotation-loss", default=None, choices=ROTATION_LOSSES,
+                   help="chart: rotation-vector error; atoms: mean squared atom displacement of the pose (no cut "
+                        "at 180°) (default: chart, atoms with --generative)")
+    p.add_argument("--rotation-weight", type=positive_float, default=AssemblyModelConfig.rotation_weight,
+                   help="weight of the orientation part of the atom pose loss")
+    p.add_argument("--time-sampling", default=None, choices=TIME_SAMPLINGS,
+                   help="uniform, or band_start: half the training times at the start of a band window (default: "
+                        "uniform, band_start with --generative)")
 
 
 def model_config_from_args(args, coupling: str | None = None):
@@ -141,7 +165,21 @@ def model_config_from_args(args, coupling: str | None = None):
                                hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
                                num_molecule_layers=args.molecule_layers, inter_cutoff=args.inter_cutoff,
                                conv=args.conv, heavy_atoms_only=args.heavy_atoms_only,
-                               coupling=coupling or args.coupling, objective=args.objective)
+                               coupling=coupling or args.coupling or ("eot" if args.generative else "index"),
+                               objective=args.objective,
+                               **_recipe_from_args(args))
+
+
+def _recipe_from_args(args) -> dict:
+    """The generative-recipe fields: ``study.GENERATIVE`` with --generative, each overridden by its own flag."""
+    from kflow.molecular.study import GENERATIVE
+
+    recipe = {k: v for k, v in GENERATIVE.items() if k != "coupling"} if args.generative else {}
+    for key in ("condition_on_start", "central", "redraw_starts", "rotation_loss", "time_sampling"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    recipe["rotation_weight"] = args.rotation_weight
+    return recipe
 
 
 def train_parser(prog: str | None = None) -> ArgumentParser:
@@ -326,6 +364,9 @@ def assemble_parser(prog: str | None = None) -> ArgumentParser:
                    help="copies of a lone molecule: none (all the same conformer) or half (8 of 17 mirrored, a "
                         "racemic mix; a note says whether the molecule is chiral); default: what the model was "
                         "trained with")
+    p.add_argument("--relax", action=argparse.BooleanOptionalAction, default=True,
+                   help="relax every sample as 17 rigid molecules against MMFF94 (tethered) and rank by contacts, "
+                        "then energy; --no-relax ranks the raw samples by contacts, then compactness")
     p.add_argument("--no-progress", action="store_true", help="no progress line or bar")
     return p
 
@@ -345,7 +386,7 @@ def assemble_main(argv=None, prog: str | None = None):
     source = args.smiles if args.smiles is not None else args.input
     result = assemble(source, samples=args.samples, model=args.model, seed=args.seed, out=args.out,
                       steps=args.steps, mirror=args.mirror, progress=not args.no_progress,
-                      smiles=True if args.smiles is not None else None)
+                      smiles=True if args.smiles is not None else None, relax=args.relax)
     for line in result.notes:
         print(f"note: {line}", file=sys.stderr)
     summary = result.summary
@@ -354,19 +395,26 @@ def assemble_main(argv=None, prog: str | None = None):
           f"{summary['model']['name']!r}: {summary['num_samples']} sample(s), {summary['steps']} steps, start "
           f"{summary['start']['preset']}, mirror {summary['start']['mirror']}")
     truth = result.metrics is not None
-    head = f"{'sample':>6} {'rank':>4} {'contacts':>8} {'Rg/Å':>6}" + (
+    relaxed = summary.get("relaxation") is not None
+    head = f"{'sample':>6} {'rank':>4} {'contacts':>8} {'Rg/Å':>6}" + (" E_MMFF" if relaxed else "") + (
         f" {'PM-atom':>7} {'PM-ctr':>7} {'PM-ctr matched':>14} {'RMSD15':>7}" if truth else "")
     print(head)
     for row in result.scores:  # best first
         line = f"{row['sample']:>6} {row['rank']:>4} {row['close_contacts']:>8} {row['radius_of_gyration']:>6.2f}"
+        if relaxed:
+            line += f" {row['mmff_energy']:>6.0f}"
         if truth:
             m = row["metrics"]
             line += (f" {_fmt(m['pm_atom']):>7} {_fmt(m['pm_center']):>7} {_fmt(m['pm_center_matched']):>14} "
                      f"{_fmt(m['rmsd15']):>7}")
         print(line)
-    best = result.scores[0]
+    best, start = result.scores[0], summary["start_scores"]
+    energy = (f", MMFF intermolecular energy {best['mmff_energy']:.0f} kcal/mol (before relaxing "
+              f"{best['mmff_energy_before']:.3g})" if relaxed else "")
+    start_energy = f", {start['mmff_energy']:.3g} kcal/mol" if "mmff_energy" in start else ""
     print(f"ranked first: sample {best['sample']} ({best['close_contacts']} close contacts, centroid radius of "
-          f"gyration {best['radius_of_gyration']:.2f} Å)")
+          f"gyration {best['radius_of_gyration']:.2f} Å{energy}); its start: {start['close_contacts']} close "
+          f"contacts{start_energy}")
     if truth:
         m, s = result.metrics, result.start_metrics
         print(f"against the crystal: PM-atom {m['pm_atom']:.2f} Å, PM-center {m['pm_center']:.2f} Å (matched "
@@ -392,8 +440,8 @@ def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--draws-per-crystal", type=positive_int, default=2, help="noisy start clusters drawn per crystal")
     p.add_argument("--data-seed", type=int, default=0, help="start draws and the crystal-level split")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    add_model_arguments(p, coupling_default=None, coupling_note=" (default: ot for --preset hard, index for mild)")
-    p.set_defaults(coupling=None)  # default: ot for hard, index for mild (the study's choice)
+    add_model_arguments(p, coupling_note=" (default: eot with --generative, else ot for --preset hard/shell, index "
+                                         "for mild)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=positive_int, default=None, help="training steps instead of --epochs")
     group.add_argument("--epochs", type=positive_float, default=8.0, help="passes over the training store")
@@ -415,7 +463,7 @@ def train_pretrained_main(argv=None, prog: str | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = train_pretrained_parser(prog).parse_args(argv)
-    coupling = args.coupling or ("ot" if args.preset == "hard" else "index")
+    coupling = args.coupling or ("eot" if args.generative else "ot" if args.preset != "mild" else "index")
     config = model_config_from_args(args, coupling)
     meta = train_pretrained(args.out, config, preset=args.preset, datasets=args.datasets, root=args.data_root,
                             work=args.work, draws_per_crystal=args.draws_per_crystal, data_seed=args.data_seed,

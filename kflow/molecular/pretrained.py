@@ -50,7 +50,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained_models"
 # copies of a lone molecule are made, and which molecules it has seen (elements, size).
 REQUIRED_META = ("preset", "mirror", "elements", "max_atoms")
 MIRROR_MODES = ("none", "half")  # copies of one conformer, or a racemic mix (half of the copies mirrored)
-PRESETS = ("hard", "mild")
+PRESETS = ("hard", "mild", "shell")
 
 
 # ------------------------------------------------------------------------------------------------ file format
