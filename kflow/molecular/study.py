@@ -29,12 +29,12 @@ from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
 from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
-__all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "run_model_cell", "run_packmol_cell", "run_identity_cell",
-           "run_shell_cell",
-           "paired_comparison", "band_energy_shares", "first_clusters", "SELECT_METRIC"]
+__all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
+           "run_packmol_cell", "run_identity_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "paired_comparison",
+           "band_energy_shares", "first_clusters", "SELECT_METRIC", "GENERATIVE"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
-SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm"}
+SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm", "shell": "pm_center_perm"}
 RESULT_VERSION = 1
 
 
@@ -118,7 +118,34 @@ def study_models(preset: str, rows: tuple[str, ...] | None = None) -> dict[str, 
                                                                           condition_on_start=False)
         models["K-Flow (K=2), eot, noise source"] = AssemblyModelConfig(num_bands=2, coupling="eot",
                                                                         condition_on_start=False)
+    models.update(generative_models())
     return models if rows is None else {r: models[r] for r in rows}
+
+
+# The generative recipe for starts from the molecule alone (docs/MATH.md §6): a network that sees only the poses at
+# time t, equivariant OT coupling pivoting on the central molecule (which the network marks), starts redrawn every
+# epoch, the pose loss measured on the atoms (no cut at θ = π) and training times concentrated at band starts.
+GENERATIVE = dict(coupling="eot", condition_on_start=False, central=True, redraw_starts=True, rotation_loss="atoms",
+                  time_sampling="band_start")
+
+
+def generative_models() -> dict[str, AssemblyModelConfig]:
+    """The rows of the generative hard-start study: rigid FM (K=1), K-Flow K=2 and K=3 and the one-step regression
+    from the start, all with the ``GENERATIVE`` recipe; and single-change ablations of K=1 (each recipe choice put
+    back to its earlier value), which measure what every change brings, and K=1 from the "shell" start preset."""
+    rows = {
+        "regression, generative": AssemblyModelConfig(num_bands=1, objective="regression", **GENERATIVE),
+        "rigid FM (K=1), generative": AssemblyModelConfig(num_bands=1, **GENERATIVE),
+        "K-Flow (K=2), generative": AssemblyModelConfig(num_bands=2, **GENERATIVE),
+        "K-Flow (K=3), generative": AssemblyModelConfig(num_bands=3, **GENERATIVE),
+    }
+    ablations = {"fixed starts": {"redraw_starts": False}, "chart rotation loss": {"rotation_loss": "chart"},
+                 "uniform times": {"time_sampling": "uniform"}, "no central role": {"central": False}}
+    for label, change in ablations.items():
+        rows[f"rigid FM (K=1), generative, {label}"] = AssemblyModelConfig(num_bands=1, **{**GENERATIVE, **change})
+    # The same model trained and sampled from the "shell" start preset (the even shell as a source).
+    rows["rigid FM (K=1), generative, shell source"] = AssemblyModelConfig(num_bands=1, **GENERATIVE)
+    return rows
 
 
 def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
@@ -211,6 +238,64 @@ def run_shell_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
                       "metrics": _metrics_summary(results)})
 
 
+def run_pyxtal_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False) -> dict:
+    """PyXtal random crystals (``baselines.pyxtal_predictions``: the start molecule packed in the five most frequent
+    organic space groups at its estimated density, cut to the cluster, best by the contact score), seeded by the
+    cell's seed: what a chemist would try first, scored like a model."""
+    from kflow.molecular.baselines import pyxtal_predictions
+
+    done = cell.load()
+    if done is not None:
+        return done
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    info: dict = {}
+    t0 = time.perf_counter()
+    preds = pyxtal_predictions(test, cell.seed, progress=progress, info=info)
+    results = evaluate_assembly(test, preds)
+    return cell.save({"kind": "baseline", "seconds": time.perf_counter() - t0,
+                      "fallback_clusters": info.get("fallback", 0), "space_groups": info.get("space_group"),
+                      "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
+def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget,
+                     progress: bool = False) -> dict:
+    """``model_cell``'s selected checkpoint, sampled on the test split as in its own cell, then every prediction
+    relaxed as rigid molecules against MMFF94 (``relax.relax_cluster``, what ``kflow assemble`` does by default):
+    the pipeline a user runs, scored like a model. Needs ``model_cell`` finished."""
+    from tqdm.auto import tqdm
+
+    from kflow.molecular.relax import relax_cluster
+
+    done = cell.load()
+    if done is not None:
+        return done
+    base = model_cell.load()
+    if base is None:
+        raise ValueError(f"{cell.slug}: the model cell {model_cell.slug} has not finished")
+    config = AssemblyModelConfig.from_dict(base["config"])
+    model, rigid = build_assembly_model(config)
+    model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    t0 = time.perf_counter()
+    preds = predict_assembly(model.eval(), rigid, test, steps=budget.sample_steps)
+    relaxed, shifts, failed = [], [], 0
+    for i in tqdm(range(len(test)), desc=f"relaxing {cell.row}", disable=not progress, leave=False):
+        item = test[i]
+        try:
+            r = relax_cluster(item.atomic_numbers, preds[i][0].double(), item.molecule_index)
+            moved = torch.as_tensor(r.positions, dtype=preds[i].dtype)
+        except ValueError:  # no force field for this molecule: scored unrelaxed, counted
+            moved, failed = preds[i][0], failed + 1
+        shifts.append(float((moved - preds[i][0]).square().sum(-1).mean().sqrt()))
+        relaxed.append(moved[None])
+    results = evaluate_assembly(test, relaxed)
+    return cell.save({"kind": "relaxed", "model_cell": model_cell.slug, "seconds": time.perf_counter() - t0,
+                      "not_relaxed": failed, "mean_shift_A": float(np.mean(shifts)),
+                      "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
 def run_identity_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
     """The start cluster unchanged, scored like a model."""
     done = cell.load()
@@ -241,7 +326,8 @@ def run_packmol_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool
 def paired_comparison(a: list[list[float]], b: list[list[float]]) -> dict:
     """Per-test-cluster comparison of model ``a`` against ``b`` (lower is better): the inputs are per-seed lists of
     per-cluster values on the same clusters; each cluster's value is its mean over seeds. Returns the fraction of
-    clusters where ``a`` is better, the mean difference a − b and the two-sided Wilcoxon signed-rank p-value."""
+    clusters where ``a`` is better ("improved"; "higher": where it is higher, for higher-is-better scores), the mean
+    difference a − b and the two-sided Wilcoxon signed-rank p-value."""
     from scipy.stats import wilcoxon
 
     x, y = np.mean(np.asarray(a, dtype=float), 0), np.mean(np.asarray(b, dtype=float), 0)
@@ -249,17 +335,19 @@ def paired_comparison(a: list[list[float]], b: list[list[float]]) -> dict:
         raise ValueError(f"paired comparison needs the same clusters: {x.shape} vs {y.shape}")
     diff = x - y
     p = float(wilcoxon(x, y).pvalue) if np.any(diff != 0) else 1.0
-    return {"improved": float(np.mean(diff < 0)), "mean_diff": float(diff.mean()), "p": p, "n": int(diff.size)}
+    return {"improved": float(np.mean(diff < 0)), "higher": float(np.mean(diff > 0)), "mean_diff": float(diff.mean()),
+            "p": p, "n": int(diff.size)}
 
 
 @torch.no_grad()
-def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_size: int = 16) -> dict:
+def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_size: int = 16,
+                       central: bool = False) -> dict:
     """How the start→final motion of each cluster spreads over ``num_bands`` Laplacian bands of its start
     centroids (the decomposition K-Flow uses): per band, the share of the squared rigid-body chart displacement
     (translations in Å, rotations scaled by the molecule's radius of gyration) summed over clusters, and the
     mean over clusters of each cluster's share, and ``mode_share``, each band's share of the modes (the share a
     motion without structure would give it). Band 0 holds the smoothest collective motions. ``coupling``: the
-    start-to-final pairing, as in training ("index" or "ot")."""
+    start-to-final pairing, as in training ("index", "ot" or "eot"; ``central``: "eot" pivots on molecule 0)."""
     from kflow.molecular.flow import RigidKFlow
 
     rigid = RigidKFlow(num_bands)
@@ -267,7 +355,7 @@ def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_s
     per_cluster = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch: AssemblyBatch = collate_clusters(items, coupling=coupling)
+        batch: AssemblyBatch = collate_clusters(items, coupling=coupling, central=central)
         dec = rigid.for_batch(batch).decomposition
         displacement = (batch.final_chart() - batch.initial_chart()).double()  # [B, M, 6]
         energy = dec.band_energies(displacement).double()  # [B, K]
