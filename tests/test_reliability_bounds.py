@@ -54,6 +54,99 @@ def test_a_20000_atom_molecule_is_refused_before_pairwise_geometry(tmp_path, cap
     assert "too_large" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def _clumped_cif(path: Path, sites: int) -> Path:
+    """Fm-3m with every site on a special position: ``2 * sites * 192`` symmetry copies on 8 points."""
+    rows = "".join(f"C{k} C 0 0 0\nH{k} H 0.5 0.5 0.5\n" for k in range(sites))
+    path.write_text("data_clump\n_cell_length_a 6.0\n_cell_length_b 6.0\n_cell_length_c 6.0\n_cell_angle_alpha 90\n"
+                    "_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'F m -3 m'\nloop_\n"
+                    "_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
+                    "_atom_site_fract_z\n" + rows)
+    return path
+
+
+def test_symmetry_copies_piled_on_special_positions_merge_in_bounded_time_and_memory(tmp_path):
+    import tracemalloc
+
+    path = _clumped_cif(tmp_path / "clump.cif", sites=3)  # 1 KB; 1152 copies on 8 points
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    (name, atoms), = read_cif(path, [])
+    elapsed, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(atoms) == 8 and sorted(atoms.numbers) == [1] * 4 + [6] * 4
+    # ASE's neighbour list padded every 3 A bin to its fullest: 715 MB here, 7.7 GB with 10 sites, 5 GB and 24 s
+    # for `kflow assemble` of a 6.5 KB file with 26
+    assert peak < 100 * 2 ** 20 and elapsed < 5, (peak, elapsed)
+
+
+def test_merging_copies_drops_what_the_neighbour_list_dropped():
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+
+    from kflow.molecular.crystals import DUPLICATE_TOLERANCE, _later_duplicates
+
+    rng = np.random.default_rng(0)
+    cell = np.array([[7.0, 0, 0], [3.1, 6.2, 0], [-1.3, 2.2, 5.4]])  # skewed
+    base = rng.random((40, 3))
+    near = (base[:25] + rng.normal(0, 0.008, (25, 3))) % 1.0  # within and beyond 0.1 A of an earlier atom
+    frac = np.concatenate([base, near, base[:10] + 1.0, np.round(base[5:15], 3)]) % 1.0
+    numbers = rng.choice([1, 6], len(frac))
+    numbers[40:] = np.concatenate([numbers[:25], numbers[:10], numbers[5:15]])
+    numbers[[41, 47]] = 7 - numbers[[41, 47]]  # another element at the same place: kept
+    atoms = Atoms(numbers=numbers, scaled_positions=frac, cell=cell, pbc=True)
+    i, j = neighbor_list("ij", atoms, DUPLICATE_TOLERANCE)
+    expected = np.zeros(len(atoms), dtype=bool)
+    expected[j[(j > i) & (numbers[i] == numbers[j])]] = True
+    dropped = _later_duplicates(frac, numbers, cell, DUPLICATE_TOLERANCE)
+    assert 20 < expected.sum() < 60 and np.array_equal(dropped, expected)
+
+
+def _grid_atoms(count: int, spacing: float, cell):
+    from ase import Atoms
+
+    grid = np.stack(np.meshgrid(*[np.arange(22)] * 3, indexing="ij"), -1).reshape(-1, 3)[:count]
+    return Atoms(numbers=np.where(np.arange(count) % 2, 1, 6), positions=grid * spacing + 5.0, cell=cell, pbc=True)
+
+
+@pytest.mark.parametrize("count, spacing, reason", [(500, 1.5, "multi_component"), (2000, 0.6, "out_of_bounds")])
+def test_finding_molecules_in_a_sparse_or_crowded_cell_is_bounded(count, spacing, reason):
+    import tracemalloc
+
+    from kflow.molecular.cluster import InvalidCrystal
+    from kflow.molecular.crystals import find_molecules
+
+    atoms = _grid_atoms(count, spacing, np.eye(3) * 999.0)  # inside every bound a cell is checked against
+    assert cell_problem(atoms.cell.array, len(atoms)) is None
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidCrystal) as caught:  # ASE's neighbour list asked for 70 GiB (500 atoms), 1.1 TiB
+        find_molecules(atoms)
+    elapsed, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert caught.value.reason == reason and peak < 300 * 2 ** 20 and elapsed < 10, (str(caught.value), peak)
+
+
+def test_bonded_pairs_are_the_neighbour_lists():
+    from ase.neighborlist import neighbor_list
+
+    from kflow.molecular.crystals import _bonded_pairs
+
+    chain = _grid_atoms(6, 1.0, np.diag([2.5, 30.0, 30.0]))  # bonds to its own images across a thin cell
+    chain.positions[:] = np.c_[np.arange(6) * 0.4, np.full(6, 5.0), np.full(6, 5.0)]
+    chain.positions[3] += [2.5, 0.3, 0.0]  # atoms outside the cell are allowed
+    for atoms in (next(read_crystals(CIF))[1], chain):
+        radii = np.full(len(atoms), 0.8)
+        radii[atoms.numbers == 1] = 0.4
+        ours = _bonded_pairs(atoms, radii)
+        theirs = neighbor_list("ijdS", atoms, radii)
+        key = lambda i, j, d, S: sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))  # noqa: E731
+        assert len(ours[0]) > 10 and key(*ours) == key(*theirs)
+        i, j, d, shift = ours
+        between = atoms.positions[j] + shift @ atoms.cell.array - atoms.positions[i]
+        assert np.allclose(d, np.linalg.norm(between, axis=1))
+        assert (np.diff(i) >= 0).all()  # sorted by the first atom, as ASE's
+
+
 def test_cell_bounds():
     cell = np.diag([10.0, 10.0, 10.0])
     assert cell_problem(cell, 100) is None
@@ -138,7 +231,7 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
         assert f"**{heading}" in text, heading
     rows = re.findall(r"\| ([0-9.]+)[^|]*\| `(\w+)\.(\w+)` \|", text.replace("at least ", "").replace("at most ", ""))
     modules = {"assemble": assemble, "crystals": crystals}
-    assert len(rows) == 5
+    assert len(rows) == 6
     for value, module, name in rows:
         assert float(value) == getattr(modules[module], name), name
     assert f"`{training.RUN_LOCK}`" in text
