@@ -201,6 +201,19 @@ def test_a_folder_build_lists_every_file_of_the_folder_and_reads_with_the_worker
         assert "give it by name" in record["messages"][0]
 
 
+def test_the_readers_are_imported_once_before_the_workers_fork():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom kflow.molecular import sources\nreal = sources.isolated_map\n"
+             "def checked(*args):\n    assert {'ase.io', 'ase.io.cif', 'ase.db'} <= set(sys.modules)\n"
+             "    return real(*args)\nsources.isolated_map = checked\n"
+             f"crystals, _ = sources.read_crystal_inputs([{str(CIF)!r}], 1, progress=True)\nprint(len(crystals))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr  # each worker imported ASE's io: 10x
+    assert "reading" in done.stderr  # a progress bar while the files are read
+
+
 def test_a_20000_atom_xyz_given_to_a_folder_build_is_refused_in_bounded_memory(tmp_path):
     import resource
 
