@@ -254,6 +254,12 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
 
     options = train_parser().format_help()
     assert "--accept-changes" in options and "--resume [CHECKPOINT]" in options
+    for promise in ("`PATH@N`", "`PATH@id=K`", "`renamed`", "`not_read`", "`kflow sample`"):
+        assert promise in text, promise
+    measured = text.split("**Measured.**")[1]
+    scripts = re.findall(r"python (\S+\.py)", measured)
+    assert scripts == ["benchmarks/reliability_corpus.py", "scripts/build_clusters.py"]
+    assert all((REPO / script).is_file() for script in scripts) and "all 595 files in `summary.json`" in measured
 
 
 def _misbehaving_reader(path):
