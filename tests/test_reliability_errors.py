@@ -58,6 +58,14 @@ def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model,
         with staged_folder(tmp_path / "built"):
             _disk_full_unnamed()
     assert caught.value.filename == str(tmp_path / "built") and not (tmp_path / "built").exists()
+    with pytest.raises(OSError) as caught:  # a file inside the staging folder is named where it was going
+        with staged_folder(tmp_path / "built") as stage:
+            raise OSError(errno.ENOSPC, "No space left on device", str(stage / "raw" / "a.csv"))
+    assert caught.value.filename == str(tmp_path / "built" / "raw" / "a.csv")  # was .built.build-*/built/raw/a.csv
+    with pytest.raises(OSError) as caught:
+        with atomic_path(final) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert caught.value.filename == str(final)  # was .last.pt.tmp-*
     monkeypatch.setattr(assemble, "plot_clusters", _disk_full_unnamed)
     out = tmp_path / "out"
     assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",

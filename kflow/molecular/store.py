@@ -139,7 +139,7 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
         try:
             yield new
         except OSError as err:  # e.g. a full disk found while a library closes a file: say which folder
-            name_the_file(err, final)
+            name_the_file(err, final, new)
             raise
         if not new.is_dir():
             raise FileNotFoundError(f"{new}: the staged build produced no folder")

@@ -96,12 +96,20 @@ def make_temporary(final: str | os.PathLike, is_dir: bool = False, kind: str = "
     return tmp
 
 
-def name_the_file(err: OSError, path: str | os.PathLike) -> OSError:
+def name_the_file(err: OSError, path: str | os.PathLike, staged: str | os.PathLike | None = None) -> OSError:
     """Give an ``OSError`` that names no file (a full disk found while a library flushes or closes a file it was
     handed) the file being written, so its one-line message says where: ``error: runs/x/last.pt: No space left on
-    device``. Returns ``err``."""
-    if isinstance(err, OSError) and err.filename is None and err.strerror:
+    device``; one that names ``staged`` (the temporary file or folder written in place of ``path``), or a file
+    inside it, names it where it was going instead (``runs/x/raw/a.csv``, not ``runs/.x.build-*/x/raw/a.csv``).
+    Returns ``err``."""
+    if not isinstance(err, OSError) or not err.strerror:
+        return err
+    if err.filename is None:
         err.filename = str(path)
+    elif staged is not None and isinstance(err.filename, str):
+        name, stage = err.filename, str(staged)
+        if name == stage or name.startswith(stage + os.sep):
+            err.filename = str(path) + name[len(stage):]
     return err
 
 
@@ -120,7 +128,7 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         try:
             yield tmp
         except OSError as err:
-            name_the_file(err, final)
+            name_the_file(err, final, tmp)
             raise
         if is_dir and final.exists():
             # Directories cannot be renamed over non-empty ones: move the old one aside first.
