@@ -73,6 +73,31 @@ def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model,
     assert _one_error_line(capsys.readouterr().err).startswith(f"error: {out}: No space left on device")
 
 
+class _FullDisk:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        _disk_full_unnamed()
+
+
+def test_a_full_disk_while_logging_a_training_names_the_log(tmp_path, monkeypatch):
+    import builtins
+
+    import kflow.core.training as training
+    from test_training import make_trainer
+
+    real_open = builtins.open
+    monkeypatch.setattr(training, "open", lambda path, mode="r", *a, **k: _FullDisk() if "a" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(OSError) as caught:
+        make_trainer(tmp_path, max_steps=2).fit()
+    assert error_line(caught.value).startswith(f"error: {tmp_path / 'metrics.jsonl'}: No space left on device")
+
+
 def test_every_command_reports_os_errors_in_one_line(capsys, monkeypatch):
     monkeypatch.setitem(COMMANDS, "train", ("test_reliability_errors", "_disk_full", "fails"))
     assert main(["train"]) == 1

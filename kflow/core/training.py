@@ -39,7 +39,7 @@ from torch import nn
 
 from kflow.core import distributed as dist_utils
 from kflow.utils.io import (FolderBusyError, FolderLock, atomic_path, atomic_save, atomic_write_text,
-                            check_writable_folder, loads_json)
+                            check_writable_folder, loads_json, name_the_file)
 
 __all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "RunExistsError",
            "RunBusyError", "Resume", "data_identity", "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup",
@@ -501,8 +501,12 @@ class Trainer:
         if not dist_utils.is_main_process():
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        jsonl = self.out_dir / "metrics.jsonl"
+        try:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk found at write or close: say which log
+            raise name_the_file(err, jsonl)
         csv_path = self.out_dir / "metrics.csv"
         if self._csv_keys is None:  # columns fixed by the first record (or the existing file after a resume)
             if csv_path.exists():
@@ -512,8 +516,11 @@ class Trainer:
                 self._csv_keys = list(record)
                 atomic_write_text(csv_path, ",".join(self._csv_keys) + "\n")
         if all(k in self._csv_keys for k in record):  # evaluation records go to the JSONL log only
-            with open(csv_path, "a") as f:
-                f.write(",".join(str(record.get(k, "")) for k in self._csv_keys) + "\n")
+            try:
+                with open(csv_path, "a") as f:
+                    f.write(",".join(str(record.get(k, "")) for k in self._csv_keys) + "\n")
+            except OSError as err:
+                raise name_the_file(err, csv_path)
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
