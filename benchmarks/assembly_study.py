@@ -23,7 +23,8 @@ from benchmarks.report import markdown_table, write_section
 from kflow.molecular.datasets import ClusterDataset
 from kflow.molecular.study import (SELECT_METRIC, StudyBudget, StudyCell, band_energy_shares, first_clusters,
                                    generative_models, paired_comparison, run_identity_cell, run_model_cell,
-                                   run_packmol_cell, run_pyxtal_cell, run_relaxed_cell, run_shell_cell, study_models)
+                                   run_medoid_cell, run_packmol_cell, run_pyxtal_cell, run_relaxed_cell, run_shell_cell,
+                                   study_models)
 from kflow.molecular.workflow import load_assembly_dataset
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
 
@@ -42,6 +43,9 @@ ABLATION_ROWS = tuple(r for r in generative_models() if r.startswith("rigid FM (
 SHELL_SOURCE_MODEL = next(iter(SOURCE_PRESET))
 # The main generative rows sampled as in their cells, then relaxed against MMFF94 (what kflow assemble does).
 RELAXED_ROWS = {f"{row}, MMFF-relaxed": row for row in GENERATIVE_ROWS[:2]}
+# The same models sampled 8 times per cluster from independent starts, keeping the consensus (medoid) sample.
+MEDOID_ROWS = {f"{row}, medoid of 8": row for row in GENERATIVE_ROWS[:2]}
+DERIVED_ROWS = {**RELAXED_ROWS, **MEDOID_ROWS}
 REFERENCE_ROW = {"hard": "rigid FM (K=1), generative", "mild": "rigid FM (K=1)", "hard_v1": "rigid FM (K=1)"}
 SEEDS = (0, 1, 2)
 FULL = StudyBudget(epochs=8, evals=6, val_clusters=32, sample_steps=10)
@@ -90,7 +94,7 @@ def _cells(out: Path, work: Path, seeds, tables, quick: bool = False):
                 if dataset == "csd500" and not quick:
                     cells.append(((3, seed, ti, 0), StudyCell(dataset, preset, PYXTAL_ROW, seed, out, work)))
                 if dataset == "csd500":
-                    for ri, row in enumerate(RELAXED_ROWS):
+                    for ri, row in enumerate(DERIVED_ROWS):
                         cells.append(((5, seed, ti, ri), StudyCell(dataset, preset, row, seed, out, work)))
             cells.append(((0, seed, ti, 2), StudyCell(dataset, preset, "PackMol", seed, out, work)))
         for ri, (row, config) in enumerate(study_models(preset.removesuffix("_v1"), rows).items()):
@@ -121,12 +125,15 @@ def run_study(out: Path, work: Path, seeds, tables, progress: bool, quick: bool 
             result = run_identity_cell(cell, stores[key], budget)
         elif cell.row == SHELL_ROW:
             result = run_shell_cell(cell, stores[key], budget)
-        elif cell.row in RELAXED_ROWS:
-            model_cell = StudyCell(cell.dataset, cell.preset, RELAXED_ROWS[cell.row], cell.seed, out, work)
+        elif cell.row in DERIVED_ROWS:
+            model_cell = StudyCell(cell.dataset, cell.preset, DERIVED_ROWS[cell.row], cell.seed, out, work)
             if model_cell.load() is None:  # its model has not finished (another process may be training it)
                 print(f"[{cell.slug}] skipped: {model_cell.slug} has not finished", flush=True)
                 continue
-            result = run_relaxed_cell(cell, model_cell, stores[key], budget, progress=progress)
+            if cell.row in RELAXED_ROWS:
+                result = run_relaxed_cell(cell, model_cell, stores[key], budget, progress=progress)
+            else:
+                result = run_medoid_cell(cell, model_cell, stores[key], budget)
         elif cell.row == PYXTAL_ROW:
             result = run_pyxtal_cell(cell, stores[key], budget, progress=progress)
         elif cell.row == "PackMol":
@@ -147,7 +154,7 @@ def _metric(preset: str) -> str:
 
 def _collect(out: Path, dataset: str, preset: str, rows, seeds) -> dict[str, list[dict]]:
     found = {}
-    for row in (*BASELINES, *rows, *(RELAXED_ROWS if preset == "hard" else ())):
+    for row in (*BASELINES, *rows, *(DERIVED_ROWS if preset == "hard" else ())):
         row_seeds = (0,) if row == "identity" else _row_seeds(row, seeds)
         results = [StudyCell(dataset, preset, row, s, out, out).load() for s in row_seeds]
         results = [r for r in results if r is not None]
@@ -173,7 +180,8 @@ def _table(found: dict[str, list[dict]], preset: str) -> str:
         r0 = results[0]
         budget = (f"{r0['epochs']:.0f} ep ({r0['steps']} st), best at {np.mean([r['best_step'] for r in results]):.0f}"
                   if r0.get("kind") == "model" else "—")
-        rows.append([row, len(results), budget, *[_cell_text(results, m) for m in columns]])
+        cells = ["n/a" if row == "PackMol" and m in INDEX_COLUMNS else _cell_text(results, m) for m in columns]
+        rows.append([row, len(results), budget, *cells])
     return markdown_table(["model", "seeds", "training", *[LABELS[m] for m in columns]], rows)
 
 
@@ -285,9 +293,14 @@ def _table_section(out: Path, work: Path, figures: Path, dataset: str, preset: s
     found = _collect(out, dataset, preset, rows, seeds)
     if not found:
         return []
-    start = "`hard`, earlier design (no central molecule, fixed starts)" if archived else f"`{preset}`"
-    parts = [f"### {dataset}, {start} start ({draws} start draws per crystal, "
+    start = "`hard` start, earlier design (no central molecule, fixed starts; " if archived else f"`{preset}` start ("
+    parts = [f"### {dataset}, {start}{draws} start draws per crystal, "
              f"{len(found[next(iter(found))][0]['test_names'])} test clusters)\n", _table(found, preset) + "\n"]
+    if preset == "mild":
+        parts.append("The `mild` rows were trained and sampled on 2026-11-27, before the x1 → velocity conversion "
+                     "of the samplers was corrected (2026-12-02); the one-step regression is unaffected, the flow "
+                     "rows await a rerun with the corrected sampler (their checkpoints are not in the "
+                     "repository).\n")
     metric, reference = _metric(preset), REFERENCE_ROW[preset]
     paired = _paired(found, metric, reference) + _paired(found, "rmsd15", reference)
     if preset == "hard" and SHELL_ROW in found:

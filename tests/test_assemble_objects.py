@@ -307,3 +307,24 @@ def test_example_script_predicts_from_objects_and_writes_once(tmp_path, monkeypa
     for key in ("aspirin", "benzene", "naphthalene"):
         result = namespace[key]
         assert isinstance(result.predictions[0], ase.Atoms) and result.predictions[0].get_array("mol_idx").max() == 16
+
+
+# ------------------------------------------------------------------------------------------------- relaxation
+def test_samples_are_relaxed_ranked_by_contacts_then_energy_and_the_start_is_reported(tiny_model):
+    relaxed = _run("c1ccccc1O", tiny_model, samples=3)
+    raw = _run("c1ccccc1O", tiny_model, samples=3, relax=False)
+    summary = relaxed.summary
+    assert summary["relaxation"] is not None and raw.summary["relaxation"] is None
+    keys = [(row["close_contacts"], row["mmff_energy"]) for row in relaxed.scores]  # best first
+    assert keys == sorted(keys)
+    for row in relaxed.scores:
+        assert row["mmff_energy"] <= row["mmff_energy_before"] + 1e-6  # relaxation never raises the energy
+    start = summary["start_scores"]
+    assert start["close_contacts"] >= relaxed.scores[0]["close_contacts"] and "mmff_energy" in start
+    # Raw samples carry no energies and the written molecules stay rigid copies of the input either way.
+    assert "mmff_energy" not in raw.scores[0]
+    geometry = relaxed.input.positions
+    _assert_rigid_copies(relaxed, geometry)
+    _assert_rigid_copies(raw, geometry)
+    # Relaxing moved the random tiny model's clashing molecules apart: fewer contacts than the raw samples.
+    assert sum(r["close_contacts"] for r in relaxed.scores) < sum(r["close_contacts"] for r in raw.scores)

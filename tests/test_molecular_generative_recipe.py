@@ -247,3 +247,21 @@ def test_shell_preset_is_the_even_shell_in_a_random_frame():
     jittered = NOISE_PRESETS["shell"].apply(final, torch.Generator().manual_seed(1), 125.0).mean(1)
     offsets = (jittered[1:] - centre).norm(dim=-1) - radius
     assert 0.05 < offsets.abs().mean() < 1.5  # jitter of 0.5 Å
+
+
+def test_medoid_sample_is_the_consensus_of_the_samples():
+    from kflow.molecular.sampling import medoid_sample
+
+    cluster = _crystal_cluster(4)
+    truth = cluster.final_positions.double()
+    g = torch.Generator().manual_seed(0)
+    near = [truth + 0.1 * torch.randn(truth.shape, generator=g, dtype=F64) for _ in range(3)]
+    far = [redraw_start(cluster, "hard", s).initial_positions.double() for s in (1, 2)]
+    samples = [far[0], near[0], far[1], near[1], near[2]]
+    pick = medoid_sample(samples, cluster.molecule_index)
+    assert pick in (1, 3, 4)  # one of the three that agree, not an outlier
+    assert medoid_sample(samples[:1], cluster.molecule_index) == 0
+    # Relabelling molecules or moving a sample rigidly does not change the choice (matched PM-center).
+    q = random_rotations(1, dtype=F64, generator=g)[0]
+    moved = [x @ q.T + 3.0 for x in samples]
+    assert medoid_sample(moved, cluster.molecule_index) == pick

@@ -30,7 +30,7 @@ from kflow.molecular.workflow import evaluate_assembly, train_assembly
 from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
-           "run_packmol_cell", "run_identity_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "paired_comparison",
+           "run_packmol_cell", "run_identity_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
            "band_energy_shares", "first_clusters", "SELECT_METRIC", "GENERATIVE"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
@@ -270,15 +270,10 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
     done = cell.load()
     if done is not None:
         return done
-    base = model_cell.load()
-    if base is None:
-        raise ValueError(f"{cell.slug}: the model cell {model_cell.slug} has not finished")
-    config = AssemblyModelConfig.from_dict(base["config"])
-    model, rigid = build_assembly_model(config)
-    model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
+    model, rigid = _load_model_cell(cell, model_cell)
     test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
     t0 = time.perf_counter()
-    preds = predict_assembly(model.eval(), rigid, test, steps=budget.sample_steps)
+    preds = predict_assembly(model, rigid, test, steps=budget.sample_steps)
     relaxed, shifts, failed = [], [], 0
     for i in tqdm(range(len(test)), desc=f"relaxing {cell.row}", disable=not progress, leave=False):
         item = test[i]
@@ -292,6 +287,35 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
     results = evaluate_assembly(test, relaxed)
     return cell.save({"kind": "relaxed", "model_cell": model_cell.slug, "seconds": time.perf_counter() - t0,
                       "not_relaxed": failed, "mean_shift_A": float(np.mean(shifts)),
+                      "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
+def _load_model_cell(cell: StudyCell, model_cell: StudyCell):
+    base = model_cell.load()
+    if base is None:
+        raise ValueError(f"{cell.slug}: the model cell {model_cell.slug} has not finished")
+    model, rigid = build_assembly_model(AssemblyModelConfig.from_dict(base["config"]))
+    model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
+    return model.eval(), rigid
+
+
+def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget, samples: int = 8) -> dict:
+    """``model_cell``'s selected checkpoint sampled ``samples`` times per test cluster from independent starts
+    (``sampling.predict_medoid``; the first is the stored start) and the consensus sample kept (minimum Bayes risk
+    under matched PM-center, no reference used), scored like a model. Needs ``model_cell`` finished."""
+    from kflow.molecular.sampling import predict_medoid
+
+    done = cell.load()
+    if done is not None:
+        return done
+    model, rigid = _load_model_cell(cell, model_cell)
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    t0 = time.perf_counter()
+    preds = predict_medoid(model, rigid, test, samples=samples, steps=budget.sample_steps, seed=cell.seed)
+    results = evaluate_assembly(test, preds)
+    return cell.save({"kind": "medoid", "model_cell": model_cell.slug, "samples": samples,
+                      "seconds": time.perf_counter() - t0,
                       "test_names": [test.cluster(i).name for i in range(len(test))],
                       "metrics": _metrics_summary(results)})
 
