@@ -84,6 +84,10 @@ def plot_main(argv=None, prog: str | None = None):
     p.add_argument("--metrics", nargs="+", default=(), help="validation metrics to show (default: all logged)")
     p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; plotting shows no bar")
     args = p.parse_args(argv)
+    if args.out is not None:  # a folder, a path below a file or a read-only place: said before any plotting
+        from kflow.utils.io import check_writable_file
+
+        check_writable_file(args.out)
     if len(args.runs) == 1 and not args.metrics:
         out = plot_run(args.runs[0], args.out)
     else:

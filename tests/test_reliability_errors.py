@@ -47,7 +47,7 @@ def _disk_full_unnamed(*args, **kwargs):  # what a library's flush or close rais
 def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model, tmp_path, capsys, monkeypatch):
     import kflow.molecular.assemble as assemble
     from kflow.molecular.store import staged_folder
-    from kflow.utils.io import atomic_path
+    from kflow.utils.io import atomic_path, atomic_write_text
 
     final = tmp_path / "run" / "last.pt"
     with pytest.raises(OSError) as caught:
@@ -66,6 +66,10 @@ def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model,
         with atomic_path(final) as tmp:
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     assert caught.value.filename == str(final)  # was .last.pt.tmp-*
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(OSError) as caught:  # the rename onto a folder
+        atomic_write_text(tmp_path / "a_folder", "x")
+    assert caught.value.filename == str(tmp_path / "a_folder")  # was .a_folder.tmp-*: Is a directory
     monkeypatch.setattr(assemble, "plot_clusters", _disk_full_unnamed)
     out = tmp_path / "out"
     assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",

@@ -174,3 +174,10 @@ def test_sample_and_evaluate_check_their_output_files_before_any_work(tmp_path, 
     assert main(["evaluate", "--predictions", str(tmp_path / "p.npz"), "--json", str(tmp_path / "folder"),
                  "--no-progress"]) == 1
     assert "--json" in _one_error_line(capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for out, expected in {**cases, ".": "is a folder"}.items():  # named a temporary file (.run.tmp-*: Is a directory)
+        assert main(["plot", str(run), "--out", str(tmp_path / out)]) == 1
+        line = _one_error_line(capsys)
+        assert expected in line and ".tmp-" not in line

@@ -123,21 +123,26 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary(final, is_dir)
+    try:
+        tmp = make_temporary(final, is_dir)
+    except OSError as err:  # e.g. a read-only folder: name the file that was to be written, not its temporary
+        if isinstance(err.filename, str) and Path(err.filename).name.startswith(f".{final.name}."):
+            err.filename = str(final)
+        raise
     try:
         try:
             yield tmp
+            if is_dir and final.exists():
+                # Directories cannot be renamed over non-empty ones: move the old one aside first.
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)  # onto a folder: "final: Is a directory", not the temporary's name
         except OSError as err:
             name_the_file(err, final, tmp)
             raise
-        if is_dir and final.exists():
-            # Directories cannot be renamed over non-empty ones: move the old one aside first.
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
