@@ -265,3 +265,13 @@ def test_medoid_sample_is_the_consensus_of_the_samples():
     q = random_rotations(1, dtype=F64, generator=g)[0]
     moved = [x @ q.T + 3.0 for x in samples]
     assert medoid_sample(moved, cluster.molecule_index) == pick
+
+
+def test_a_run_recorded_before_the_recipe_fields_resumes_as_the_same_configuration():
+    from kflow.molecular.config import RECIPE_FIELDS, AssemblyModelConfig
+
+    old_record = {k: v for k, v in AssemblyModelConfig().to_dict().items() if k not in RECIPE_FIELDS}
+    assert AssemblyModelConfig().run_record() == old_record  # defaults: recorded as before
+    generative = AssemblyModelConfig(central=True, rotation_loss="atoms", redraw_starts=True)
+    assert generative.run_record() != old_record  # a real change is still a change
+    assert AssemblyModelConfig.from_dict(generative.run_record()) == generative

@@ -17,6 +17,8 @@ from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 __all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES"]
 
 OBJECTIVES = ("flow", "regression")
+# Fields added with the generative recipe (2026-12-03); runs recorded before them used their defaults.
+RECIPE_FIELDS = ("central", "rotation_loss", "rotation_weight", "time_sampling", "redraw_starts")
 
 
 @dataclass
@@ -78,6 +80,16 @@ class AssemblyModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def run_record(self) -> dict:
+        """``to_dict`` without the generative-recipe fields that hold their defaults: what a run folder records,
+        so a run started before those fields existed (they were its defaults) still resumes as the same
+        configuration, and ``from_dict`` restores the defaults."""
+        record = self.to_dict()
+        for key in RECIPE_FIELDS:
+            if record[key] == self.__dataclass_fields__[key].default:
+                del record[key]
+        return record
 
     @classmethod
     def from_dict(cls, d: dict) -> "AssemblyModelConfig":

@@ -157,7 +157,7 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
         train = RedrawnStarts(train, seed=seed)
     torch.manual_seed(seed)
     model, rigid = build_assembly_model(config)
-    run_config = {"model": config.to_dict(), "data_seed": split_seed, "dataset_size": len(store),
+    run_config = {"model": config.run_record(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
     collate = functools.partial(collate_clusters, coupling=config.coupling, central=config.central)
