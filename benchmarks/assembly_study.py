@@ -421,6 +421,8 @@ def main(argv=None):
     p.add_argument("--progress", action="store_true")
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the cells whose row name contains TEXT (e.g. a second process for derived rows)")
+    p.add_argument("--table", default=None, metavar="DATASET_PRESET",
+                   help="run only the cells of one table, e.g. csd500_mild")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; run one study process per core with disjoint --seeds (2 threads on 2 busy "
                         "cores were measured 10x slower than 1)")
@@ -435,7 +437,11 @@ def main(argv=None):
         command += " --seeds " + " ".join(map(str, args.seeds))
     t0 = time.perf_counter()
     if not args.report_only:
-        run_study(out, work, tuple(args.seeds), TABLES, args.progress, args.quick, args.only)
+        tables = [t for t in TABLES if args.table in (None, f"{t[0]}_{t[1]}")]
+        if not tables:
+            p.error(f"--table {args.table}: no such table; choose from "
+                    + ", ".join(f"{t[0]}_{t[1]}" for t in TABLES))
+        run_study(out, work, tuple(args.seeds), tables, args.progress, args.quick, args.only)
     body = report(out, work, tuple(args.seeds), TABLES, command, args.quick)
     print(body)
     print(f"study wall time this sitting: {time.perf_counter() - t0:.0f} s")
