@@ -229,7 +229,7 @@ def test_train_assembly_builds_batches_with_the_configured_coupling(tmp_path, mo
     config = AssemblyModelConfig(hidden_irreps="8x0e + 4x1o + 4x1e", num_molecule_layers=1, coupling="ot")
     workflow.train_assembly(store, tmp_path / "run", config, steps=1, progress=False)
     collate = captured["collate"]
-    assert isinstance(collate, functools.partial) and collate.keywords == {"coupling": "ot"}
+    assert isinstance(collate, functools.partial) and collate.keywords == {"coupling": "ot", "central": False}
     train = captured["dataset"]
     items = [train[i] for i in range(len(train))]
     batch, index = collate(items), collate_clusters(items)
@@ -241,7 +241,14 @@ def test_train_script_has_a_coupling_flag():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import train_assembly
 
+    from kflow.molecular.commands import model_config_from_args
+
     assert train_assembly.parse_args(["--coupling", "ot"]).coupling == "ot"
-    assert train_assembly.parse_args([]).coupling == "index"
+    # the default is resolved with the recipe: index, or eot with --generative unless --coupling is given
+    assert model_config_from_args(train_assembly.parse_args([])).coupling == "index"
+    assert model_config_from_args(train_assembly.parse_args(["--generative"])).coupling == "eot"
+    assert model_config_from_args(train_assembly.parse_args(["--generative", "--coupling", "ot"])).coupling == "ot"
+    generative = model_config_from_args(train_assembly.parse_args(["--generative", "--no-redraw-starts"]))
+    assert generative.central and not generative.condition_on_start and not generative.redraw_starts
     with pytest.raises(SystemExit):
         train_assembly.parse_args(["--coupling", "greedy"])

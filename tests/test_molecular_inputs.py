@@ -214,13 +214,17 @@ def test_folder_build_accounts_for_every_file(edge_folder, tmp_path, capsys):
     sys.path.insert(0, str(SCRIPTS))
     import build_clusters
 
-    (edge_folder / "notes.txt").write_text("not a crystal")  # not an input: folders contribute their .cif files
+    notes = edge_folder / "notes.txt"
+    notes.write_text("not a crystal")  # not an input (folders contribute their .cif files), but accounted for
     out = tmp_path / "built"
     assert build_clusters.main([str(edge_folder), "--out", str(out), "--draws", "1", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
-    assert f"input files: {len(EDGE_CASES)}" in printed and str(out / "summary.json") in printed
+    assert f"input files: {len(EDGE_CASES) + 1}" in printed and str(out / "summary.json") in printed
     summary = json.loads((out / "summary.json").read_text())
     files = summary["files"]
+    assert files.pop(str(notes))["rejected"] == {"not_read": 1}  # listed as not read, with how to read it
+    summary["rejected"].pop("not_read")
+    summary["file_status"]["rejected"] -= 1
     assert sorted(files) == sorted(str(edge_folder / f"{n}.cif") for n in EDGE_CASES)  # every file, once
     for name, (_, outcome) in EDGE_CASES.items():
         record = files[str(edge_folder / f"{name}.cif")]
