@@ -116,13 +116,16 @@ def redraw_start(cluster: Cluster, noise, seed: int) -> Cluster:
     from kflow.molecular.crystals import noise_model
 
     m = cluster.num_molecules
-    final = cluster.final_positions.double().reshape(m, -1, 3)  # [M, P, 3]: molecules are contiguous, equal size
+    order = torch.argsort(cluster.molecule_index, stable=True)  # molecule-major: molecule 0 (central) first
+    final = cluster.final_positions.double()[order].reshape(m, -1, 3)  # [M, P, 3]: equal-size copies
     gen = torch.Generator().manual_seed(int(seed))
-    initial = noise_model(noise).apply(final, gen, cluster.info.get("volume_per_molecule")).reshape(-1, 3)
+    initial = torch.empty(order.shape[0], 3, dtype=final.dtype)
+    initial[order] = noise_model(noise).apply(final, gen, cluster.info.get("volume_per_molecule")).reshape(-1, 3)
     shift = initial.mean(0)
     dtype = cluster.initial_positions.dtype
     out = Cluster(cluster.atomic_numbers, cluster.molecule_index, (initial - shift).to(dtype),
-                  (final.reshape(-1, 3) - shift).to(dtype), cluster.name, cluster.crystal, dict(cluster.info))
+                  (cluster.final_positions.double() - shift).to(dtype), cluster.name, cluster.crystal,
+                  dict(cluster.info))
     out.info["start_seed"] = int(seed)
     return out
 
