@@ -16,7 +16,8 @@ from kflow.molecular.artifacts import load_assembly_model, read_predictions, wri
 from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster, InvalidCrystal, RejectionSummary
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.crystals import NoiseModel, build_cluster, build_clusters, find_molecules, read_crystals
-from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, split_indices
+from kflow.molecular.baselines import pyxtal_predictions, shell_predictions
+from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, RedrawnStarts, redraw_start, split_indices
 from kflow.molecular.flow import AssemblyBatch, RigidityError, RigidKFlow, collate_clusters
 from kflow.molecular.geometry import fit_rigid_motion, kabsch, rigid_frames
 from kflow.molecular.io import check_rigid_consistency, export_cluster, read_cod_cluster17, write_cod_cluster17
@@ -25,7 +26,9 @@ from kflow.molecular.metrics import (PackingMatching, aggregate_min_over_repeats
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.objective import AssemblyLoss
 from kflow.molecular.pretrained import list_pretrained, load_pretrained, save_pretrained
-from kflow.molecular.sampling import predict_assembly, sample_assembly
+from kflow.molecular.packing_similarity import packing_similarity
+from kflow.molecular.relax import relax_cluster
+from kflow.molecular.sampling import medoid_sample, predict_assembly, predict_medoid, sample_assembly
 from kflow.molecular.sources import (build_cluster_dataset, build_clusters_from_files, build_csd500_dataset,
                                      build_demo_dataset)
 from kflow.molecular.store import ClusterStore, write_cluster_store
@@ -42,4 +45,6 @@ __all__ = [
     "AssemblyNetwork", "sample_assembly", "predict_assembly", "AssemblyLoss", "AssemblyModelConfig",
     "build_assembly_model", "load_assembly_model", "read_predictions", "write_predictions", "load_assembly_dataset",
     "train_assembly", "evaluate_assembly", "load_pretrained", "save_pretrained", "list_pretrained",
+    "RedrawnStarts", "redraw_start", "shell_predictions", "pyxtal_predictions", "packing_similarity",
+    "relax_cluster", "medoid_sample", "predict_medoid",
 ]
