@@ -275,3 +275,14 @@ def test_a_run_recorded_before_the_recipe_fields_resumes_as_the_same_configurati
     generative = AssemblyModelConfig(central=True, rotation_loss="atoms", redraw_starts=True)
     assert generative.run_record() != old_record  # a real change is still a change
     assert AssemblyModelConfig.from_dict(generative.run_record()) == generative
+
+
+def test_resume_compares_recorded_configurations_in_canonical_form():
+    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.workflow import _canonical_run_config
+
+    config = AssemblyModelConfig(num_bands=3, central=True, rotation_loss="atoms")
+    full, short = {"model": config.to_dict(), "lr": 1e-3}, {"model": config.run_record(), "lr": 1e-3}
+    assert full != short and _canonical_run_config(full) == _canonical_run_config(short)
+    other = {"model": AssemblyModelConfig(num_bands=3, central=True).run_record(), "lr": 1e-3}
+    assert _canonical_run_config(other) != _canonical_run_config(full)

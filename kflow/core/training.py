@@ -337,7 +337,8 @@ class Trainer:
                  keep_checkpoints: int = 3, log_every: int = 10, seed: int = 0,
                  structural_keys: Sequence[str] | None = None, num_workers: int = 0, device=None,
                  progress: bool = True, max_bad_steps: int = 20, eval_fn: Callable | None = None,
-                 eval_every: int | None = None, overwrite: bool = False, deterministic: bool = False):
+                 eval_every: int | None = None, overwrite: bool = False, deterministic: bool = False,
+                 normalize_config: Callable[[dict], dict] | None = None):
         _check_positive(batch_size=batch_size, max_steps=max_steps, checkpoint_every=checkpoint_every,
                         keep_checkpoints=keep_checkpoints, log_every=log_every, lr=lr, max_bad_steps=max_bad_steps)
         if eval_every is not None:
@@ -357,6 +358,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.config = dict(config or {})
         self.structural_keys = structural_keys
+        # Maps a recorded configuration onto its canonical form before a resume compares it (e.g. filling fields
+        # added since it was written with the defaults they had), so equal configurations compare equal.
+        self.normalize_config = normalize_config or (lambda c: c)
         self.grad_clip, self.max_bad_steps = grad_clip, max_bad_steps
         self.checkpoint_every, self.keep_checkpoints, self.log_every = checkpoint_every, keep_checkpoints, log_every
         self.num_workers, self.progress = num_workers, progress
@@ -433,8 +437,8 @@ class Trainer:
 
     def load_state(self, path: str | os.PathLike, accept_changes: bool = False):
         state = _read_checkpoint(path, map_location=self.device)
-        saved, current = _structural(state.get("config", {}), self.structural_keys), _structural(
-            self.config, self.structural_keys)
+        saved = _structural(self.normalize_config(dict(state.get("config", {}))), self.structural_keys)
+        current = _structural(self.normalize_config(dict(self.config)), self.structural_keys)
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])

@@ -167,12 +167,25 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
                       ema_decay=ema_decay, checkpoint_every=checkpoint_every, seed=seed, num_workers=num_workers,
                       progress=progress, device=device, overwrite=overwrite, deterministic=deterministic,
                       structural_keys=["model", "data_seed", "dataset_size", "batch_size", "lr", "ema_decay"],
+                      normalize_config=_canonical_run_config,
                       eval_fn=eval_fn, eval_every=eval_every)
     try:
         summary = trainer.fit(resume=resume)
     finally:
         dist_utils.cleanup_distributed()
     return trainer.ema_model(), rigid, summary
+
+
+def _canonical_run_config(config: dict) -> dict:
+    """A run's recorded configuration with its model in canonical form (``AssemblyModelConfig.run_record``), so runs
+    recorded before or after a field existed compare equal when the field holds its default."""
+    model = config.get("model")
+    if isinstance(model, dict):
+        try:
+            config = {**config, "model": AssemblyModelConfig.from_dict(model).run_record()}
+        except (TypeError, ValueError):  # not a valid configuration: compared as recorded
+            pass
+    return config
 
 
 def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None) -> dict:
