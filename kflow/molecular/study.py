@@ -270,8 +270,7 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
     done = cell.load()
     if done is not None:
         return done
-    model, rigid = _load_model_cell(cell, model_cell)
-    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    model, rigid, test = _model_and_test(cell, model_cell, store, budget)
     t0 = time.perf_counter()
     preds = predict_assembly(model, rigid, test, steps=budget.sample_steps)
     relaxed, shifts, failed = [], [], 0
@@ -291,13 +290,16 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
                       "metrics": _metrics_summary(results)})
 
 
-def _load_model_cell(cell: StudyCell, model_cell: StudyCell):
+def _model_and_test(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget):
+    """(``model_cell``'s selected EMA model in eval mode, its rigid flow, the study's test split) for a cell that
+    re-uses a finished model cell."""
     base = model_cell.load()
     if base is None:
         raise ValueError(f"{cell.slug}: the model cell {model_cell.slug} has not finished")
     model, rigid = build_assembly_model(AssemblyModelConfig.from_dict(base["config"]))
     model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
-    return model.eval(), rigid
+    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    return model.eval(), rigid, test
 
 
 def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget, samples: int = 8) -> dict:
@@ -309,8 +311,7 @@ def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Study
     done = cell.load()
     if done is not None:
         return done
-    model, rigid = _load_model_cell(cell, model_cell)
-    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    model, rigid, test = _model_and_test(cell, model_cell, store, budget)
     t0 = time.perf_counter()
     preds = predict_medoid(model, rigid, test, samples=samples, steps=budget.sample_steps, seed=cell.seed)
     results = evaluate_assembly(test, preds)
