@@ -47,14 +47,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = []
     for label, case in CASES:
-        times = sorted(time_command(case, args.repeats))
-        rows.append([label, f"{times[len(times) // 2]:.1f}", f"{times[0]:.1f}", f"{times[-1]:.1f}"])
+        for mode, extra in (("relaxed (default)", []), ("--no-relax", ["--no-relax"])):
+            times = sorted(time_command(case + extra, args.repeats))
+            rows.append([label, mode, f"{times[len(times) // 2]:.1f}", f"{times[0]:.1f}", f"{times[-1]:.1f}"])
     load = os.getloadavg()[0]
     body = ("## `kflow assemble` speed (`python -m benchmarks.bench_assemble`)\n\n"
             f"`kflow assemble INPUT --samples 8` with the shipped `hard` model and its default sampling steps, "
             f"run as a fresh process (Python start-up, imports and model loading included), {args.repeats} runs "
-            "each; seconds of wall time. The target is ≤ 30 s for a molecule on 2 CPU cores.\n\n"
-            + markdown_table(["input", "median (s)", "fastest (s)", "slowest (s)"], rows)
+            "each, with the default MMFF94 rigid-body relaxation of the 8 samples and without it (`--no-relax`), "
+            "interleaved in one run; seconds of wall time. The target is ≤ 30 s for a molecule on 2 CPU cores.\n\n"
+            + markdown_table(["input", "samples", "median (s)", "fastest (s)", "slowest (s)"], rows)
             + f"\n\n1-min load average at the end of the run: {load:.1f} on {os.cpu_count()} cores "
               "(other work on the machine slows these numbers).")
     print(body)
