@@ -5,6 +5,17 @@ decomposition; steerability. Writes the "vision-study" section of BENCHMARKS.md 
     python benchmarks/bench_vision.py --study [--jobs 2]   # the published study (resumable; ~150 min on 2 cores)
     python benchmarks/bench_vision.py --study --quick      # same code path, tiny budget (a few minutes)
     python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~3.5 h)
+    python benchmarks/bench_vision.py --study --verdict    # each model at its best sampler, overlap sweep (vision-verdict)
+
+The verdict stage (issue 23) retrains every compared model under the main study's budget (6000 steps, cosine LR)
+but selects checkpoints by a cheap latent Fréchet distance under each of Euler, Heun and dopri5 at 20 NFE (the best
+sampler at a matched budget is kept with the checkpoint), so that no model is judged by a sampler that suits it
+badly; rows: flow matching and K-Flow Fourier / Wavelet at overlap 0, 0.2, 0.5, 0.8 and with the low band moving
+until t = 1, each with velocity and x1 prediction (22 rows, seed 0), then seed 1 of the best flow-matching and
+K-Flow rows, then 2,000-sample FIDs against all 10,000 test images for those and for the other decomposition's best
+row. Sized from the 2-core rates above: ~18 min per row on one worker (training ~14, validation and test latent FDs
+~4), ~7 h of worker time for the 24 trainings, plus ~40 min of Inception for the test set's features and ~8 min per
+final FID; it spans sittings (resumable like the rest).
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
 again, at a constant LR after the warm-up, until the validation FID has improved by less than 1% over 3 evaluations
@@ -61,7 +72,8 @@ import numpy as np
 from benchmarks.report import markdown_table, write_section
 from kflow.utils.io import safe_filename
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
-from kflow.vision.study import (HEADLINE, StudyCell, VisionStudyBudget, ablation_rows, cell_spec, check_same_latents,
+from kflow.vision.config import ImageModelConfig
+from kflow.vision.study import (HEADLINE, MATCHED_NFE, StudyCell, VisionStudyBudget, ablation_rows, cell_spec, check_same_latents,
                                 run_cell_spec, study_context, study_rows)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +174,77 @@ class PlateauPlan(Plan):
         cells = [(row, seed) for seed in SEEDS for row in rows[:2]] + [(row, 0) for row in rows[2:]]
         return [cell_spec(self.model_cell(row + PLATEAU_SUFFIX, seed, self.main.rows[row]), self.budget,
                           self.data_root) for row, seed in cells]
+
+
+# ----------------------------------------------------------------------------------------------- the verdict stage
+VERDICT_SCHEDULES = {"": {}, ", overlap 0.2": {"overlap": 0.2}, ", overlap 0.5": {"overlap": 0.5},
+                     ", overlap 0.8": {"overlap": 0.8},
+                     # the low band keeps moving until t = 1; the high band has overlap 0's window
+                     ", low band to t=1": {"windows": ((0.0, 1.0), (0.5, 1.0))}}
+PREDICTION_SUFFIX = {"velocity": "", "x1": ", x1"}
+
+
+def verdict_rows(budget: VisionStudyBudget) -> dict[str, ImageModelConfig]:
+    """Flow matching and the overlap sweep of K-Flow Fourier and Wavelet, each with velocity and x1 prediction
+    (velocity rows first: the run order)."""
+    rows = {}
+    for prediction, suffix in PREDICTION_SUFFIX.items():
+        rows["flow matching" + suffix] = budget.model_config("none", prediction=prediction)
+        for schedule, change in VERDICT_SCHEDULES.items():
+            for decomposition in ("fourier", "wavelet"):
+                rows[f"K-Flow {decomposition.capitalize()}{schedule}{suffix}"] = budget.model_config(
+                    decomposition, prediction=prediction, **change)
+    return rows
+
+
+class VerdictPlan(Plan):
+    """Issue 23's verdict: every row of ``verdict_rows`` seed 0, selected by the latent Fréchet distance of its
+    best sampler (euler / heun / dopri5 at 20 NFE); then seed 1 of the better flow-matching row and of the best
+    K-Flow row (lowest validation score at seed 0); then 2,000-sample FIDs against the whole test set for those
+    two rows (both seeds) and the best row of the other decomposition (seed 0)."""
+
+    def __init__(self, out, work, budget, figures, data_root=None):
+        super().__init__(out, work, budget, figures, data_root)
+        self.rows = verdict_rows(budget)
+
+    def best(self, prefix: str) -> str | None:
+        """The row starting with ``prefix`` with the lowest seed-0 validation score, once all of them finished."""
+        done = {row: self.model_cell(row, 0).load() for row in self.rows if row.startswith(prefix)}
+        if not done or any(r is None for r in done.values()):
+            return None
+        return min(done, key=lambda row: done[row]["best_val_fid"])
+
+    def compared(self) -> list[str]:
+        """[best flow matching, best K-Flow, best of the other decomposition] once seed 0 has finished."""
+        fm, kflow = self.best("flow matching"), self.best("K-Flow")
+        if fm is None or kflow is None:
+            return []
+        other = self.best("K-Flow Wavelet" if kflow.startswith("K-Flow Fourier") else "K-Flow Fourier")
+        return [fm, kflow, other]
+
+    def final_cell(self, row: str, seed: int) -> StudyCell | None:
+        source = self.model_cell(row, seed)
+        result = source.load()
+        if result is None:
+            return None
+        return StudyCell("final", row, seed, self.out, self.work, budget=self.budget,
+                         extra={"run": str(source.run_dir), "sampler": result["best_sampler"], "after": source.slug})
+
+    def specs(self) -> list[dict]:
+        b = self.budget
+        cells = [self.model_cell(row, 0) for row in self.rows]
+        compared = self.compared()
+        if compared:
+            cells += [self.model_cell(row, 1) for row in compared[:2]]
+            finals = [(row, seed) for row in compared[:2] for seed in SEEDS] + [(compared[2], 0)]
+            cells += [c for c in (self.final_cell(row, seed) for row, seed in finals) if c is not None]
+        return [cell_spec(c, b, self.data_root) for c in cells]
+
+
+VERDICT = replace(FULL, selection="latent_fd", val_samplers=("euler", "heun", "dopri5"), val_samples=500, nfe=(),
+                  final_samples=2000)
+VERDICT_QUICK = replace(QUICK, selection="latent_fd", val_samplers=("euler", "heun", "dopri5"), nfe=(),
+                        final_samples=16, val_samples=16, final_reference=100)
 
 
 def _cell(spec):
@@ -483,6 +566,98 @@ def plateau_report(plan: PlateauPlan, command: str) -> str:
     return "\n".join(parts)
 
 
+def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
+    """(sweep table over every row, final FID table, verdict sentence)."""
+    found = _results(plan)
+    samplers = plan.budget.val_samplers
+    sweep = []
+    for row in plan.rows:
+        results = found.get(row)
+        if not results:
+            continue
+        config = results[0]["config"]
+        cells = []
+        for method in samplers:
+            fds = [r["final"][method]["latent_fd"] for r in results]
+            nfe = np.mean([r["final"][method]["nfe"] for r in results])
+            cells.append(f"{_mean_std3(fds)} ({nfe:.0f})")
+        sweep.append([row, len(results), ", ".join(f"{r['steps_run']}" for r in results),
+                      ", ".join(str(r["best_step"]) for r in results),
+                      ", ".join(r["best_sampler"] for r in results),
+                      _mean_std3([r["best_val_fid"] for r in results]), *cells,
+                      config.get("prediction", "velocity")])
+    sweep_table = markdown_table(["model", "seeds", "steps run", "best step", "sampler (val)", "val latent FD",
+                                  *[f"test latent FD, {m} (NFE)" for m in samplers], "prediction"], sweep)
+    finals: dict[str, list[dict]] = {}
+    for spec in plan.specs():
+        if spec["kind"] == "final":
+            result = _cell(spec).load()
+            if result is not None:
+                finals.setdefault(spec["row"], []).append(result)
+    final_rows = []
+    for row, results in finals.items():
+        models = {r["seed"]: r for r in found.get(row, [])}
+        latent = [models[r["seed"]]["final"][r["sampler"]]["latent_fd"] for r in results if r["seed"] in models]
+        final_rows.append([row, ", ".join(str(r["seed"]) for r in results),
+                           ", ".join(sorted({r["sampler"] for r in results})),
+                           f"{np.mean([r['nfe'] for r in results]):.0f}", _mean_std([r["fid"] for r in results]),
+                           _mean_std3(latent), _mean_std([r["precision"] * 100 for r in results]),
+                           _mean_std([r["recall"] * 100 for r in results])])
+    b = plan.budget
+    final_table = markdown_table(["model", "seeds", "sampler", "NFE", f"FID ({b.final_samples} samples)",
+                                  "test latent FD", "precision %", "recall %"], final_rows) if final_rows else ""
+    compared = plan.compared()
+    verdict = ""
+    if len(compared) >= 2 and all(len(finals.get(row, [])) == len(SEEDS) for row in compared[:2]):
+        fm, kf = ([r["fid"] for r in finals[row]] for row in compared[:2])
+        spread = max(np.std(fm), np.std(kf), 0.01 * np.mean(fm))
+        verdict = (f"{compared[1]} (FID {np.mean(kf):.1f} ± {np.std(kf):.1f}) {_compare_word(np.mean(kf), np.mean(fm), spread)} "
+                   f"{compared[0]} ({np.mean(fm):.1f} ± {np.std(fm):.1f}): difference {np.mean(kf) - np.mean(fm):+.1f}, "
+                   f"seed spread {spread:.1f} (2 seeds each, each model at its own best sampler).")
+    return sweep_table, final_table, verdict
+
+
+def _mean_std3(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def verdict_report(plan: VerdictPlan, command: str) -> str:
+    b = plan.budget
+    found = _results(plan)
+    check_same_latents([r for rs in found.values() for r in rs])
+    sweep_table, final_table, verdict = _verdict_tables(plan)
+    parts = [
+        "## Image study, verdict stage (`python benchmarks/bench_vision.py --study --verdict`)\n",
+        f"Command: `{command}` (resumable; results in `{_rel(plan.out)}/`). The main study's latents, {b.model}, "
+        f"batch {b.batch_size}, AdamW lr {b.lr} with the cosine decay over {b.steps} steps, EMA 0.999. Checkpoint "
+        f"selection: every {b.eval_every} steps the EMA model draws {b.val_samples} latents (balanced classes, fixed "
+        f"noise) with each of {', '.join(b.val_samplers)} at {b.val_nfe} NFE (Heun {b.val_nfe // 2} steps; dopri5 at "
+        f"rtol = atol = {b.dopri5_tol:g}, its NFE measured), scored by the Fréchet distance of the latents to the "
+        f"{b.val_images} held-out training images' latents; the model's score is its best sampler's among those "
+        f"that ran within {MATCHED_NFE:g}× {b.val_nfe} NFE (a matched budget), and the checkpoint with the best "
+        f"score is kept with that sampler. Test latent FD: {b.final_samples} samples per "
+        f"sampler against the latents of the first {b.final_reference} test images (cheap and low-noise: a 256-dimensional Gaussian "
+        f"fit). Rows: flow matching and K-Flow Fourier / Wavelet {b.wavelet} (2 bands, low→high, linear ramps) with "
+        "overlap 0, 0.2, 0.5, 0.8 and a schedule whose low band keeps moving until t = 1 (windows [0, 1] and "
+        "[0.5, 1]), each with velocity and x1 prediction (x1 samplers with the corrected conversion), seed 0; "
+        "then seed 1 of the best flow-matching and the best K-Flow row (lowest validation score).\n",
+        "### Every row: validation and test latent FD by sampler\n", sweep_table + "\n"]
+    if final_table:
+        parts += [f"### Final table: FID of {b.final_samples} samples against the first {b.final_reference} test images (Inception-v3)\n",
+                  "Each model with the sampler that won its validation, at the NFE in the table.\n",
+                  final_table + "\n"]
+    if verdict:
+        parts += ["### Verdict\n", verdict + "\n"]
+    pending = [_cell(spec).slug for spec in plan.specs() if _cell(spec).load() is None]
+    if pending or not plan.compared():
+        parts.append("Not finished yet (the next run of the command continues): " + (", ".join(
+            f"`{slug}`" for slug in pending) or "the seed-1 and final cells, once every seed-0 row has finished") + ".")
+    return "\n".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def _override(budget: VisionStudyBudget, items) -> VisionStudyBudget:
     """--set KEY=VALUE ... (development and tests: shrink a budget further)."""
@@ -493,7 +668,8 @@ def _override(budget: VisionStudyBudget, items) -> VisionStudyBudget:
             raise ValueError(f"--set {item}: {key!r} is not a field of the study budget")
         current = getattr(budget, key)
         if isinstance(current, tuple):
-            changes[key] = tuple(type(current[0])(v) for v in value.split(","))
+            kind = type(current[0]) if current else int  # an empty default (the verdict's nfe) holds counts
+            changes[key] = tuple(kind(v) for v in value.split(",") if v)
         elif current is None or isinstance(current, str):
             changes[key] = None if value == "none" else value
         else:
@@ -509,6 +685,10 @@ def main(argv=None):
     p.add_argument("--plateau", action="store_true",
                    help="the convergence stage: flow matching and the best K-Flow variant at a constant LR until "
                         "the validation FID levels off (needs the main study's seed-0 cells; section vision-plateau)")
+    p.add_argument("--verdict", action="store_true",
+                   help="issue 23's verdict stage: every model at its best sampler (latent-FD selection), the overlap "
+                        "sweep with velocity and x1 prediction, 2,000-sample FIDs against the test set "
+                        "(section vision-verdict)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one torch thread each")
     p.add_argument("--report-only", action="store_true", help="write the tables from the results saved so far")
     p.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
@@ -528,6 +708,7 @@ def main(argv=None):
     else:
         out, work, figures = REPO / "benchmarks/results/vision_study", REPO / "runs/vision_study", REPO / "docs/figures"
     command = "python benchmarks/bench_vision.py --study" + (" --plateau" if args.plateau else "") + (
+        " --verdict" if args.verdict else "") + (
         " --quick" if args.quick else "")
     plan = Plan(out, work, budget, figures, args.data_root)
     section = "vision-study"
@@ -538,10 +719,17 @@ def main(argv=None):
         stage = _override(_override(PLATEAU_QUICK if args.quick else PLATEAU, args.set), args.plateau_set)
         plan = PlateauPlan(plan, stage)
         budget, section = plan.budget, "vision-plateau"
+    if args.verdict:
+        stage = _override(VERDICT_QUICK if args.quick else VERDICT, args.set)
+        plan = VerdictPlan(out / "verdict", work, stage, figures, args.data_root)
+        budget, section = plan.budget, "vision-verdict"
     t0 = time.perf_counter()
     if not args.report_only:
         run_study(plan, max(1, args.jobs), args.progress)
-    body = plateau_report(plan, command) if args.plateau else report(plan, command, args.quick)
+    if args.verdict:
+        body = verdict_report(plan, command)
+    else:
+        body = plateau_report(plan, command) if args.plateau else report(plan, command, args.quick)
     print(body)
     print(f"study wall time this sitting: {time.perf_counter() - t0:.0f} s; budget {asdict(budget)}")
     if not (args.no_write or args.quick or args.out or args.set):

@@ -21,7 +21,8 @@ def test_wavelet_and_classes_are_resolved_once_and_survive_a_round_trip():
 
 @pytest.mark.parametrize("options", [{"decomposition": "bogus"}, {"decomposition": "none", "num_bands": 2},
                                      {"model": "DiT-Q/3"}, {"ramp": "steep"}, {"order": "sideways"},
-                                     {"prediction": "noise"}])
+                                     {"prediction": "noise"}, {"windows": ((0.0, 1.0),)},
+                                     {"windows": ((0.0, 1.0), (0.6, 0.5))}])
 def test_invalid_configs_are_refused_when_made(options):
     with pytest.raises(ValueError):
         ImageModelConfig(**options)
@@ -36,6 +37,7 @@ def test_training_and_loading_build_the_same_model():
     assert flow.prediction == flow2.prediction == "x1" and flow2.schedule.ramp == "smooth"
     assert torch.equal(flow.schedule.starts, flow2.schedule.starts)
     again, _ = build_image_model(config, seed=0)
+    assert "windows" not in config.to_dict()  # records made before explicit windows existed stay identical
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
 
 
@@ -88,3 +90,16 @@ def test_a_latent_cache_of_the_old_pickled_format_is_rebuilt_not_unpickled(tmp_p
         z, _, rebuilt = load_or_build_latent_cache(tmp_path / "old.lmdb", {"ae": "a"},
                                                    lambda: (torch.ones(2, 1), torch.arange(2)))
     assert rebuilt and torch.equal(read_latent_cache(tmp_path / "old.lmdb")[0], torch.ones(2, 1))
+
+
+def test_explicit_windows_reach_the_schedule_and_survive_a_round_trip():
+    """The low band keeps moving until t = 1 while the high band starts at 0.5: windows given as they are."""
+    config = ImageModelConfig(model="DiT-M/2", decomposition="fourier", num_bands=2, windows=[[0, 1], [0.5, 1]],
+                              latent_shape=(1, 8, 8), num_classes=2)
+    assert config.windows == ((0.0, 1.0), (0.5, 1.0))
+    again = ImageModelConfig.from_dict(config.to_dict())
+    assert again == config
+    _, flow = build_image_model(again)
+    assert flow.schedule.starts.tolist() == [0.0, 0.5] and flow.schedule.ends.tolist() == [1.0, 1.0]
+    s = flow.schedule.s(torch.tensor([0.25, 0.75]))
+    assert torch.allclose(s, torch.tensor([[0.25, 0.0], [0.75, 0.5]], dtype=s.dtype))

@@ -290,3 +290,64 @@ def test_validation_fid_keeps_the_best_weights_and_stops_on_a_plateau(tmp_path, 
     assert state["best_step"] == 4 and state["best_fid"] == 4.0 and state["stopped"]
     assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
     assert torch.equal(torch.load(tmp_path / "run" / "best.pt")["weight"], torch.ones(2, 2))  # step 4's weights
+
+
+def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_path, tiny_features, capsys,
+                                                                          monkeypatch):
+    """Issue 23's verdict stage on a miniature budget (two schedules instead of five): every row with velocity and
+    x1 prediction, validation by the latent Fréchet distance of each sampler (the best one kept with the
+    checkpoint), test latent FDs per sampler, seed 1 of the two best rows and FIDs of the final cells; resumable."""
+    from benchmarks import bench_vision, vision_study
+    from benchmarks.vision_study import VERDICT_QUICK, VerdictPlan, _override
+
+    monkeypatch.setattr(vision_study, "VERDICT_SCHEDULES",
+                        {"": {}, ", low band to t=1": {"windows": ((0.0, 1.0), (0.5, 1.0))}})
+    data = image_folder(tmp_path / "images")
+    out = tmp_path / "study"
+    mini = [item for item in MINI if not item.startswith("nfe=")]  # the verdict has no Inception NFE sweep
+    settings = [f"dataset={data}", *mini, "final_samples=8", "final_reference=16", "val_samples=8"]
+    argv = ["--study", "--verdict", "--quick", "--jobs", "1", "--out", str(out), "--set", *settings]
+    bench_vision.main(argv)
+    text = capsys.readouterr().out
+    for heading in ("Every row: validation and test latent FD by sampler", "Final table", "### Verdict"):
+        assert heading in text, heading
+    plan = VerdictPlan(out / "verdict", out / "work", _override(VERDICT_QUICK, settings), out / "figures")
+    assert len(plan.rows) == 10  # (flow matching + 2 schedules × 2 decompositions) × 2 predictions
+    fm = plan.model_cell("flow matching", 0).load()
+    assert fm["selection"] == "latent_fd" and fm["sweep"] == {}
+    assert set(fm["final"]) == {"euler", "heun", "dopri5"}
+    assert fm["final"]["euler"]["nfe"] == 20 and fm["final"]["heun"]["nfe"] == 20 and fm["final"]["dopri5"]["nfe"] > 0
+    for entry in fm["history"]:  # the selection score is the latent FD of the best sampler at a matched budget
+        matched = [m for m in entry["latent_fd"] if entry["nfe"][m] <= 1.5 * 20] or list(entry["latent_fd"])
+        assert entry["fid"] == min(entry["latent_fd"][m] for m in matched) == entry["latent_fd"][entry["sampler"]]
+    best_entry = min(fm["history"], key=lambda h: h["fid"])
+    assert fm["best_sampler"] == best_entry["sampler"] and fm["best_step"] == best_entry["step"]
+    to_one = plan.model_cell("K-Flow Wavelet, low band to t=1, x1", 0).load()
+    assert to_one["config"]["windows"] == [[0.0, 1.0], [0.5, 1.0]] and to_one["config"]["prediction"] == "x1"
+    compared = plan.compared()
+    assert compared[0].startswith("flow matching") and compared[1].startswith("K-Flow")
+    assert compared[2].startswith("K-Flow") and compared[2].split()[1] != compared[1].split()[1]
+    finals = sorted(p.name for p in (out / "verdict" / "final").glob("*.json"))
+    assert len(finals) == 5 and len(list((out / "verdict" / "model").glob("*_s1.json"))) == 2
+    final = json.loads((out / "verdict" / "final" / f"{Path(plan.model_cell(compared[1], 0).slug).name}.json")
+                       .read_text())
+    assert final["sampler"] == plan.model_cell(compared[1], 0).load()["best_sampler"]
+    assert final["samples"] == 8 and final["reference"] == 16 and np.isfinite(final["fid"])
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "verdict").rglob("*.json")}
+    bench_vision.main(argv)  # a rerun recomputes nothing
+    assert "training up to" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_latent_fd_selection_needs_known_samplers_at_a_matched_budget():
+    from kflow.vision.study import VisionStudyBudget, matched_nfe
+
+    assert matched_nfe({"euler": 20, "heun": 20, "dopri5": 111}, 20) == ["euler", "heun"]
+    assert matched_nfe({"euler": 20, "dopri5": 28}, 20) == ["euler", "dopri5"]
+    assert matched_nfe({"dopri5": 111}, 20) == ["dopri5"]  # nothing matched: every sampler competes
+
+    with pytest.raises(ValueError, match="selection must be one of"):
+        VisionStudyBudget(selection="inception")
+    with pytest.raises(ValueError, match="val_samplers must name samplers"):
+        VisionStudyBudget(val_samplers=("rk4",))

@@ -98,6 +98,7 @@ class ImageModelConfig:
     order: str = "low_to_high"
     overlap: float = 0.0
     band_weights: tuple[float, ...] | None = None  # window widths ∝ these (e.g. band energies); None: equal
+    windows: tuple[tuple[float, float], ...] | None = None  # explicit (start, end) per band; overrides the above
     prediction: str = "velocity"
     class_dropout_prob: float = 0.1
     latent_shape: tuple[int, int, int] | None = None
@@ -118,6 +119,10 @@ class ImageModelConfig:
             if len(weights) != self.num_bands or not all(w > 0 for w in weights):
                 raise ValueError(f"band_weights must be {self.num_bands} positive numbers, got {list(weights)}")
             object.__setattr__(self, "band_weights", weights)
+        if self.windows is not None:
+            windows = tuple((float(a), float(c)) for a, c in self.windows)
+            BandSchedule(self.num_bands, windows=windows)  # the schedule's own checks: K pairs, 0 <= a < c <= 1
+            object.__setattr__(self, "windows", windows)
         if self.latent_shape is not None:
             shape = tuple(int(s) for s in self.latent_shape)
             if len(shape) != 3:
@@ -141,6 +146,10 @@ class ImageModelConfig:
         d = asdict(self)
         d["latent_shape"] = list(self.latent_shape) if self.latent_shape is not None else None
         d["band_weights"] = list(self.band_weights) if self.band_weights is not None else None
+        if self.windows is None:
+            del d["windows"]  # records made before explicit windows existed stay identical
+        else:
+            d["windows"] = [list(w) for w in self.windows]
         return d
 
     @classmethod
@@ -201,7 +210,7 @@ def build_image_model(config: ImageModelConfig, fit_data: torch.Tensor | None = 
         config.decomposition, config.latent_shape, config.num_bands, fit_data=fit_data, wavelet=config.wavelet,
         pca_patch_size=config.pca_patch_size)
     schedule = BandSchedule(config.num_bands, ramp=config.ramp, order=config.order, overlap=config.overlap,
-                            weights=config.band_weights)
+                            weights=config.band_weights, windows=config.windows)
     flow = KFlow(decomposition, schedule, prediction=config.prediction)
     if seed is not None:
         torch.manual_seed(seed)

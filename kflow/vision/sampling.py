@@ -49,7 +49,7 @@ class GuidedModel(nn.Module):
 def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | None = None, steps: int = 50,
                    method: str = "heun", cfg_scale: float = 1.0, condition_tau: float | None = None,
                    noise: torch.Tensor | None = None, share_noise_bands=None, seed: int = 0,
-                   return_trajectory: bool = False, steps_per_band=None):
+                   return_trajectory: bool = False, steps_per_band=None, rtol: float = 1e-5, atol: float = 1e-5):
     """Generate latents [N, C, H, W].
 
     Args:
@@ -59,6 +59,7 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
         noise: source noise to use (e.g. from ``share_bands``); default i.i.d. Gaussian from ``seed``.
         share_noise_bands: band id(s) whose source noise is shared by the whole batch (noise splitting).
         steps_per_band: steps inside each band's window (one count per band), instead of ``steps`` uniform steps.
+        rtol, atol: tolerances of ``method="dopri5"``.
     """
     shape = (num_samples, dit.in_channels, dit.input_size, dit.input_size)
     if noise is None:
@@ -75,7 +76,7 @@ def sample_latents(dit, flow: KFlow, num_samples: int, labels: torch.Tensor | No
             model = ConditionDropping(model, condition_tau, null_condition=dit.num_classes)
     dit.eval()
     return flow.sample(model, noise, steps=steps, method=method, model_kwargs=kwargs,
-                       return_trajectory=return_trajectory, steps_per_band=steps_per_band)
+                       return_trajectory=return_trajectory, steps_per_band=steps_per_band, rtol=rtol, atol=atol)
 
 
 @torch.no_grad()

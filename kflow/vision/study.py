@@ -26,22 +26,26 @@ from pathlib import Path
 
 import torch
 
+from kflow.core import SAMPLING_METHODS
 from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
-from kflow.vision.data import crop_to, load_image_dataset
+from kflow.vision.data import crop_to, load_image_dataset, pad_to
 from kflow.vision.metrics import (InceptionFeatures, condition_dropping_scores, extract_features, frechet_distance,
                                   precision_recall)
-from kflow.vision.sampling import SamplingConfig, generate_images
+from kflow.vision.autoencoders import encode_dataset
+from kflow.vision.sampling import SamplingConfig, decode_latents, generate_images, sample_latents
 from kflow.vision.steering import condition_dropping_grid, noise_splitting_scores, steering_figures
-from kflow.vision.workflow import MIN_LR_RATIO, prepare_latents, train_image_model
+from kflow.vision.workflow import MIN_LR_RATIO, PADDED_SIZE, prepare_latents, train_image_model
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
-           "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings", "check_same_latents",
+           "study_rows", "ablation_rows", "run_final_cell", "SELECTIONS", "energy_band_weights", "sweep_settings", "check_same_latents",
            "feature_network", "PlateauReached", "plateau_reached", "RESULT_VERSION", "HEADLINE"]
 
 RESULT_VERSION = 1
+SELECTIONS = ("fid", "latent_fd")
+MATCHED_NFE = 1.5  # a sampler competes for "best" only within 1.5x the validation NFE (see matched_nfe)
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
 VAL_SEED, TEST_SEED, CDR_SEED = 10_000, 20_000, 30_000  # sample-noise seeds: equal for every model
 GENERATION_BATCH = 250
@@ -73,6 +77,14 @@ class VisionStudyBudget:
     min_improvement: float = 0.0  # ... improve on the best before them by no more than this fraction
     val_samples: int = 200
     val_nfe: int = 20  # validation samples: Heun at this NFE
+    # checkpoint selection: "fid" (Inception FID of decoded validation samples, Heun) or "latent_fd" (Fréchet
+    # distance of the validation samples' latents to the held-out images' latents under each of `val_samplers`
+    # at `val_nfe`, the best sampler's value kept: cheap, so a sampler sweep fits every evaluation)
+    selection: str = "fid"
+    val_samplers: tuple[str, ...] = ("heun",)
+    dopri5_tol: float = 1e-2  # rtol = atol of the adaptive sampler (its NFE is measured and reported)
+    final_samples: int = 0  # > 0: each model cell also scores this many samples per sampler against the test set
+    final_reference: int = 10000  # the first N test images (Fashion-MNIST has 10,000: all) are the final reference
     # evaluation
     ref_samples: int = 1000  # first N test images: the reference of the sweep and of the per-class FIDs
     sweep_samples: int = 200
@@ -87,6 +99,12 @@ class VisionStudyBudget:
     def __post_init__(self):
         object.__setattr__(self, "nfe", tuple(int(n) for n in self.nfe))
         object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
+        object.__setattr__(self, "val_samplers", tuple(str(m) for m in self.val_samplers))
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        unknown = [m for m in self.val_samplers if m not in SAMPLING_METHODS]
+        if unknown or not self.val_samplers:
+            raise ValueError(f"val_samplers must name samplers of {SAMPLING_METHODS}, got {list(self.val_samplers)}")
 
     def data_config(self, data_root: str | None = None) -> ImageDataConfig:
         return ImageDataConfig(self.dataset, "conv", self.ae_steps, self.ae_width, self.train_images, 0, data_root,
@@ -208,6 +226,48 @@ class StudyContext:
     test_features: torch.Tensor
     test_labels: torch.Tensor
     data_root: str | None = None
+    val_latents: torch.Tensor | None = None  # [val_images, C, h, w]: the held-out images encoded (latent_fd)
+
+    def draw_latents(self, dit, flow, labels, nfe: int, method: str, seed: int) -> tuple[torch.Tensor, float]:
+        """(latents [N, C, h, w], model evaluations per sample) of ``labels`` under ``method`` at about ``nfe``
+        evaluations: Euler and the band step take ``nfe`` steps, Heun ``nfe // 2``; dopri5 adapts its steps to
+        ``budget.dopri5_tol`` and its count is measured (the embedder runs once per model evaluation)."""
+        calls = [0]
+        hook = dit.x_embedder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            out = []
+            for start in range(0, len(labels), GENERATION_BATCH):
+                part = labels[start:start + GENERATION_BATCH]
+                out.append(sample_latents(dit, flow, len(part), part, nfe // 2 if method == "heun" else nfe, method,
+                                          seed=seed + start, rtol=self.budget.dopri5_tol,
+                                          atol=self.budget.dopri5_tol))
+        finally:
+            hook.remove()
+        batches = math.ceil(len(labels) / GENERATION_BATCH)
+        return torch.cat(out), calls[0] / batches
+
+    def reference_latents(self, split: str) -> torch.Tensor:
+        """The encoded images of ``split`` ("val": the held-out training images; "test": the whole test set),
+        cached beside the latents: the reference of the latent Fréchet distance."""
+        path = self.work / (f"latents_val{self.budget.val_images}.pt" if split == "val"
+                            else f"latents_test_first{self.budget.final_reference}.pt")
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        if split == "val":
+            images = _split_images(self.budget, self.data_root)[0]
+        else:
+            images = load_image_dataset(self.budget.dataset, "test", self.data_root)[0][:self.budget.final_reference]
+        with torch.no_grad():
+            z = encode_dataset(self.autoencoder, pad_to(images, PADDED_SIZE) if images.shape[-1] == 28 else images)
+        atomic_save(z, path)
+        return z
+
+    def full_test_features(self, progress: bool = False) -> torch.Tensor:
+        """Inception features of the first ``final_reference`` test images (the reference of the final FIDs),
+        cached under ``work``."""
+        n = self.budget.final_reference
+        return self.features(self.work / f"features_test_first{n}.pt",
+                             lambda: load_image_dataset(self.budget.dataset, "test", self.data_root)[0][:n], progress)
 
     def images(self, dit, flow, labels, steps: int, method: str, seed: int, condition_tau=None, noise=None):
         sampling = SamplingConfig(steps=steps, method=method, condition_tau=condition_tau, seed=seed,
@@ -250,6 +310,11 @@ def prepare_study(budget: VisionStudyBudget, work: str | Path, data_root: str | 
     ctx = StudyContext(budget, work, ae.eval(), latents, labels, record["fingerprint"], val.shape[-1],
                        int(labels.max()) + 1, feature_network(budget.feature_net), torch.empty(0), torch.empty(0), test_labels,
                        data_root)
+    if budget.selection == "latent_fd":  # no Inception until a cell's final FID asks for it
+        ctx.val_latents = ctx.reference_latents("val")
+        log(f"[prepare] latents {tuple(latents.shape)} (fingerprint {ctx.fingerprint}), latent references "
+            f"{len(ctx.val_latents)} val ({time.perf_counter() - t0:.0f} s)")
+        return ctx
     t1 = time.perf_counter()
     cached = (work / f"features_test_{budget.ref_samples}.pt").exists()
     ctx.val_features = ctx.features(work / f"features_val_{budget.val_images}.pt", lambda: val, progress)
@@ -285,6 +350,15 @@ def plateau_reached(fids: list[float], patience: int, min_improvement: float = 0
     return recent >= before * (1 - min_improvement)
 
 
+def matched_nfe(nfe: dict[str, float], target: int) -> list[str]:
+    """The samplers of ``nfe`` ({sampler: measured evaluations per sample}) that ran at a matched budget, at most
+    ``MATCHED_NFE`` × ``target``; all of them if none did. dopri5 cannot go below ~6 evaluations per step and
+    piece (K-Flow integrates each window piece separately), and an x1 model's stiff band ends can cost it 100+:
+    such a run would win on budget, not on quality."""
+    matched = [m for m, n in nfe.items() if n <= MATCHED_NFE * target]
+    return matched or list(nfe)
+
+
 class _ValidationFID:
     """eval_fn for ``train_image_model``: FID of ``val_samples`` EMA samples (fixed labels and noise) against the
     held-out validation images; keeps the best weights (best.pt) and a history (selection.json, atomic, so a
@@ -299,19 +373,32 @@ class _ValidationFID:
 
     def __call__(self, model, flow, step: int) -> dict:
         labels = self.ctx.balanced_labels(self.budget.val_samples)
-        images = self.ctx.images(model, flow, labels, self.budget.val_nfe // 2, "heun", VAL_SEED)
-        fid = frechet_distance(self.ctx.val_features, extract_features(self.ctx.net, images))
-        history = [h for h in self.state["history"] if h["step"] < step] + [{"step": step, "fid": fid}]
+        entry = {"step": step}
+        if self.budget.selection == "latent_fd":
+            # "fid" holds the selection score (here the best sampler's latent FD) so one history format serves both
+            reference = self.ctx.val_latents.flatten(1)
+            entry["latent_fd"], entry["nfe"] = {}, {}
+            for method in self.budget.val_samplers:
+                z, nfe = self.ctx.draw_latents(model, flow, labels, self.budget.val_nfe, method, VAL_SEED)
+                entry["latent_fd"][method], entry["nfe"][method] = frechet_distance(reference, z.flatten(1)), nfe
+            entry["sampler"] = min(matched_nfe(entry["nfe"], self.budget.val_nfe), key=entry["latent_fd"].get)
+            entry["fid"] = entry["latent_fd"][entry["sampler"]]
+        else:
+            images = self.ctx.images(model, flow, labels, self.budget.val_nfe // 2, "heun", VAL_SEED)
+            entry["fid"] = frechet_distance(self.ctx.val_features, extract_features(self.ctx.net, images))
+        history = [h for h in self.state["history"] if h["step"] < step] + [entry]
         self.state["history"] = history
-        if fid < self.state["best_fid"]:
+        if entry["fid"] < self.state["best_fid"]:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.run_dir / "best.pt")
-            self.state.update(best_step=step, best_fid=fid)
+            self.state.update(best_step=step, best_fid=entry["fid"], best_sampler=entry.get("sampler", "heun"))
         self.save(stopped=plateau_reached([h["fid"] for h in history], self.budget.patience,
                                           self.budget.min_improvement))
         if self.state["stopped"]:
             raise PlateauReached(step)
-        return {"fid": fid}
+        if "latent_fd" not in entry:
+            return {"fid": entry["fid"]}
+        return {f"latent_fd_{method}": value for method, value in entry["latent_fd"].items()}
 
     def save(self, **changes):
         self.state.update(changes)
@@ -369,6 +456,7 @@ def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
         sweep[f"{method}@{nfe}"] = {"method": method, "nfe": nfe, "steps": steps, "precision": precision,
                                     "recall": recall, "fid": frechet_distance(ctx.test_features, f)}
         log(f"[{cell.slug}] {method} NFE {nfe}: FID {sweep[f'{method}@{nfe}']['fid']:.2f}")
+    final = _final_latent_scores(cell, ctx, dit, flow, log) if budget.final_samples else None
     last_eval = history[-1]["step"] if history else None
     if stopped_at is not None:
         log(f"[{cell.slug}] validation FID stopped improving: stopped at step {stopped_at}")
@@ -377,7 +465,57 @@ def run_model_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
               "best_step": selector.state["best_step"], "best_val_fid": selector.state["best_fid"],
               "history": history, "train_s": train_s, "sweep_s": time.perf_counter() - t1, "sweep": sweep,
               "sweep_samples": budget.sweep_samples, "reference": len(ctx.test_features)}
+    if final is not None:
+        result.update(selection=budget.selection, best_sampler=selector.state.get("best_sampler", "heun"), final=final)
     return cell.save(result)
+
+
+def _final_latent_scores(cell: StudyCell, ctx: StudyContext, dit, flow, log) -> dict:
+    """Latent Fréchet distance of ``final_samples`` samples (balanced classes, the test noise) under each
+    validation sampler at ``val_nfe`` against the whole test set's latents: {sampler: {"latent_fd", "nfe"}}."""
+    budget = ctx.budget
+    reference = ctx.reference_latents("test").flatten(1)
+    labels = ctx.balanced_labels(budget.final_samples)
+    scores = {}
+    for method in budget.val_samplers:
+        z, nfe = ctx.draw_latents(dit, flow, labels, budget.val_nfe, method, TEST_SEED)
+        scores[method] = {"latent_fd": frechet_distance(reference, z.flatten(1)), "nfe": nfe}
+        log(f"[{cell.slug}] {method} ({nfe:.0f} NFE): test latent FD {scores[method]['latent_fd']:.3f} "
+            f"({len(labels)} samples vs {len(reference)} test latents)")
+    return scores
+
+
+def run_final_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, log=print) -> dict:
+    """FID, precision and recall of ``final_samples`` images of a finished model cell (``cell.extra["run"]``,
+    its best weights) under the sampler that won its validation (``cell.extra["sampler"]``) at ``val_nfe``,
+    against Inception features of the whole test set: the final table's numbers. Features are cached."""
+    done = cell.load()
+    if done is not None:
+        return done
+    budget, run, method = ctx.budget, Path(cell.extra["run"]), cell.extra["sampler"]
+    dit, flow, _, _ = load_image_model(run)
+    dit.load_state_dict(torch.load(run / "best.pt", weights_only=True))
+    dit.eval()
+    t0 = time.perf_counter()
+    reference = ctx.full_test_features(progress)
+    labels = ctx.balanced_labels(budget.final_samples)
+    nfe = []
+
+    def make_images():
+        z, calls = ctx.draw_latents(dit, flow, labels, budget.val_nfe, method, TEST_SEED)
+        nfe.append(calls)
+        images = decode_latents(ctx.autoencoder, z)
+        return crop_to(images, ctx.image_size) if images.shape[-1] > ctx.image_size else images
+
+    features = ctx.features(run / f"features_final_{method}_nfe{budget.val_nfe}_n{len(labels)}.pt", make_images,
+                            progress)
+    precision, recall = precision_recall(reference, features)
+    fid = frechet_distance(reference, features)
+    log(f"[{cell.slug}] {method} at {budget.val_nfe} NFE: FID {fid:.2f} ({len(labels)} samples vs the "
+        f"{len(reference)} test images)")
+    return cell.save({"run": str(run), "latents": ctx.fingerprint, "budget": asdict(budget), "sampler": method,
+                      "nfe": nfe[0] if nfe else None, "samples": len(labels), "reference": len(reference),
+                      "fid": fid, "precision": precision, "recall": recall, "seconds": time.perf_counter() - t0})
 
 
 # ---------------------------------------------------------------------------------------------- steering cells
@@ -465,6 +603,8 @@ def run_cell_spec(spec: dict, progress: bool = False) -> dict:
     cell = spec_cell(spec)
     if cell.kind == "model":
         return run_model_cell(cell, ctx, progress, log)
+    if cell.kind == "final":
+        return run_final_cell(cell, ctx, progress, log)
     split = load_image_model(spec["split_run"])[1].decomposition if spec.get("split_run") else None
     return run_steering_cell(cell, ctx, Path(spec["figures"]), split=split, cdr=spec.get("cdr", True),
                              progress=progress, log=log)
