@@ -21,25 +21,12 @@ from kflow.molecular import read_crystals
 from kflow.molecular.assemble import (DEFAULT_MODEL, DEFAULT_SAMPLES, AssemblyModel, AssemblyResult, InputError,
                                       assemble, clear_model_cache, read_assembly_input)
 from kflow.molecular.commands import assemble_parser
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.geometry import rigid_residuals
-from kflow.molecular.pretrained import load_pretrained, save_pretrained
+from kflow.molecular.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 CIF, SDF = REPO / "data" / "examples" / "GASXON.cif", REPO / "data" / "examples" / "GASXON.sdf"
 ALANINE = "C[C@H](N)C(=O)O"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised small model packaged like a shipped one (H, C, N, O; at most 40 atoms)."""
-    torch.manual_seed(0)
-    config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1, coupling="ot")
-    model, _ = build_assembly_model(config)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_pretrained(path, model, config, {"preset": "hard", "mirror": "none", "elements": [1, 6, 7, 8],
-                                          "max_atoms": 40, "sample_steps": 2, "command": "test"})
-    return str(path)
 
 
 @pytest.fixture(autouse=True)

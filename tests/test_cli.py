@@ -15,7 +15,7 @@ import torch
 
 from kflow.cli import main
 from kflow.molecular import InvalidCrystal, build_cluster, load_pretrained, read_crystals, write_cluster_store
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.config import AssemblyModelConfig
 from kflow.molecular.crystals import find_molecules
 from kflow.molecular.geometry import rigid_residuals
 from kflow.molecular.pretrained import list_pretrained, save_pretrained
@@ -26,18 +26,6 @@ EXAMPLES = REPO / "data" / "examples"
 CIF, SDF = EXAMPLES / "GASXON.cif", EXAMPLES / "GASXON.sdf"
 SMALL_NET = ["--hidden-irreps", "8x0e + 2x1o + 2x1e", "--molecule-layers", "1"]
 MAX_ATOMS = 40
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised small model packaged like a shipped one (H, C, N, O; at most 40 atoms)."""
-    torch.manual_seed(0)
-    config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1, coupling="ot")
-    model, _ = build_assembly_model(config)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_pretrained(path, model, config, {"preset": "hard", "mirror": "none", "elements": [1, 6, 7, 8],
-                                          "max_atoms": MAX_ATOMS, "sample_steps": 2, "command": "test"})
-    return str(path)
 
 
 def _assemble(args, model):

@@ -7,27 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kflow.cli import main
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.pretrained import save_pretrained
 from kflow.molecular.sources import build_clusters_from_files
 from kflow.utils.io import atomic_write_text, check_replaceable_folder, foreign_entries
 
 REPO = Path(__file__).resolve().parents[1]
 SDF, CIF = REPO / "data" / "examples" / "GASXON.sdf", REPO / "data" / "examples" / "GASXON.cif"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1, coupling="ot")
-    model, _ = build_assembly_model(config)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_pretrained(path, model, config, {"preset": "hard", "mirror": "none", "elements": [1, 6, 7, 8],
-                                          "max_atoms": 40, "sample_steps": 2, "command": "test"})
-    return str(path)
 
 
 def _repo_like(folder: Path) -> dict:
