@@ -104,6 +104,7 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
     ``coupling_note`` ends the help of ``--coupling`` (a command whose default is not a constant says it there)."""
     from kflow.core import ORDERS, RAMPS
     from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
+    from kflow.molecular.datasets import START_MIRRORS
     from kflow.molecular.flow import COUPLINGS
     from kflow.molecular.network import CONVOLUTIONS
     from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
@@ -156,6 +157,10 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
     p.add_argument("--time-sampling", default=None, choices=TIME_SAMPLINGS,
                    help="uniform, or band_start: half the training times at the start of a band window (default: "
                         "uniform, band_start with --generative)")
+    p.add_argument("--start-mirror", default=None, choices=START_MIRRORS,
+                   help="hands of the training start copies: crystal (as in the crystal, default), or as kflow "
+                        "assemble makes a lone molecule's copies from molecule 0: none (one hand) or half (the "
+                        "odd-numbered copies mirrored)")
 
 
 def model_config_from_args(args, coupling: str | None = None):
@@ -175,7 +180,7 @@ def _recipe_from_args(args) -> dict:
     from kflow.molecular.study import GENERATIVE
 
     recipe = {k: v for k, v in GENERATIVE.items() if k != "coupling"} if args.generative else {}
-    for key in ("condition_on_start", "central", "redraw_starts", "rotation_loss", "time_sampling"):
+    for key in ("condition_on_start", "central", "redraw_starts", "rotation_loss", "time_sampling", "start_mirror"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
     recipe["rotation_weight"] = args.rotation_weight
@@ -432,8 +437,9 @@ def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--out", required=True, help="the pretrained file (kflow/molecular/pretrained_models/<name>.pt ships "
                                                 "it as model <name>)")
     p.add_argument("--preset", required=True, choices=PRESETS, help="start preset of the training clusters")
-    p.add_argument("--mirror", default="none", choices=MIRROR_MODES,
-                   help="how kflow assemble makes the copies of a lone molecule for this model (recorded)")
+    p.add_argument("--mirror", default=None, choices=MIRROR_MODES,
+                   help="how kflow assemble makes the copies of a lone molecule for this model (recorded; default: "
+                        "the --start-mirror of training when none or half, else none)")
     p.add_argument("--datasets", nargs="+", default=["csd500", "demo"],
                    help="the first gives the held-out validation and test splits; the rest are training data")
     p.add_argument("--data-root", default="data", help="folder of the data sets and their built stores")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kflow.molecular.datasets import START_MIRRORS
 from kflow.molecular.flow import COUPLINGS, RigidKFlow
 from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
@@ -17,8 +18,9 @@ from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 __all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES"]
 
 OBJECTIVES = ("flow", "regression")
-# Fields added with the generative recipe (2026-12-03); runs recorded before them used their defaults.
-RECIPE_FIELDS = ("central", "rotation_loss", "rotation_weight", "time_sampling", "redraw_starts")
+# Fields added with the generative recipe (2026-12-03) and after it (start_mirror); runs recorded before them used
+# their defaults.
+RECIPE_FIELDS = ("central", "rotation_loss", "rotation_weight", "time_sampling", "redraw_starts", "start_mirror")
 
 
 @dataclass
@@ -35,8 +37,10 @@ class AssemblyModelConfig:
     Generative recipe for starts from the molecule alone (docs/MATH.md §6): ``central`` (the start's molecule 0
     sits at its centre: "eot" pivots on it and pairs it with the crystal's central molecule, and the network marks
     it), ``rotation_loss``/``rotation_weight`` and ``time_sampling`` (``objective.AssemblyLoss``), and
-    ``redraw_starts`` (training starts drawn anew every epoch from the stored crystal, ``datasets.RedrawnStarts``).
-    These are saved with the model, so a checkpoint says how it was trained.
+    ``redraw_starts`` (training starts drawn anew every epoch from the stored crystal, ``datasets.RedrawnStarts``),
+    and ``start_mirror``: the hands of the start copies, "crystal" (as in the crystal) or, as ``kflow assemble``
+    makes a lone molecule's copies, "none" / "half" (``datasets.set_start_hands``; collation then accepts pairs
+    of opposite hand). These are saved with the model, so a checkpoint says how it was trained.
     """
 
     num_bands: int = 2
@@ -63,6 +67,7 @@ class AssemblyModelConfig:
     rotation_weight: float = 1.0
     time_sampling: str = "uniform"  # "uniform" | "band_start"
     redraw_starts: bool = False
+    start_mirror: str = "crystal"  # "crystal" | "none" | "half"
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
@@ -73,6 +78,8 @@ class AssemblyModelConfig:
             raise ValueError(f"rotation_loss must be one of {ROTATION_LOSSES}, got {self.rotation_loss!r}")
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {self.time_sampling!r}")
+        if self.start_mirror not in START_MIRRORS:
+            raise ValueError(f"start_mirror must be one of {START_MIRRORS}, got {self.start_mirror!r}")
         if not self.rotation_weight >= 0:
             raise ValueError(f"rotation_weight must be >= 0, got {self.rotation_weight}")
         if self.objective == "regression" and self.num_bands != 1:

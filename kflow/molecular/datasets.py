@@ -17,7 +17,13 @@ from kflow.molecular.cluster import Cluster
 from kflow.molecular.sources import COD_SUBSETS, cod_cluster17_ids, cod_store_key, preprocess_cod_cluster17
 from kflow.molecular.store import ClusterStore
 
-__all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset", "RedrawnStarts", "redraw_start"]
+__all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset", "RedrawnStarts", "redraw_start", "StartHands",
+           "set_start_hands", "START_MIRRORS"]
+
+# Handedness of a cluster's start copies: as in the crystal (each start copy a proper pose of its crystal copy), or
+# made from start molecule 0 alone as ``kflow assemble`` makes a lone molecule's copies (``assemble.MIRROR_MODES``):
+# all one hand ("none") or the odd-numbered copies mirrored ("half").
+START_MIRRORS = ("crystal", "none", "half")
 
 
 def split_indices(groups: Sequence[str], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[int]]:
@@ -127,6 +133,51 @@ def redraw_start(cluster: Cluster, noise, seed: int) -> Cluster:
                   (cluster.final_positions.double() - shift).to(dtype), cluster.name, cluster.crystal,
                   dict(cluster.info))
     out.info["start_seed"] = int(seed)
+    out.info.pop("start_mirror", None)  # the new start has the crystal's hands again
+    return out
+
+
+def _mirrored_copies(mirror: str, m: int) -> torch.Tensor:
+    """[M] bool: the copies ``set_start_hands`` mirrors, the same as ``assemble._mirrored`` (odd ones for "half")."""
+    return (torch.arange(m) % 2 == 1) if mirror == "half" else torch.zeros(m, dtype=torch.bool)
+
+
+def set_start_hands(cluster: Cluster, mirror: str) -> Cluster:
+    """A copy of ``cluster`` whose start copies have the handedness ``kflow assemble`` gives a lone molecule.
+
+    A crystal with inversion or mirror symmetry holds both hands of its conformer, and a start drawn from it keeps
+    them; a lone molecule's start has only the hands ``mirror`` makes. So that training and tests see the same mix:
+    "crystal" returns ``cluster`` itself; "none" and "half" rebuild every start copy i from start molecule 0
+    (centred), inverted through its centroid (p -> −p, a mirror image) for the odd i under "half", and put it at
+    copy i's start centroid with the proper rotation that best superposes it on the stored copy i (Kabsch). Start
+    centroids and the final (crystal) positions are unchanged, and a copy whose hand already agrees is reproduced
+    to float rounding. Records ``info["start_mirror"]``.
+    """
+    from kflow.molecular.geometry import kabsch
+
+    if mirror not in START_MIRRORS:
+        raise ValueError(f"start mirror must be one of {START_MIRRORS}, got {mirror!r}")
+    if mirror == "crystal":
+        return cluster
+    m = cluster.num_molecules
+    counts = torch.bincount(cluster.molecule_index, minlength=m)
+    order = torch.argsort(cluster.molecule_index, stable=True)  # molecule-major: molecule 0 first
+    z = cluster.atomic_numbers[order]
+    if (counts != counts[0]).any() or (z.reshape(m, -1) != z[:counts[0]]).any():
+        raise ValueError(f"cluster {cluster.name!r}: start hands need copies of one molecule in one atom order "
+                         f"(atoms per molecule {counts.tolist()})")
+    start = cluster.initial_positions.double()[order].reshape(m, -1, 3)  # [M, P, 3]
+    centroids = start.mean(1)  # [M, 3]
+    stored = start - centroids[:, None]  # [M, P, 3] centred stored copies
+    sign = 1.0 - 2.0 * _mirrored_copies(mirror, m).double()  # [M]: −1 inverts the copy
+    body = sign[:, None, None] * stored[0]  # [M, P, 3] molecule 0, inverted where mirrored
+    rot, _ = kabsch(body, stored, translate=False)  # [M, 3, 3] proper
+    rebuilt = torch.einsum("mij,mpj->mpi", rot, body) + centroids[:, None]  # [M, P, 3]
+    initial = torch.empty(order.shape[0], 3, dtype=torch.float64)
+    initial[order] = rebuilt.reshape(-1, 3)
+    out = Cluster(cluster.atomic_numbers, cluster.molecule_index, initial.to(cluster.initial_positions.dtype),
+                  cluster.final_positions, cluster.name, cluster.crystal, dict(cluster.info))
+    out.info["start_mirror"] = mirror
     return out
 
 
@@ -138,13 +189,16 @@ class RedrawnStarts(Dataset):
     resumed run sees the starts the uninterrupted one saw (the ``Trainer`` calls ``set_epoch`` before each epoch).
     Validation and test splits keep their stored, fixed starts. ``noise``: the start model (``crystals.NoiseModel``
     or a preset name); None (default): each cluster's own, recorded in its ``info["noise"]`` when it was built.
+    ``mirror``: the hands of the start copies, set after the redraw (``set_start_hands``; "crystal": as drawn).
     """
 
-    def __init__(self, dataset: ClusterDataset, noise=None, seed: int = 0):
+    def __init__(self, dataset: ClusterDataset, noise=None, seed: int = 0, mirror: str = "crystal"):
         super().__init__(None)
         from kflow.molecular.crystals import noise_model
 
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+        if mirror not in START_MIRRORS:
+            raise ValueError(f"start mirror must be one of {START_MIRRORS}, got {mirror!r}")
+        self.dataset, self.seed, self.epoch, self.mirror = dataset, int(seed), 0, mirror
         self.noise = None if noise is None else noise_model(noise)
         self.store = dataset.store  # the data identity the Trainer checks on resume
         if self.noise is None and len(dataset) and not isinstance(dataset.cluster(0).info.get("noise"), dict):
@@ -165,7 +219,37 @@ class RedrawnStarts(Dataset):
 
         stored = self.dataset.cluster(idx)
         noise = self.noise or NoiseModel(**stored.info["noise"])
-        return redraw_start(stored, noise, self.start_seed(idx))
+        return set_start_hands(redraw_start(stored, noise, self.start_seed(idx)), self.mirror)
+
+    def get(self, idx: int):
+        return self.cluster(idx).to_data()
+
+    @property
+    def crystals(self) -> list[str]:
+        return self.dataset.crystals
+
+
+class StartHands(Dataset):
+    """View of a data set (``ClusterDataset``, ``RedrawnStarts``, ...) whose starts get the hands ``mirror``
+    (``set_start_hands``): the fixed validation and test starts of a model trained on them. Wrap after selecting
+    clusters (``study.first_clusters``); ``set_epoch``, ``store`` and ``crystals`` pass through."""
+
+    def __init__(self, dataset, mirror: str):
+        super().__init__(None)
+        if mirror not in START_MIRRORS:
+            raise ValueError(f"start mirror must be one of {START_MIRRORS}, got {mirror!r}")
+        self.dataset, self.mirror = dataset, mirror
+        self.store = getattr(dataset, "store", None)  # the data identity the Trainer checks on resume
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def len(self) -> int:
+        return len(self.dataset)
+
+    def cluster(self, idx: int) -> Cluster:
+        return set_start_hands(self.dataset.cluster(idx), self.mirror)
 
     def get(self, idx: int):
         return self.cluster(idx).to_data()

@@ -120,6 +120,23 @@ def _pair_fits(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor):
     return rot, residual
 
 
+def _pair_rules(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor,
+                tolerance: float, mirror_pairs: bool):
+    """(allowed [B, M, M] bool, extra cost [B, M, M] or None) of the coupling for the proper-fit RMS ``residual``
+    [B, M, M] of each start/final pair. Allowed: pairs a proper rigid motion relates within ``tolerance`` Å, and
+    the index pairs (rigid by assumption); with ``mirror_pairs`` also the mirror-image pairs (an inversion and a
+    rotation relate them), which then pay the mean squared atom residual of their proper fit (Å², ~0 for a
+    same-hand pair), so a same-hand pair wins over an equally near opposite-hand one."""
+    b, m, p = mask.shape
+    allowed = (residual <= tolerance) | torch.eye(m, dtype=torch.bool, device=residual.device)
+    if not mirror_pairs:
+        return allowed, None
+    pair_mask = mask[:, :, None].expand(b, m, m, p)  # copies of one molecule: equal masks for i and j
+    improper = rigid_residuals(-initial[:, :, None].expand(b, m, m, p, 3), final[:, None].expand(b, m, m, p, 3),
+                               pair_mask)  # [B, M, M] the best proper fit of start i's mirror image onto final j
+    return allowed | (improper <= tolerance), residual.square()
+
+
 def _principal_frames(points: torch.Tensor) -> torch.Tensor:
     """Principal axes [B, 3, 3] (columns, descending variance) of points [B, N, 3] about the origin."""
     _, vectors = torch.linalg.eigh(torch.einsum("bni,bnj->bij", points, points))
@@ -127,7 +144,7 @@ def _principal_frames(points: torch.Tensor) -> torch.Tensor:
 
 
 def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor, central: bool = True,
-                         iterations: int = 20, rigidity_tolerance: float = 1e-2):
+                         iterations: int = 20, rigidity_tolerance: float = 1e-2, mirror_pairs: bool = False):
     """Permutation and global rotation of the final cluster that best fit the start (equivariant OT coupling).
 
     A start carries no information about the crystal's numbering *or* its orientation, so both are chosen to
@@ -139,7 +156,8 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
     by alternating Hungarian assignment (R fixed) and Kabsch (π fixed) until π stops changing; each step can only
     lower the cost. The alternation starts from the 4 proper sign choices of the principal-axes alignment of the
     two centroid clouds and the best result is kept, so the answer rotates with the target (an input frame never
-    enters). Pairs of opposite handedness are excluded as in ``optimal_coupling``.
+    enters). Pairs of opposite handedness are excluded as in ``optimal_coupling``, or with ``mirror_pairs``
+    allowed at the extra cost of their proper-fit residual (included in the returned costs).
 
     Args: initial, final [B, M, P, 3] padded atoms (mask [B, M, P]), copies of one molecule in one atom order.
     Returns (π [B, M] long, R [B, 3, 3], pivots (p⁰ [B, 3], p¹ [B, 3]), cost [B], history [B, n] of the cost
@@ -150,7 +168,7 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
     initial, final = initial.double(), final.double()
     b, m = initial.shape[:2]
     _, residual = _pair_fits(initial, final, mask)
-    allowed = (residual <= rigidity_tolerance) | torch.eye(m, dtype=torch.bool)
+    allowed, extra = _pair_rules(initial, final, mask, residual, rigidity_tolerance, mirror_pairs)
     if central:
         allowed[:, 0, :] = False
         allowed[:, :, 0] = False
@@ -168,14 +186,19 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
         history = [[] for _ in range(b)]
         perm = None
         for _ in range(iterations):
-            cost = torch.cdist(a, c @ rot.transpose(1, 2)).square().masked_fill(~allowed, float("inf"))
+            cost = torch.cdist(a, c @ rot.transpose(1, 2)).square()
+            if extra is not None:
+                cost = cost + extra
+            cost = cost.masked_fill(~allowed, float("inf"))
             new = torch.stack([torch.as_tensor(linear_sum_assignment(ci)[1]) for ci in cost.numpy()])
             matched = torch.gather(c, 1, new[:, :, None].expand(-1, -1, 3))
+            # [B] the extra cost of the chosen pairs (fixed while R moves)
+            paid = [0.0] * b if extra is None else torch.gather(extra, 2, new[:, :, None])[..., 0].sum(1).tolist()
             for i in range(b):
-                history[i].append(float((a[i] - matched[i] @ rot[i].T).square().sum()))
+                history[i].append(float((a[i] - matched[i] @ rot[i].T).square().sum()) + paid[i])
             rot, _ = kabsch(matched, a, translate=False)
             for i in range(b):
-                history[i].append(float((a[i] - matched[i] @ rot[i].T).square().sum()))
+                history[i].append(float((a[i] - matched[i] @ rot[i].T).square().sum()) + paid[i])
             if perm is not None and torch.equal(new, perm):
                 break
             perm = new
@@ -190,7 +213,7 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
 
 def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor,
                      rotation_scale: torch.Tensor | None = None, orientation_weight: float = 0.0,
-                     rigidity_tolerance: float = 1e-2) -> torch.Tensor:
+                     rigidity_tolerance: float = 1e-2, mirror_pairs: bool = False) -> torch.Tensor:
     """Optimal assignment of start molecules to final slots within each cluster of identical molecules.
 
     For padded atoms initial, final [B, M, P, 3] (mask [B, M, P]; every molecule of a cluster the same molecule,
@@ -204,12 +227,14 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
     centroids only). Pairs that no proper rigid motion relates (RMS residual above ``rigidity_tolerance`` Å: the
     copies of opposite handedness in a crystal with mirror or inversion symmetry, unless the molecule is planar)
     are excluded, so every coupled pair is rigid; the index pairing, rigid by assumption, always qualifies.
+    ``mirror_pairs`` (starts whose copies have other hands than the crystal's, ``datasets.set_start_hands``)
+    allows those pairs too, with c(i, j) raised by the mean squared atom residual of the proper fit (Å²), so a
+    same-hand pair wins over an equally near opposite-hand one.
     """
     from scipy.optimize import linear_sum_assignment
 
     if orientation_weight < 0:
         raise ValueError(f"orientation_weight must be >= 0, got {orientation_weight}")
-    m = initial.shape[1]
     initial, final = initial.double(), final.double()
     rot, residual = _pair_fits(initial, final, mask)
     cost = torch.cdist(masked_centroids(initial, mask), masked_centroids(final, mask)).square()
@@ -218,14 +243,17 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
             raise ValueError("orientation_weight > 0 needs rotation_scale (the chart's ℓ per cluster)")
         scale = torch.as_tensor(rotation_scale, dtype=cost.dtype, device=cost.device).reshape(-1, 1, 1)
         cost = cost + orientation_weight * (scale * rotation_angle(rot)).square()
-    allowed = (residual <= rigidity_tolerance) | torch.eye(m, dtype=torch.bool, device=cost.device)
+    allowed, extra = _pair_rules(initial, final, mask, residual, rigidity_tolerance, mirror_pairs)
+    if extra is not None:
+        cost = cost + extra
     cost = cost.masked_fill(~allowed, float("inf")).cpu().numpy()
     perm = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost])
     return perm.to(initial.device)
 
 
 def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2,
-                     coupling: str = "index", orientation_weight: float = 0.0, central: bool = False) -> AssemblyBatch:
+                     coupling: str = "index", orientation_weight: float = 0.0, central: bool = False,
+                     mirror_pairs: bool = False) -> AssemblyBatch:
     """Build an ``AssemblyBatch`` from clusters (``Cluster`` objects, PyG ``Data`` or dicts with the fields
     atomic_numbers [N], molecule_index [N], initial_positions [N, 3], final_positions [N, 3]).
 
@@ -239,8 +267,15 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
     ``hard`` preset) "eot" pivots on molecule 0 and always pairs it with the crystal's central molecule 0;
     without it the pivot is the cluster centroid.
 
+    ``mirror_pairs``: a start molecule may be paired with a crystal molecule of the other hand (starts whose hands
+    were set by ``datasets.set_start_hands``, or sampling, which never reads the final positions). Such a pair is
+    rigid up to an inversion; its target is, like every pair's, the proper Kabsch pose of the start body on the
+    final atoms: for a mirror image the nearest proper pose, at the final centroid. "ot" and "eot" then allow
+    opposite-hand pairs at an extra cost (``optimal_coupling``).
+
     Raises ``RigidityError`` naming the cluster and molecule when a final molecule is not a rigid copy of its
-    initial one (RMS residual above ``rigidity_tolerance`` Å), and ``ValueError`` for inconsistent molecules.
+    initial one (RMS residual above ``rigidity_tolerance`` Å; with ``mirror_pairs`` neither a rigid copy nor a
+    mirror image), and ``ValueError`` for inconsistent molecules.
     """
     if len(items) == 0:
         raise ValueError("collate_clusters got an empty list of clusters")
@@ -271,16 +306,19 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
     t0, t1 = masked_centroids(x0, mask), masked_centroids(x1, mask)  # [B, M, 3]
     body = (x0 - t0[:, :, None]) * w[..., None]
     residual = rigid_residuals(x0, x1, mask)  # [B, M]
+    if mirror_pairs:  # or a rigid motion of the mirror image
+        residual = torch.minimum(residual, rigid_residuals(-x0, x1, mask))
     if (residual > rigidity_tolerance).any():
         ci, mi = (residual > rigidity_tolerance).nonzero()[0].tolist()
-        raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not a rigid motion of the "
+        what = "a rigid motion (proper or improper)" if mirror_pairs else "a rigid motion"
+        raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not {what} of the "
                             f"initial ones (RMS residual {residual[ci, mi]:.3g} Å > {rigidity_tolerance} Å)")
     # Radius of gyration of the molecule (identical copies: use molecule 0).
     count = w[:, 0].sum(-1)
     scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count).sqrt().clamp_min(MIN_ROTATION_SCALE)
     if coupling == "ot":
         _check_identical_copies(z, parsed)
-        perm = optimal_coupling(x0, x1, mask, scale, orientation_weight, rigidity_tolerance)
+        perm = optimal_coupling(x0, x1, mask, scale, orientation_weight, rigidity_tolerance, mirror_pairs)
         x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
         t1 = torch.gather(t1, 1, perm[:, :, None].expand_as(t1))
     elif coupling == "eot":
@@ -290,12 +328,13 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
         # starts without a central molecule, RMS centroid displacement 7.60 Å about molecule 0, 5.35 about the
         # centroid, 6.69 with assignment alone).
         perm, rot_g, (p0, p1), _, _ = equivariant_coupling(x0, x1, mask, central=central,
-                                                           rigidity_tolerance=rigidity_tolerance)
+                                                           rigidity_tolerance=rigidity_tolerance,
+                                                           mirror_pairs=mirror_pairs)
         x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
         x1 = torch.einsum("bij,bmpj->bmpi", rot_g, x1 - p1[:, None, None]) + p0[:, None, None]
         x1 = x1 * w[..., None]
         t1 = masked_centroids(x1, mask)
-    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)
+    rot, _ = kabsch(body, (x1 - t1[:, :, None]) * w[..., None], w)  # proper: for a mirror pair the nearest pose
     return AssemblyBatch(z, mask, body.to(dtype), t0.to(dtype), t1.to(dtype), rot.to(dtype), scale.to(dtype),
                          [q[4] for q in parsed])
 

@@ -229,7 +229,7 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
                      work: str | os.PathLike | None = None, draws_per_crystal: int = 2, data_seed: int = 0,
                      seed: int = 0, epochs: float = 8.0, steps: int | None = None, batch_size: int = 4,
                      lr: float = 2e-3, evals: int = 6, val_clusters: int = 32, sample_steps: int = 10,
-                     mirror: str = "none", command: str = "", resume: bool = False, overwrite: bool = False,
+                     mirror: str | None = None, command: str = "", resume: bool = False, overwrite: bool = False,
                      deterministic: bool = False, progress: bool = True, log=print) -> dict:
     """Train, select, test and package one pretrained model; returns its metadata.
 
@@ -243,20 +243,29 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
     identity baseline, and ``save_pretrained`` writes ``out``. ``work`` (default ``runs/pretrained_<name>``)
     holds the run; ``resume`` continues an interrupted one (``overwrite``, ``deterministic``: as in
     ``train_assembly``). ``mirror``: how ``kflow assemble`` makes the copies
-    of a lone molecule for this model (recorded, see README "For chemists").
+    of a lone molecule for this model (recorded, see README "For chemists"); a model trained on starts with those
+    hands (``config.start_mirror`` "none" or "half") records its own and refuses another; default: that, else
+    "none". Such a model validates and tests on starts with its hands (``study.with_start_hands``).
 
     With one data set, and the study's budget (the defaults), this is exactly ``study.run_model_cell`` of that
     configuration and seed: same clusters in the same order, steps, selection and test metrics.
     """
     from kflow.molecular.datasets import ClusterDataset
     from kflow.molecular.sampling import predict_assembly
-    from kflow.molecular.study import SELECT_METRIC, BestCheckpoint, first_clusters
+    from kflow.molecular.study import SELECT_METRIC, BestCheckpoint, first_clusters, with_start_hands
     from kflow.molecular.workflow import evaluate_assembly, load_assembly_dataset, train_assembly
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    if mirror not in MIRROR_MODES:
+    if mirror is not None and mirror not in MIRROR_MODES:
         raise ValueError(f"mirror must be one of {MIRROR_MODES}, got {mirror!r}")
+    if config.start_mirror in MIRROR_MODES:  # the model learnt these hands: kflow assemble must make the same
+        if mirror is not None and mirror != config.start_mirror:
+            raise ValueError(f"mirror {mirror!r} contradicts the training starts' start_mirror "
+                             f"{config.start_mirror!r}: kflow assemble would give the model copies of other hands "
+                             f"than it was trained on (omit mirror, or pass {config.start_mirror!r})")
+        mirror = config.start_mirror
+    mirror = mirror or "none"
     if not datasets:
         raise ValueError("train_pretrained needs at least one data set")
     if config.objective == "flow" and sample_steps < config.num_bands:
@@ -269,8 +278,9 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
                                     progress=progress, noise=preset) for name in datasets]
     primary = stores[0]
     store, provenance = merge_training_store(primary, stores[1:], work / "train.lmdb", data_seed, datasets)
-    val = first_clusters(ClusterDataset(primary, split="valid", seed=data_seed), val_clusters)
-    test = ClusterDataset(primary, split="test", seed=data_seed)
+    val = with_start_hands(first_clusters(ClusterDataset(primary, split="valid", seed=data_seed), val_clusters),
+                           config)
+    test = with_start_hands(ClusterDataset(primary, split="test", seed=data_seed), config)
     if len(val) == 0 or len(test) == 0:
         raise ValueError(f"{datasets[0]}: empty validation or test split (too few crystals)")
     steps = steps or max(int(round(epochs * len(store) / batch_size)), 1)

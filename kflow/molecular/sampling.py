@@ -61,7 +61,9 @@ def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band
         indices = tqdm(indices, desc="sampling", unit="batch")
     for start in indices:
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_clusters(items)
+        # Sampling reads only the starts: their copies may be mirror images of the final ones (lone molecules
+        # under --mirror half, starts with set hands), which training-time collation would refuse.
+        batch = collate_clusters(items, mirror_pairs=True)
         pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start,
                               steps_per_band, reuse_graph)  # [R, B, M, P, 3]
         for b, item in enumerate(items):
@@ -97,10 +99,11 @@ def predict_medoid(model, rigid, dataset, samples: int = 8, steps: int = 10, see
                    batch_size: int = 8) -> list[torch.Tensor]:
     """For every cluster of ``dataset`` (a ``ClusterDataset``-like view whose clusters record their start model,
     ``info["noise"]``): ``samples`` predictions from independent starts (the stored start and ``samples`` − 1
-    redrawn ones, seeded by ``seed``, sample and cluster), and the ``medoid_sample`` of them. Returns a list of
-    [1, N_i, 3] in each cluster's stored frame and atom order."""
+    redrawn ones, seeded by ``seed``, sample and cluster, with the view's start hands, ``info["start_mirror"]``),
+    and the ``medoid_sample`` of them. Returns a list of [1, N_i, 3] in each cluster's stored frame and atom
+    order."""
     from kflow.molecular.crystals import NoiseModel
-    from kflow.molecular.datasets import redraw_start
+    from kflow.molecular.datasets import redraw_start, set_start_hands
 
     runs = []
     for k in range(samples):
@@ -108,7 +111,9 @@ def predict_medoid(model, rigid, dataset, samples: int = 8, steps: int = 10, see
         for i in range(len(dataset)):
             cluster = dataset.cluster(i)
             if k > 0:
+                hands = cluster.info.get("start_mirror", "crystal")
                 cluster = redraw_start(cluster, NoiseModel(**cluster.info["noise"]), (seed * samples + k) * 1_000_003 + i)
+                cluster = set_start_hands(cluster, hands)
             views.append(cluster)
         preds = predict_assembly(model, rigid, [c.to_data() for c in views], steps=steps, batch_size=batch_size)
         # back to the stored frame: a redrawn cluster is the stored one shifted by a constant

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.datasets import ClusterDataset
+from kflow.molecular.datasets import ClusterDataset, StartHands
 from kflow.molecular.flow import AssemblyBatch, collate_clusters
 from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
@@ -31,7 +31,7 @@ from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, r
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
            "run_packmol_cell", "run_identity_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
-           "band_energy_shares", "first_clusters", "SELECT_METRIC", "GENERATIVE"]
+           "band_energy_shares", "first_clusters", "with_start_hands", "SELECT_METRIC", "GENERATIVE"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
 SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm", "shell": "pm_center_perm"}
@@ -132,7 +132,8 @@ GENERATIVE = dict(coupling="eot", condition_on_start=False, central=True, redraw
 def generative_models() -> dict[str, AssemblyModelConfig]:
     """The rows of the generative hard-start study: rigid FM (K=1), K-Flow K=2 and K=3 and the one-step regression
     from the start, all with the ``GENERATIVE`` recipe; and single-change ablations of K=1 (each recipe choice put
-    back to its earlier value), which measure what every change brings, and K=1 from the "shell" start preset."""
+    back to its earlier value), which measure what every change brings, K=1 from the "shell" start preset, and
+    K=1 with the start hands of ``kflow assemble`` ("mirror none" / "mirror half")."""
     rows = {
         "regression, generative": AssemblyModelConfig(num_bands=1, objective="regression", **GENERATIVE),
         "rigid FM (K=1), generative": AssemblyModelConfig(num_bands=1, **GENERATIVE),
@@ -145,6 +146,11 @@ def generative_models() -> dict[str, AssemblyModelConfig]:
         rows[f"rigid FM (K=1), generative, {label}"] = AssemblyModelConfig(num_bands=1, **{**GENERATIVE, **change})
     # The same model trained and sampled from the "shell" start preset (the even shell as a source).
     rows["rigid FM (K=1), generative, shell source"] = AssemblyModelConfig(num_bands=1, **GENERATIVE)
+    # Start copies with the hands kflow assemble gives a lone molecule (all one hand, or half mirrored), in training
+    # and on the test starts, instead of the crystal's (datasets.set_start_hands).
+    for mirror in ("none", "half"):
+        rows[f"rigid FM (K=1), generative, mirror {mirror}"] = AssemblyModelConfig(num_bands=1, start_mirror=mirror,
+                                                                                   **GENERATIVE)
     return rows
 
 
@@ -155,6 +161,12 @@ def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
     view = copy.copy(dataset)
     view.indices_ = list(dataset.indices_[:n])
     return view
+
+
+def with_start_hands(dataset, config: AssemblyModelConfig):
+    """``dataset`` as a model trained with ``config`` sees its starts: viewed with ``StartHands`` when the config
+    sets the hands of the start copies (``start_mirror``), else as it is. The truth stays the crystal."""
+    return dataset if config.start_mirror == "crystal" else StartHands(dataset, config.start_mirror)
 
 
 def _metrics_summary(results: dict) -> dict:
@@ -191,13 +203,16 @@ class BestCheckpoint:
 def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False, log=print) -> dict:
     """Train ``cell.config`` with ``cell.seed`` on the train split (crystal split and start draws fixed by data seed
     0, so every seed is scored on the same test clusters), keep the best validation checkpoint, score the test
-    split with it and save the result. A finished cell is loaded, not retrained."""
+    split with it and save the result. A finished cell is loaded, not retrained. A config with ``start_mirror``
+    validates and tests on starts with those hands (``with_start_hands``)."""
     done = cell.load()
     if done is not None:
         return done
     train = ClusterDataset(store, split="train", seed=0)
-    val = first_clusters(ClusterDataset(store, split="valid", seed=0), budget.val_clusters)
-    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    val = with_start_hands(first_clusters(ClusterDataset(store, split="valid", seed=0), budget.val_clusters),
+                           cell.config)
+    test = with_start_hands(first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters),
+                            cell.config)
     steps, eval_every = budget.steps(len(train)), budget.eval_every(len(train))
     _, rigid = build_assembly_model(cell.config)
     selector = BestCheckpoint(cell.run_dir, val, rigid, SELECT_METRIC[cell.preset], budget.sample_steps)
@@ -291,14 +306,15 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
 
 
 def _model_and_test(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget):
-    """(``model_cell``'s selected EMA model in eval mode, its rigid flow, the study's test split) for a cell that
-    re-uses a finished model cell."""
+    """(``model_cell``'s selected EMA model in eval mode, its rigid flow, the study's test split with the model's
+    start hands) for a cell that re-uses a finished model cell."""
     base = model_cell.load()
     if base is None:
         raise ValueError(f"{cell.slug}: the model cell {model_cell.slug} has not finished")
-    model, rigid = build_assembly_model(AssemblyModelConfig.from_dict(base["config"]))
+    config = AssemblyModelConfig.from_dict(base["config"])
+    model, rigid = build_assembly_model(config)
     model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
-    test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
+    test = with_start_hands(first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters), config)
     return model.eval(), rigid, test
 
 

@@ -23,7 +23,7 @@ from kflow.core.training import Trainer
 from kflow.molecular.artifacts import load_assembly_model
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.crystals import noise_model
-from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, RedrawnStarts
+from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
                                      separation_rate)
@@ -148,19 +148,24 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     holding only training crystals, e.g. the merged store of ``kflow.molecular.pretrained``). A fresh run (not
     ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: bit-identical runs
     and resumes on CPU (see ``Trainer``).
-    ``eval_fn(ema_model, step) -> dict`` runs every ``eval_every`` steps; its numbers go to metrics.jsonl."""
+    ``eval_fn(ema_model, step) -> dict`` runs every ``eval_every`` steps; its numbers go to metrics.jsonl (a
+    config with ``start_mirror`` other than "crystal" wants its validation clusters viewed with
+    ``datasets.StartHands``, as ``study.BestCheckpoint`` users do)."""
     config = config or AssemblyModelConfig()
     split_seed = seed if split_seed is None else split_seed
     train = ClusterDataset(store, split=train_split, seed=split_seed)
     _check_split(train, train_split)
     if config.redraw_starts:  # a new start per crystal cluster and epoch, from the store's own start preset
-        train = RedrawnStarts(train, seed=seed)
+        train = RedrawnStarts(train, seed=seed, mirror=config.start_mirror)
+    elif config.start_mirror != "crystal":
+        train = StartHands(train, config.start_mirror)
     torch.manual_seed(seed)
     model, rigid = build_assembly_model(config)
     run_config = {"model": config.run_record(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
-    collate = functools.partial(collate_clusters, coupling=config.coupling, central=config.central)
+    hands = {"mirror_pairs": True} if config.start_mirror != "crystal" else {}  # start copies of other hands
+    collate = functools.partial(collate_clusters, coupling=config.coupling, central=config.central, **hands)
     loss = AssemblyLoss(rigid, config.rotation_loss, config.rotation_weight, config.time_sampling)
     trainer = Trainer(model, loss, train, collate_fn=collate, batch_size=batch_size, lr=lr,
                       max_steps=steps, out_dir=out_dir, config=run_config, warmup_steps=warmup_steps,
