@@ -137,7 +137,7 @@ def test_opposite_hand_pairs_collate_to_the_nearest_proper_pose(coupling):
     cluster = set_start_hands(_racemic_cluster(3), "none")
     with pytest.raises(RigidityError, match="molecule 1"):
         collate_clusters([cluster], dtype=F64, coupling=coupling, central=True)
-    batch = collate_clusters([cluster], dtype=F64, coupling=coupling, central=True, mirror_pairs=True)
+    batch = collate_clusters([cluster], dtype=F64, coupling=coupling, central=True, free_pairs=True)
     final = batch.final_positions()[0]  # [M, P, 3] the path's targets
     body = batch.body[0]
     assert torch.allclose(torch.det(batch.final_rotations[0]), torch.ones(M, dtype=F64), atol=1e-9)
@@ -158,18 +158,24 @@ def test_opposite_hand_pairs_collate_to_the_nearest_proper_pose(coupling):
         assert miss[~CRYSTAL_MIRRORED].max() < 1e-6 and miss[CRYSTAL_MIRRORED].min() > 0.1
 
 
-def test_a_final_that_is_no_rigid_copy_still_raises_with_mirror_pairs():
+def test_a_crystal_copy_of_another_conformer_is_targeted_at_the_nearest_proper_pose():
+    """Crystals with several independent molecules hold other conformers (10 % of CSD-500): a start made from
+    molecule 0 pairs with them, and the target is the best proper fit of the start body, at the copy's centroid."""
     cluster = set_start_hands(_racemic_cluster(4), "none")
     final = cluster.final_positions.clone()
-    final[5 * P + 2] += torch.tensor([0.5, 0.0, 0.0])  # molecule 5 bent
+    final[5 * P + 2] += torch.tensor([0.5, 0.0, 0.0])  # molecule 5 another conformer
     bent = Cluster(cluster.atomic_numbers, cluster.molecule_index, cluster.initial_positions, final, "bent")
-    with pytest.raises(RigidityError, match="'bent', molecule 5.*proper or improper"):
-        collate_clusters([bent], mirror_pairs=True)
+    with pytest.raises(RigidityError, match="'bent', molecule 1"):  # the crystal's hands: refused without
+        collate_clusters([bent])
+    batch = collate_clusters([bent], dtype=F64, free_pairs=True)
+    target = batch.final_positions()[0]
+    assert rigid_residuals(batch.body[0], target).max() < 1e-6
+    assert torch.allclose(batch.final_translations[0, 5], _molecules(final)[5].mean(0).double(), atol=1e-5)
 
 
-def test_mirror_pairs_changes_nothing_for_index_pairs_of_the_same_hand():
+def test_free_pairs_changes_nothing_for_index_pairs_of_the_same_hand():
     cluster = _racemic_cluster(5)  # the crystal's own hands: every index pair is proper (what sampling collates)
-    a, b = collate_clusters([cluster], dtype=F64), collate_clusters([cluster], dtype=F64, mirror_pairs=True)
+    a, b = collate_clusters([cluster], dtype=F64), collate_clusters([cluster], dtype=F64, free_pairs=True)
     for name in ("body", "final_translations", "final_rotations", "initial_translations", "rotation_scale"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
@@ -188,7 +194,7 @@ def test_ot_prefers_a_same_hand_pair_over_an_equally_near_mirror_image():
     item = {"atomic_numbers": torch.tensor([6, 7, 8, 1]).repeat(3),
             "molecule_index": torch.arange(3).repeat_interleave(P), "initial_positions": start.reshape(-1, 3),
             "final_positions": final.reshape(-1, 3), "name": "tie"}
-    batch = collate_clusters([item], dtype=F64, coupling="ot", mirror_pairs=True)
+    batch = collate_clusters([item], dtype=F64, coupling="ot", free_pairs=True)
     assert torch.allclose(batch.final_translations[0], c_final[[0, 2, 1]], atol=1e-9)
     assert rigid_residuals(batch.body[0], final[[0, 2, 1]]).max() < 1e-6  # every pair now the same hand
 
@@ -236,7 +242,7 @@ def test_training_sees_starts_with_the_configured_hands(tmp_path, monkeypatch, r
     seen = []
 
     def spy(items, **kwargs):
-        seen.append(kwargs.get("mirror_pairs"))
+        seen.append(kwargs.get("free_pairs"))
         for item in items:
             start = item.initial_positions.double().reshape(M, P, 3)
             odd = torch.arange(M) % 2 == 1

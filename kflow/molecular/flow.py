@@ -120,21 +120,16 @@ def _pair_fits(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor):
     return rot, residual
 
 
-def _pair_rules(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor,
-                tolerance: float, mirror_pairs: bool):
+def _pair_rules(residual: torch.Tensor, tolerance: float, free_pairs: bool):
     """(allowed [B, M, M] bool, extra cost [B, M, M] or None) of the coupling for the proper-fit RMS ``residual``
     [B, M, M] of each start/final pair. Allowed: pairs a proper rigid motion relates within ``tolerance`` Å, and
-    the index pairs (rigid by assumption); with ``mirror_pairs`` also the mirror-image pairs (an inversion and a
-    rotation relate them), which then pay the mean squared atom residual of their proper fit (Å², ~0 for a
-    same-hand pair), so a same-hand pair wins over an equally near opposite-hand one."""
-    b, m, p = mask.shape
-    allowed = (residual <= tolerance) | torch.eye(m, dtype=torch.bool, device=residual.device)
-    if not mirror_pairs:
-        return allowed, None
-    pair_mask = mask[:, :, None].expand(b, m, m, p)  # copies of one molecule: equal masks for i and j
-    improper = rigid_residuals(-initial[:, :, None].expand(b, m, m, p, 3), final[:, None].expand(b, m, m, p, 3),
-                               pair_mask)  # [B, M, M] the best proper fit of start i's mirror image onto final j
-    return allowed | (improper <= tolerance), residual.square()
+    the index pairs (rigid by assumption). With ``free_pairs`` (start copies made from one molecule) every pair is
+    allowed and pays the mean squared atom residual of its proper fit (Å², ~0 for a pair of the same hand and
+    conformer), so such a pair wins over an equally near mirror image or other conformer."""
+    m = residual.shape[1]
+    if free_pairs:
+        return torch.ones_like(residual, dtype=torch.bool), residual.square()
+    return (residual <= tolerance) | torch.eye(m, dtype=torch.bool, device=residual.device), None
 
 
 def _principal_frames(points: torch.Tensor) -> torch.Tensor:
@@ -144,7 +139,7 @@ def _principal_frames(points: torch.Tensor) -> torch.Tensor:
 
 
 def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor, central: bool = True,
-                         iterations: int = 20, rigidity_tolerance: float = 1e-2, mirror_pairs: bool = False):
+                         iterations: int = 20, rigidity_tolerance: float = 1e-2, free_pairs: bool = False):
     """Permutation and global rotation of the final cluster that best fit the start (equivariant OT coupling).
 
     A start carries no information about the crystal's numbering *or* its orientation, so both are chosen to
@@ -156,8 +151,8 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
     by alternating Hungarian assignment (R fixed) and Kabsch (π fixed) until π stops changing; each step can only
     lower the cost. The alternation starts from the 4 proper sign choices of the principal-axes alignment of the
     two centroid clouds and the best result is kept, so the answer rotates with the target (an input frame never
-    enters). Pairs of opposite handedness are excluded as in ``optimal_coupling``, or with ``mirror_pairs``
-    allowed at the extra cost of their proper-fit residual (included in the returned costs).
+    enters). Pairs of opposite handedness are excluded as in ``optimal_coupling``, or with ``free_pairs`` every
+    pair is allowed at the extra cost of its proper-fit residual (included in the returned costs).
 
     Args: initial, final [B, M, P, 3] padded atoms (mask [B, M, P]), copies of one molecule in one atom order.
     Returns (π [B, M] long, R [B, 3, 3], pivots (p⁰ [B, 3], p¹ [B, 3]), cost [B], history [B, n] of the cost
@@ -168,7 +163,7 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
     initial, final = initial.double(), final.double()
     b, m = initial.shape[:2]
     _, residual = _pair_fits(initial, final, mask)
-    allowed, extra = _pair_rules(initial, final, mask, residual, rigidity_tolerance, mirror_pairs)
+    allowed, extra = _pair_rules(residual, rigidity_tolerance, free_pairs)
     if central:
         allowed[:, 0, :] = False
         allowed[:, :, 0] = False
@@ -213,7 +208,7 @@ def equivariant_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch
 
 def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Tensor,
                      rotation_scale: torch.Tensor | None = None, orientation_weight: float = 0.0,
-                     rigidity_tolerance: float = 1e-2, mirror_pairs: bool = False) -> torch.Tensor:
+                     rigidity_tolerance: float = 1e-2, free_pairs: bool = False) -> torch.Tensor:
     """Optimal assignment of start molecules to final slots within each cluster of identical molecules.
 
     For padded atoms initial, final [B, M, P, 3] (mask [B, M, P]; every molecule of a cluster the same molecule,
@@ -227,9 +222,10 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
     centroids only). Pairs that no proper rigid motion relates (RMS residual above ``rigidity_tolerance`` Å: the
     copies of opposite handedness in a crystal with mirror or inversion symmetry, unless the molecule is planar)
     are excluded, so every coupled pair is rigid; the index pairing, rigid by assumption, always qualifies.
-    ``mirror_pairs`` (starts whose copies have other hands than the crystal's, ``datasets.set_start_hands``)
-    allows those pairs too, with c(i, j) raised by the mean squared atom residual of the proper fit (Å²), so a
-    same-hand pair wins over an equally near opposite-hand one.
+    ``free_pairs`` (start copies made from one molecule, ``datasets.set_start_hands``, whose crystal copies may be
+    its mirror image or, with several independent molecules, another conformer) allows every pair, with c(i, j)
+    raised by the mean squared atom residual of the proper fit (Å²), so a pair of the same hand and conformer
+    wins over an equally near other one.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -243,7 +239,7 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
             raise ValueError("orientation_weight > 0 needs rotation_scale (the chart's ℓ per cluster)")
         scale = torch.as_tensor(rotation_scale, dtype=cost.dtype, device=cost.device).reshape(-1, 1, 1)
         cost = cost + orientation_weight * (scale * rotation_angle(rot)).square()
-    allowed, extra = _pair_rules(initial, final, mask, residual, rigidity_tolerance, mirror_pairs)
+    allowed, extra = _pair_rules(residual, rigidity_tolerance, free_pairs)
     if extra is not None:
         cost = cost + extra
     cost = cost.masked_fill(~allowed, float("inf")).cpu().numpy()
@@ -253,7 +249,7 @@ def optimal_coupling(initial: torch.Tensor, final: torch.Tensor, mask: torch.Ten
 
 def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: float = 1e-2,
                      coupling: str = "index", orientation_weight: float = 0.0, central: bool = False,
-                     mirror_pairs: bool = False) -> AssemblyBatch:
+                     free_pairs: bool = False) -> AssemblyBatch:
     """Build an ``AssemblyBatch`` from clusters (``Cluster`` objects, PyG ``Data`` or dicts with the fields
     atomic_numbers [N], molecule_index [N], initial_positions [N, 3], final_positions [N, 3]).
 
@@ -267,15 +263,17 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
     ``hard`` preset) "eot" pivots on molecule 0 and always pairs it with the crystal's central molecule 0;
     without it the pivot is the cluster centroid.
 
-    ``mirror_pairs``: a start molecule may be paired with a crystal molecule of the other hand (starts whose hands
-    were set by ``datasets.set_start_hands``, or sampling, which never reads the final positions). Such a pair is
-    rigid up to an inversion; its target is, like every pair's, the proper Kabsch pose of the start body on the
-    final atoms: for a mirror image the nearest proper pose, at the final centroid. "ot" and "eot" then allow
-    opposite-hand pairs at an extra cost (``optimal_coupling``).
+    ``free_pairs``: the start copies are rigid copies of one molecule (``datasets.set_start_hands``, as ``kflow
+    assemble`` makes them from a lone molecule; or sampling, which never reads the final positions), while the
+    crystal's copies may be its mirror image (inversion or mirror symmetry) or another conformer (several
+    independent molecules: 10 % of the CSD-500 crystals, up to 2.8 Å RMS apart). A start molecule may then pair
+    with any crystal molecule; its target is, like every pair's, the proper Kabsch pose of the start body on the
+    final atoms (for a mirror image or another conformer, the nearest proper pose, at the final centroid), and
+    "ot" and "eot" charge each pair its fit residual (``optimal_coupling``). No rigidity check then applies.
 
     Raises ``RigidityError`` naming the cluster and molecule when a final molecule is not a rigid copy of its
-    initial one (RMS residual above ``rigidity_tolerance`` Å; with ``mirror_pairs`` neither a rigid copy nor a
-    mirror image), and ``ValueError`` for inconsistent molecules.
+    initial one (RMS residual above ``rigidity_tolerance`` Å; not with ``free_pairs``), and ``ValueError`` for
+    inconsistent molecules.
     """
     if len(items) == 0:
         raise ValueError("collate_clusters got an empty list of clusters")
@@ -305,20 +303,17 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
     w = mask.double()
     t0, t1 = masked_centroids(x0, mask), masked_centroids(x1, mask)  # [B, M, 3]
     body = (x0 - t0[:, :, None]) * w[..., None]
-    residual = rigid_residuals(x0, x1, mask)  # [B, M]
-    if mirror_pairs:  # or a rigid motion of the mirror image
-        residual = torch.minimum(residual, rigid_residuals(-x0, x1, mask))
+    residual = torch.zeros(b, m) if free_pairs else rigid_residuals(x0, x1, mask)  # [B, M]
     if (residual > rigidity_tolerance).any():
         ci, mi = (residual > rigidity_tolerance).nonzero()[0].tolist()
-        what = "a rigid motion (proper or improper)" if mirror_pairs else "a rigid motion"
-        raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not {what} of the "
+        raise RigidityError(f"cluster {parsed[ci][4]!r}, molecule {mi}: final atoms are not a rigid motion of the "
                             f"initial ones (RMS residual {residual[ci, mi]:.3g} Å > {rigidity_tolerance} Å)")
     # Radius of gyration of the molecule (identical copies: use molecule 0).
     count = w[:, 0].sum(-1)
     scale = ((body[:, 0].pow(2).sum(-1) * w[:, 0]).sum(-1) / count).sqrt().clamp_min(MIN_ROTATION_SCALE)
     if coupling == "ot":
         _check_identical_copies(z, parsed)
-        perm = optimal_coupling(x0, x1, mask, scale, orientation_weight, rigidity_tolerance, mirror_pairs)
+        perm = optimal_coupling(x0, x1, mask, scale, orientation_weight, rigidity_tolerance, free_pairs)
         x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
         t1 = torch.gather(t1, 1, perm[:, :, None].expand_as(t1))
     elif coupling == "eot":
@@ -329,7 +324,7 @@ def collate_clusters(items: Sequence, dtype=torch.float32, rigidity_tolerance: f
         # centroid, 6.69 with assignment alone).
         perm, rot_g, (p0, p1), _, _ = equivariant_coupling(x0, x1, mask, central=central,
                                                            rigidity_tolerance=rigidity_tolerance,
-                                                           mirror_pairs=mirror_pairs)
+                                                           free_pairs=free_pairs)
         x1 = torch.gather(x1, 1, perm[:, :, None, None].expand_as(x1))
         x1 = torch.einsum("bij,bmpj->bmpi", rot_g, x1 - p1[:, None, None]) + p0[:, None, None]
         x1 = x1 * w[..., None]

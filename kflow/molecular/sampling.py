@@ -63,7 +63,7 @@ def predict_assembly(model, rigid, dataset, steps: int = 20, method: str = "band
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         # Sampling reads only the starts: their copies may be mirror images of the final ones (lone molecules
         # under --mirror half, starts with set hands), which training-time collation would refuse.
-        batch = collate_clusters(items, mirror_pairs=True)
+        batch = collate_clusters(items, free_pairs=True)
         pos = sample_assembly(model, batch, rigid, steps, method, repeats, repeat_noise, seed + start,
                               steps_per_band, reuse_graph)  # [R, B, M, P, 3]
         for b, item in enumerate(items):

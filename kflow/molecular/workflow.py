@@ -164,7 +164,7 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     run_config = {"model": config.run_record(), "data_seed": split_seed, "dataset_size": len(store),
                   "dataset": str(store.path), "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                   **(extra_config or {})}
-    hands = {"mirror_pairs": True} if config.start_mirror != "crystal" else {}  # start copies of other hands
+    hands = {"free_pairs": True} if config.start_mirror != "crystal" else {}  # start copies of other hands
     collate = functools.partial(collate_clusters, coupling=config.coupling, central=config.central, **hands)
     loss = AssemblyLoss(rigid, config.rotation_loss, config.rotation_weight, config.time_sampling)
     trainer = Trainer(model, loss, train, collate_fn=collate, batch_size=batch_size, lr=lr,
