@@ -627,11 +627,12 @@ def _mean_std3(values) -> str:
 def verdict_report(plan: VerdictPlan, command: str) -> str:
     b = plan.budget
     found = _results(plan)
-    check_same_latents([r for rs in found.values() for r in rs])
+    fingerprint = check_same_latents([r for rs in found.values() for r in rs])
     sweep_table, final_table, verdict = _verdict_tables(plan)
     parts = [
         "## Image study, verdict stage (`python benchmarks/bench_vision.py --study --verdict`)\n",
-        f"Command: `{command}` (resumable; results in `{_rel(plan.out)}/`). The main study's latents, {b.model}, "
+        f"Command: `{command}` (resumable; results in `{_rel(plan.out)}/`). The main study's data and autoencoder "
+        f"settings (retrained for this stage: latent fingerprint `{fingerprint}`), {b.model}, "
         f"batch {b.batch_size}, AdamW lr {b.lr} with the cosine decay over {b.steps} steps, EMA 0.999. Checkpoint "
         f"selection: every {b.eval_every} steps the EMA model draws {b.val_samples} latents (balanced classes, fixed "
         f"noise) with each of {', '.join(b.val_samplers)} at {b.val_nfe} NFE (Heun {b.val_nfe // 2} steps; dopri5 at "
