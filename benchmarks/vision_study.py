@@ -27,7 +27,8 @@ spans sittings (resumable like the main study; at a constant LR a resumed run is
 
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
-features of an interrupted sweep. A result saved under another budget stops the run with an error that names the
+features of an interrupted sweep. Runners may share a study (e.g. `--jobs 1` started twice): the process running a
+cell holds its lock, and another runner skips that cell and takes the next. A result saved under another budget stops the run with an error that names the
 file and the changed fields (no silent mix of budgets in one table). Cells: flow matching seeds 0 and 1; K-Flow
 Fourier, Wavelet, PCA seed 0; the best of these by validation FID seed 1; its schedule ablation (energy-proportional
 windows, overlap 0.2, high→low) seed 0; steering of flow matching, the best K-Flow and its high→low variant.
@@ -70,7 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import markdown_table, write_section
-from kflow.utils.io import safe_filename
+from kflow.utils.io import FolderBusyError, safe_filename
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
 from kflow.vision.config import ImageModelConfig
 from kflow.vision.study import (HEADLINE, MATCHED_NFE, StudyCell, VisionStudyBudget, ablation_rows, cell_spec, check_same_latents,
@@ -257,10 +258,14 @@ def run_study(plan: Plan, jobs: int, progress: bool) -> None:
     study_context(plan.budget, plan.work, plan.data_root, progress)  # the shared latents and features, once
     if jobs == 1:
         while True:
-            ready = plan.pending()
-            if not ready:
-                return
-            run_cell_spec(ready[0], progress)
+            for spec in plan.pending():
+                try:
+                    run_cell_spec(spec, progress)
+                    break
+                except FolderBusyError as busy:  # another runner of this study has the cell: take the next one
+                    print(f"[{_cell(spec).slug}] skipped: {busy}", flush=True)
+            else:
+                return  # nothing left that this process can run
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     running: dict[futures.Future, str] = {}
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:

@@ -307,11 +307,21 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     mini = [item for item in MINI if not item.startswith("nfe=")]  # the verdict has no Inception NFE sweep
     settings = [f"dataset={data}", *mini, "final_samples=8", "final_reference=16", "val_samples=8"]
     argv = ["--study", "--verdict", "--quick", "--jobs", "1", "--out", str(out), "--set", *settings]
-    bench_vision.main(argv)
+    plan = VerdictPlan(out / "verdict", out / "work", _override(VERDICT_QUICK, settings), out / "figures")
+    # a second runner of the study holds one cell: this one skips it and runs the rest
+    from kflow.utils.io import FolderLock
+
+    held = plan.model_cell("K-Flow Fourier, x1", 0)
+    with FolderLock(held.run_dir, "model.lock", what="study runner"):
+        bench_vision.main(argv)
+    text = capsys.readouterr().out
+    assert f"[{held.slug}] skipped" in text and held.load() is None
+    assert f"`{held.slug}`" in text  # listed as not finished
+    assert not list((out / "verdict").glob("final/*.json"))  # the finals wait for every seed-0 row
+    bench_vision.main(argv)  # the lock released: the held cell, the seed-1 cells and the finals
     text = capsys.readouterr().out
     for heading in ("Every row: validation and test latent FD by sampler", "Final table", "### Verdict"):
         assert heading in text, heading
-    plan = VerdictPlan(out / "verdict", out / "work", _override(VERDICT_QUICK, settings), out / "figures")
     assert len(plan.rows) == 10  # (flow matching + 2 schedules × 2 decompositions) × 2 predictions
     fm = plan.model_cell("flow matching", 0).load()
     assert fm["selection"] == "latent_fd" and fm["sweep"] == {}

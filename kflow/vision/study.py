@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from kflow.core import SAMPLING_METHODS
-from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
+from kflow.utils.io import (FolderLock, atomic_save, atomic_write_text, check_saved_budget, read_versioned_json,
+                            safe_filename)
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
@@ -601,10 +602,12 @@ def run_cell_spec(spec: dict, progress: bool = False) -> dict:
     budget = VisionStudyBudget(**spec["budget"])
     ctx = study_context(budget, spec["work"], spec["data_root"], progress, log)
     cell = spec_cell(spec)
-    if cell.kind == "model":
-        return run_model_cell(cell, ctx, progress, log)
-    if cell.kind == "final":
-        return run_final_cell(cell, ctx, progress, log)
-    split = load_image_model(spec["split_run"])[1].decomposition if spec.get("split_run") else None
-    return run_steering_cell(cell, ctx, Path(spec["figures"]), split=split, cdr=spec.get("cdr", True),
-                             progress=progress, log=log)
+    # One process per cell: a second runner of the same study gets FolderBusyError and moves on to another cell.
+    with FolderLock(cell.run_dir, f"{cell.kind}.lock", what="study runner"):
+        if cell.kind == "model":
+            return run_model_cell(cell, ctx, progress, log)
+        if cell.kind == "final":
+            return run_final_cell(cell, ctx, progress, log)
+        split = load_image_model(spec["split_run"])[1].decomposition if spec.get("split_run") else None
+        return run_steering_cell(cell, ctx, Path(spec["figures"]), split=split, cdr=spec.get("cdr", True),
+                                 progress=progress, log=log)
