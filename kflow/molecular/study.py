@@ -30,7 +30,7 @@ from kflow.molecular.workflow import evaluate_assembly, train_assembly
 from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
-           "run_packmol_cell", "run_identity_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
+           "run_packmol_cell", "run_identity_cell", "run_hands_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
            "band_energy_shares", "first_clusters", "with_start_hands", "SELECT_METRIC", "GENERATIVE"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
@@ -332,6 +332,24 @@ def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Study
     preds = predict_medoid(model, rigid, test, samples=samples, steps=budget.sample_steps, seed=cell.seed)
     results = evaluate_assembly(test, preds)
     return cell.save({"kind": "medoid", "model_cell": model_cell.slug, "samples": samples,
+                      "seconds": time.perf_counter() - t0,
+                      "test_names": [test.cluster(i).name for i in range(len(test))],
+                      "metrics": _metrics_summary(results)})
+
+
+def run_hands_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget, mirror: str) -> dict:
+    """``model_cell``'s selected checkpoint scored, as in its cell, on test starts whose copies have the hands
+    ``mirror`` (``datasets.set_start_hands``): what ``kflow assemble`` gives the model for a lone molecule, when it
+    was trained on the crystal's hands. Needs ``model_cell`` finished."""
+    done = cell.load()
+    if done is not None:
+        return done
+    model, rigid, test = _model_and_test(cell, model_cell, store, budget)
+    test = StartHands(test, mirror)
+    t0 = time.perf_counter()
+    preds = predict_assembly(model, rigid, test, steps=budget.sample_steps)
+    results = evaluate_assembly(test, preds)
+    return cell.save({"kind": "hands", "model_cell": model_cell.slug, "mirror": mirror,
                       "seconds": time.perf_counter() - t0,
                       "test_names": [test.cluster(i).name for i in range(len(test))],
                       "metrics": _metrics_summary(results)})
