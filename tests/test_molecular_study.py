@@ -219,3 +219,40 @@ def test_a_model_result_saved_under_another_budget_is_refused(tmp_path):
                       budget=StudyBudget(epochs=3))
     with pytest.raises(ValueError, match=r"K-Flow_K_2_s0\.json: saved under another study budget \(epochs: 2 -> 3\)"):
         other.load()
+
+
+def test_hands_cell_scores_a_finished_model_on_starts_with_lone_molecule_hands(tmp_path, crystal, monkeypatch):
+    """The study row "tested on mirror none starts": the model cell's checkpoint sampled on the test starts rebuilt
+    as kflow assemble builds a lone molecule's copies (every copy a proper rigid copy of molecule 0)."""
+    import kflow.molecular.study as study
+    from kflow.molecular.geometry import rigid_residuals
+
+    name, atoms = crystal
+    clusters = [build_cluster(atoms, name=f"{name}{i}", draw=i, noise="hard") for i in range(12)]
+    for i, c in enumerate(clusters):
+        c.crystal = f"x{i}"
+    store = ClusterStore(write_cluster_store(clusters, tmp_path / "s.lmdb"))
+    config = AssemblyModelConfig(num_bands=1, hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1,
+                                 **study.GENERATIVE)
+    model_cell = StudyCell("demo", "hard", "k1", 0, tmp_path / "out", tmp_path / "work")
+    model, _ = build_assembly_model(config)
+    model_cell.run_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), model_cell.run_dir / "best.pt")
+    model_cell.save({"config": config.to_dict()})
+    seen = []
+    real = study.predict_assembly
+
+    def spy(model, rigid, data, **kwargs):
+        seen.extend(data.cluster(i) for i in range(len(data)))
+        return real(model, rigid, data, **kwargs)
+
+    monkeypatch.setattr(study, "predict_assembly", spy)
+    cell = StudyCell("demo", "hard", "k1 on lone-molecule hands", 0, tmp_path / "out", tmp_path / "work")
+    result = study.run_hands_cell(cell, model_cell, store, StudyBudget(test_clusters=2, sample_steps=2), "none")
+    assert result["kind"] == "hands" and result["mirror"] == "none"
+    assert result["test_names"] == [c.name for c in seen] and seen  # the test split, every cluster
+    assert len(result["metrics"]["pm_center_perm"]["per_cluster"]) == len(seen)
+    for c in seen:
+        start = _molecules(c, "initial_positions")
+        assert c.info["start_mirror"] == "none"
+        assert rigid_residuals(start[:1].expand_as(start), start).max() < 1e-4  # one hand, one conformer
