@@ -13,7 +13,7 @@ from kflow.cli import COMMANDS, main
 from kflow.utils.cli import error_line, run_main
 from kflow.utils.io import check_saved_budget, read_versioned_json
 from kflow.utils.store import RECORD_MAGIC, RecordStoreError, decode_record, encode_record, write_record_store
-from test_reliability_outputs import SDF, tiny_model  # noqa: F401 (a fixture)
+from test_reliability_outputs import SDF
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from kflow.molecular.sources import build_clusters_from_files
 from kflow.utils.io import printable_name, unique_filename
 from test_molecular_artifacts import ListDataset
 from test_moldata_io import make_cluster
-from test_reliability_outputs import SDF, tiny_model  # noqa: F401 (a fixture)
+from test_reliability_outputs import SDF
 
 REPO = Path(__file__).resolve().parents[1]
 CIF = REPO / "data" / "examples" / "GASXON.cif"
