@@ -64,7 +64,7 @@ QUICK = StudyBudget(epochs=0.05, evals=2, val_clusters=4, test_clusters=6, sampl
 TABLES = (
     ("csd500", "hard", GENERATIVE_ROWS + ABLATION_ROWS + MIRROR_ROWS, 2, GENERATIVE_BUDGET, None),
     ("csd500", "mild", ALL_ROWS, 2, FULL, None),
-    ("demo", "hard", GENERATIVE_ROWS[:2], 4, GENERATIVE_BUDGET, None),
+    ("demo", "hard", GENERATIVE_ROWS, 4, GENERATIVE_BUDGET, None),
 )
 # Earlier design (starts without a central molecule, fixed start draws; 2026-11-27 .. 12-02): kept as measured,
 # under <data set>_hard_v1/, reported but never rerun (their checkpoints are not in the repository).
