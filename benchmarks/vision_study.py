@@ -5,18 +5,18 @@ decomposition; steerability. Writes the "vision-study" section of BENCHMARKS.md 
     python benchmarks/bench_vision.py --study [--jobs 2]   # the published study (resumable; ~150 min on 2 cores)
     python benchmarks/bench_vision.py --study --quick      # same code path, tiny budget (a few minutes)
     python benchmarks/bench_vision.py --study --plateau    # convergence stage (section vision-plateau, ~3.5 h)
-    python benchmarks/bench_vision.py --study --verdict    # each model at its best sampler, overlap sweep (vision-verdict)
+    python benchmarks/bench_vision.py --study --verdict    # best sampler per model, overlap sweep (vision-verdict)
 
-The verdict stage (issue 23) retrains every compared model under the main study's budget (6000 steps, cosine LR)
-but selects checkpoints by a cheap latent Fréchet distance under each of Euler, Heun and dopri5 at 20 NFE (the best
+The verdict stage (issue 23) retrains every compared model under the main study's budget (6000 steps, cosine LR) but
+selects checkpoints by a cheap latent Fréchet distance under each of Euler, Heun and dopri5 at 20 NFE (the best
 sampler at a matched budget is kept with the checkpoint), so that no model is judged by a sampler that suits it
 badly; rows: flow matching and K-Flow Fourier / Wavelet at overlap 0, 0.2, 0.5, 0.8 and with the low band moving
 until t = 1, each with velocity and x1 prediction (22 rows, seed 0), then seed 1 of the best flow-matching and
 K-Flow rows, then 2,000-sample FIDs against all 10,000 test images for those and for the other decomposition's best
 row, each with the sampler whose 2,000-sample test latent FD is lowest (the 500-sample validation latent FD picks
-checkpoints, but is too noisy to pick samplers). Sized from the 2-core rates above: ~18 min per row on one worker (training ~14, validation and test latent FDs
-~4), ~7 h of worker time for the 24 trainings, plus ~40 min of Inception for the test set's features and ~8 min per
-final FID; it spans sittings (resumable like the rest).
+checkpoints, but is too noisy to pick samplers). Sized from the 2-core rates above: ~18 min per row on one worker
+(training ~14, validation and test latent FDs ~4), ~7 h of worker time for the 24 trainings, plus ~40 min of
+Inception for the test set's features and ~8 min per final FID; it spans sittings (resumable like the rest).
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
 again, at a constant LR after the warm-up, until the validation FID has improved by less than 1% over 3 evaluations
@@ -29,10 +29,11 @@ spans sittings (resumable like the main study; at a constant LR a resumed run is
 Each (row, seed) result is saved under benchmarks/results/vision_study/ (quick: runs/vision_study_quick/) as soon as
 it exists; a rerun skips finished ones, resumes an interrupted training from its checkpoint and reuses the cached
 features of an interrupted sweep. Runners may share a study (e.g. `--jobs 1` started twice): the process running a
-cell holds its lock, and another runner skips that cell and takes the next. A result saved under another budget stops the run with an error that names the
-file and the changed fields (no silent mix of budgets in one table). Cells: flow matching seeds 0 and 1; K-Flow
-Fourier, Wavelet, PCA seed 0; the best of these by validation FID seed 1; its schedule ablation (energy-proportional
-windows, overlap 0.2, high→low) seed 0; steering of flow matching, the best K-Flow and its high→low variant.
+cell holds its lock, and another runner skips that cell and takes the next. A result saved under another budget
+stops the run with an error that names the file and the changed fields (no silent mix of budgets in one table).
+Cells: flow matching seeds 0 and 1; K-Flow Fourier, Wavelet, PCA seed 0; the best of these by validation FID seed 1;
+its schedule ablation (energy-proportional windows, overlap 0.2, high→low) seed 0; steering of flow matching, the
+best K-Flow and its high→low variant.
 
 Budget (FULL, sized from rates measured on this 2-core machine, 2026-11-27: DiT-M/4 on 1×16×16 latents, batch 64,
 one thread, ~7 steps/s with the other core busy; the offline Inception-v3 runs at 4.4 images/s on one idle thread,
@@ -628,9 +629,10 @@ def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
     if len(compared) >= 2 and all(len(finals.get(row, [])) == len(SEEDS) for row in compared[:2]):
         fm, kf = ([r["fid"] for r in finals[row]] for row in compared[:2])
         spread = max(np.std(fm), np.std(kf), 0.01 * np.mean(fm))
-        verdict = (f"{compared[1]} (FID {np.mean(kf):.1f} ± {np.std(kf):.1f}) {_compare_word(np.mean(kf), np.mean(fm), spread)} "
-                   f"{compared[0]} ({np.mean(fm):.1f} ± {np.std(fm):.1f}): difference {np.mean(kf) - np.mean(fm):+.1f}, "
-                   f"seed spread {spread:.1f} (2 seeds each, each model at its own best sampler).")
+        word = _compare_word(np.mean(kf), np.mean(fm), spread)
+        verdict = (f"{compared[1]} (FID {np.mean(kf):.1f} ± {np.std(kf):.1f}) {word} {compared[0]} "
+                   f"({np.mean(fm):.1f} ± {np.std(fm):.1f}): difference {np.mean(kf) - np.mean(fm):+.1f}, seed spread "
+                   f"{spread:.1f} (2 seeds each, each model at its own best sampler).")
     return sweep_table, final_table, verdict
 
 
@@ -656,15 +658,16 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
         f"rtol = atol = {b.dopri5_tol:g}, its NFE measured), scored by the Fréchet distance of the latents to the "
         f"{b.val_images} held-out training images' latents; the model's score is its best sampler's among those "
         f"that ran within {MATCHED_NFE:g}× {b.val_nfe} NFE (a matched budget), and the checkpoint with the best "
-        f"score is kept with that sampler. Test latent FD: {b.final_samples} samples per "
-        f"sampler against the latents of the first {b.final_reference} test images (cheap and low-noise: a 256-dimensional Gaussian "
+        f"score is kept with that sampler. Test latent FD: {b.final_samples} samples per sampler against the "
+        f"latents of the first {b.final_reference} test images (cheap and low-noise: a 256-dimensional Gaussian "
         f"fit). Rows: flow matching and K-Flow Fourier / Wavelet {b.wavelet} (2 bands, low→high, linear ramps) with "
         "overlap 0, 0.2, 0.5, 0.8 and a schedule whose low band keeps moving until t = 1 (windows [0, 1] and "
         "[0.5, 1]), each with velocity and x1 prediction (x1 samplers with the corrected conversion), seed 0; "
         "then seed 1 of the best flow-matching and the best K-Flow row (lowest validation score).\n",
         "### Every row: validation and test latent FD by sampler\n", sweep_table + "\n"]
     if final_table:
-        parts += [f"### Final table: FID of {b.final_samples} samples against the first {b.final_reference} test images (Inception-v3)\n",
+        parts += [f"### Final table: FID of {b.final_samples} samples against the first {b.final_reference} test "
+                  "images (Inception-v3)\n",
                   "Each model with its best sampler at a matched budget by the test latent FD of the table above "
                   "(the validation latent FD picks the checkpoint only), at the NFE in the table.\n",
                   final_table + "\n"]

@@ -31,18 +31,19 @@ from kflow.utils.io import (FolderLock, atomic_save, atomic_write_text, check_sa
                             safe_filename)
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
+from kflow.vision.autoencoders import encode_dataset
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
 from kflow.vision.data import crop_to, load_image_dataset, pad_to
 from kflow.vision.metrics import (InceptionFeatures, condition_dropping_scores, extract_features, frechet_distance,
                                   precision_recall)
-from kflow.vision.autoencoders import encode_dataset
 from kflow.vision.sampling import SamplingConfig, decode_latents, generate_images, sample_latents
 from kflow.vision.steering import condition_dropping_grid, noise_splitting_scores, steering_figures
 from kflow.vision.workflow import MIN_LR_RATIO, PADDED_SIZE, prepare_latents, train_image_model
 
 __all__ = ["VisionStudyBudget", "StudyContext", "StudyCell", "prepare_study", "run_model_cell", "run_steering_cell",
-           "study_rows", "ablation_rows", "run_final_cell", "SELECTIONS", "energy_band_weights", "sweep_settings", "check_same_latents",
-           "feature_network", "PlateauReached", "plateau_reached", "RESULT_VERSION", "HEADLINE"]
+           "run_final_cell", "study_rows", "ablation_rows", "energy_band_weights", "sweep_settings",
+           "check_same_latents", "matched_nfe", "SELECTIONS", "MATCHED_NFE", "feature_network", "PlateauReached",
+           "plateau_reached", "RESULT_VERSION", "HEADLINE"]
 
 RESULT_VERSION = 1
 SELECTIONS = ("fid", "latent_fd")
@@ -248,8 +249,8 @@ class StudyContext:
         return torch.cat(out), calls[0] / batches
 
     def reference_latents(self, split: str) -> torch.Tensor:
-        """The encoded images of ``split`` ("val": the held-out training images; "test": the whole test set),
-        cached beside the latents: the reference of the latent Fréchet distance."""
+        """The encoded images of ``split`` ("val": the held-out training images; "test": the first
+        ``final_reference`` test images), cached under ``work``: the references of the latent Fréchet distance."""
         path = self.work / (f"latents_val{self.budget.val_images}.pt" if split == "val"
                             else f"latents_test_first{self.budget.final_reference}.pt")
         if path.exists():
