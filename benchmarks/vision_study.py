@@ -261,6 +261,21 @@ VERDICT_QUICK = replace(QUICK, selection="latent_fd", val_samplers=("euler", "he
                         final_samples=16, val_samples=16, final_reference=100)
 
 
+def keep_latent_space(plan: Plan) -> None:
+    """The stage's autoencoder travels with its results (``<out>/autoencoder.pt``, 124 KB): a fresh checkout
+    restores it into the work folder, where ``prepare_latents`` reuses it, so the latents (and the fingerprint every
+    result records: a hash of this file) are the ones the saved cells were trained on; a first run saves it there."""
+    import shutil
+
+    kept, live = plan.out / "autoencoder.pt", plan.work / "latents" / "autoencoder.pt"
+    if kept.is_file() and not live.is_file():
+        live.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, live)
+    elif live.is_file() and not kept.is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(live, kept)
+
+
 def _cell(spec):
     from kflow.vision.study import spec_cell
 
@@ -745,9 +760,12 @@ def main(argv=None):
         stage = _override(VERDICT_QUICK if args.quick else VERDICT, args.set)
         plan = VerdictPlan(out / "verdict", work, stage, figures, args.data_root)
         budget, section = plan.budget, "vision-verdict"
+        keep_latent_space(plan)
     t0 = time.perf_counter()
     if not args.report_only:
         run_study(plan, max(1, args.jobs), args.progress)
+        if args.verdict:
+            keep_latent_space(plan)
     if args.verdict:
         body = verdict_report(plan, command)
     else:

@@ -346,6 +346,8 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     assert final["sampler"] == min(matched, key=lambda m: scores[m]["latent_fd"])
     assert final["samples"] == 8 and final["reference"] == 16 and np.isfinite(final["fid"])
 
+    kept = out / "verdict" / "autoencoder.pt"  # the latent space travels with the results
+    assert kept.read_bytes() == (out / "work" / "latents" / "autoencoder.pt").read_bytes()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "verdict").rglob("*.json")}
     bench_vision.main(argv)  # a rerun recomputes nothing
     assert "training up to" not in capsys.readouterr().out
