@@ -236,9 +236,10 @@ class VerdictPlan(Plan):
         return [fm, kflow, other]
 
     def final_cell(self, row: str, seed: int) -> StudyCell | None:
+        """The final-FID cell of a finished model cell whose weights are still in the work folder, else None."""
         source = self.model_cell(row, seed)
         result = source.load()
-        if result is None:
+        if result is None or not (source.run_dir / "best.pt").is_file():
             return None
         return StudyCell("final", row, seed, self.out, self.work, budget=self.budget,
                          extra={"run": str(source.run_dir), "sampler": final_sampler(result, self.budget),
@@ -688,8 +689,14 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
                   final_table + "\n"]
     if verdict:
         parts += ["### Verdict\n", verdict + "\n"]
+    compared = plan.compared()
+    lost = [plan.model_cell(row, seed).slug for row in compared for seed in (SEEDS if row in compared[:2] else (0,))
+            if plan.model_cell(row, seed).load() is not None and plan.final_cell(row, seed) is None]
+    if lost:
+        parts.append("The final FIDs of " + ", ".join(f"`{slug}`" for slug in lost) + " need the model's best.pt, "
+                     f"which is no longer under `{_rel(plan.work)}/runs/`: move its result JSON away to retrain it.")
     pending = [_cell(spec).slug for spec in plan.specs() if _cell(spec).load() is None]
-    if pending or not plan.compared():
+    if pending or not compared:
         parts.append("Not finished yet (the next run of the command continues): " + (", ".join(
             f"`{slug}`" for slug in pending) or "the seed-1 and final cells, once every seed-0 row has finished") + ".")
     return "\n".join(parts)
