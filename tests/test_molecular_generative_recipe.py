@@ -57,19 +57,25 @@ def test_redrawn_start_is_the_noise_model_applied_to_the_crystal_and_reproducibl
     assert a.info["start_seed"] == 11
 
 
+class ToyView:
+    """What RedrawnStarts reads of a ClusterDataset: a store, the store indices, the length and the clusters."""
+
+    store = type("S", (), {"path": "toy"})()
+
+    def __init__(self, make_cluster, indices):
+        self.make_cluster, self.indices_ = make_cluster, list(indices)
+
+    def __len__(self):
+        return len(self.indices_)
+
+    def cluster(self, i):
+        return self.make_cluster(i)
+
+
 def test_redrawn_starts_change_with_the_epoch_and_repeat_for_the_same_epoch():
     from kflow.molecular.datasets import RedrawnStarts
 
-    class View:  # the two things RedrawnStarts reads of a ClusterDataset
-        store = type("S", (), {"path": "toy"})()
-        indices_ = [4, 9]
-
-        def __len__(self):
-            return 2
-
-        def cluster(self, i):
-            return _crystal_cluster(i)
-
+    View = lambda: ToyView(_crystal_cluster, [4, 9])  # noqa: E731
     data = RedrawnStarts(View(), seed=3)
     first = data.cluster(1).initial_positions
     data.set_epoch(1)

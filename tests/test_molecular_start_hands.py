@@ -112,18 +112,11 @@ def test_start_hands_view_passes_the_data_set_through():
 
 
 def test_redrawn_starts_take_the_hands_after_the_redraw():
+    from test_molecular_generative_recipe import ToyView
+
     from kflow.molecular.datasets import RedrawnStarts, redraw_start
 
-    class View:
-        store = type("S", (), {"path": "toy"})()
-        indices_ = [0, 5]
-
-        def __len__(self):
-            return 2
-
-        def cluster(self, i):
-            return _racemic_cluster(i)
-
+    View = lambda: ToyView(_racemic_cluster, [0, 5])  # noqa: E731
     plain, half = RedrawnStarts(View(), seed=1), RedrawnStarts(View(), seed=1, mirror="half")
     expected = set_start_hands(plain.cluster(1), "half")
     assert torch.equal(half.cluster(1).initial_positions, expected.initial_positions)
