@@ -248,6 +248,15 @@ class StudyContext:
         batches = math.ceil(len(labels) / GENERATION_BATCH)
         return torch.cat(out), calls[0] / batches
 
+    def latent_fds(self, dit, flow, labels, reference: torch.Tensor, seed: int) -> dict[str, tuple[float, float]]:
+        """{sampler: (latent Fréchet distance to ``reference`` [N, D], evaluations per sample)} for every sampler
+        of ``budget.val_samplers`` at ``budget.val_nfe``."""
+        scores = {}
+        for method in self.budget.val_samplers:
+            z, nfe = self.draw_latents(dit, flow, labels, self.budget.val_nfe, method, seed)
+            scores[method] = (frechet_distance(reference, z.flatten(1)), nfe)
+        return scores
+
     def reference_latents(self, split: str) -> torch.Tensor:
         """The encoded images of ``split`` ("val": the held-out training images; "test": the first
         ``final_reference`` test images), cached under ``work``: the references of the latent Fréchet distance."""
@@ -379,10 +388,9 @@ class _ValidationFID:
         if self.budget.selection == "latent_fd":
             # "fid" holds the selection score (here the best sampler's latent FD) so one history format serves both
             reference = self.ctx.val_latents.flatten(1)
-            entry["latent_fd"], entry["nfe"] = {}, {}
-            for method in self.budget.val_samplers:
-                z, nfe = self.ctx.draw_latents(model, flow, labels, self.budget.val_nfe, method, VAL_SEED)
-                entry["latent_fd"][method], entry["nfe"][method] = frechet_distance(reference, z.flatten(1)), nfe
+            scores = self.ctx.latent_fds(model, flow, labels, reference, VAL_SEED)
+            entry["latent_fd"] = {method: fd for method, (fd, _) in scores.items()}
+            entry["nfe"] = {method: nfe for method, (_, nfe) in scores.items()}
             entry["sampler"] = min(matched_nfe(entry["nfe"], self.budget.val_nfe), key=entry["latent_fd"].get)
             entry["fid"] = entry["latent_fd"][entry["sampler"]]
         else:
@@ -479,11 +487,10 @@ def _final_latent_scores(cell: StudyCell, ctx: StudyContext, dit, flow, log) -> 
     reference = ctx.reference_latents("test").flatten(1)
     labels = ctx.balanced_labels(budget.final_samples)
     scores = {}
-    for method in budget.val_samplers:
-        z, nfe = ctx.draw_latents(dit, flow, labels, budget.val_nfe, method, TEST_SEED)
-        scores[method] = {"latent_fd": frechet_distance(reference, z.flatten(1)), "nfe": nfe}
-        log(f"[{cell.slug}] {method} ({nfe:.0f} NFE): test latent FD {scores[method]['latent_fd']:.3f} "
-            f"({len(labels)} samples vs {len(reference)} test latents)")
+    for method, (fd, nfe) in ctx.latent_fds(dit, flow, labels, reference, TEST_SEED).items():
+        scores[method] = {"latent_fd": fd, "nfe": nfe}
+        log(f"[{cell.slug}] {method} ({nfe:.0f} NFE): test latent FD {fd:.3f} ({len(labels)} samples vs "
+            f"{len(reference)} test latents)")
     return scores
 
 
