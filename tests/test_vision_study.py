@@ -161,6 +161,43 @@ MINI = ["train_images=24", "batch_size=8", "val_images=8", "ae_steps=2", "ae_wid
         "correlation_pairs=2", "figure_pairs=2"]
 
 
+def test_two_runners_extract_shared_features_once(tmp_path, monkeypatch):
+    """A runner that finds another one extracting the same reference features waits for that file instead of
+    extracting them again; the first extraction saves them for every later call."""
+    import threading
+    from types import SimpleNamespace
+
+    from kflow.utils.io import FolderLock, atomic_save
+    from kflow.vision import study
+
+    monkeypatch.setattr(study, "FEATURE_WAIT_S", 0.02)
+    extracted = []
+    monkeypatch.setattr(study, "extract_features", lambda net, images, progress=False: extracted.append(1) or images)
+    ctx, path = SimpleNamespace(net=None), tmp_path / "features_test.pt"
+
+    def must_not_run():
+        raise AssertionError("the waiting runner extracted the features itself")
+
+    other = FolderLock(tmp_path, path.name + ".lock", what="feature extraction").acquire()  # the other runner
+
+    def other_finishes():
+        atomic_save(torch.ones(3, 2), path)
+        other.release()
+
+    timer = threading.Timer(0.2, other_finishes)
+    timer.start()
+    try:
+        got = study.StudyContext.features(ctx, path, must_not_run)
+    finally:
+        timer.join()
+    assert torch.equal(got, torch.ones(3, 2)) and not extracted
+
+    fresh = tmp_path / "features_val.pt"
+    first = study.StudyContext.features(ctx, fresh, lambda: torch.zeros(4, 2))
+    again = study.StudyContext.features(ctx, fresh, must_not_run)
+    assert extracted == [1] and torch.equal(first, again) and not (tmp_path / "features_val.pt.lock").exists()
+
+
 def test_study_quick_code_path_and_resumable_cells(tmp_path, tiny_features, capsys):
     from benchmarks import bench_vision
     from benchmarks.vision_study import KFLOW_ROWS, QUICK, Plan, _override

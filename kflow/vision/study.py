@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kflow.core import SAMPLING_METHODS
-from kflow.utils.io import (FolderLock, atomic_save, atomic_write_text, check_saved_budget, read_versioned_json,
+from kflow.utils.io import (FolderBusyError, FolderLock, atomic_save, atomic_write_text, check_saved_budget, read_versioned_json,
                             safe_filename)
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record
@@ -51,6 +51,7 @@ MATCHED_NFE = 1.5  # a sampler competes for "best" only within 1.5x the validati
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
 VAL_SEED, TEST_SEED, CDR_SEED = 10_000, 20_000, 30_000  # sample-noise seeds: equal for every model
 GENERATION_BATCH = 250
+FEATURE_WAIT_S = 10.0  # how often a runner checks on features another runner is extracting
 
 
 @dataclass(frozen=True)
@@ -287,12 +288,20 @@ class StudyContext:
         return crop_to(images, self.image_size) if images.shape[-1] > self.image_size else images
 
     def features(self, path: Path, make_images, progress: bool = False) -> torch.Tensor:
-        """Features of ``make_images()``, cached at ``path`` (feature extraction dominates a CPU study)."""
-        if path.exists():
-            return torch.load(path, weights_only=True)
-        features = extract_features(self.net, make_images(), progress=progress)
-        atomic_save(features, path)
-        return features
+        """Features of ``make_images()``, cached at ``path`` (feature extraction dominates a CPU study). Two runners
+        of one study that need the same features (the test set's, 40 min on one core) extract them once: the
+        second waits for the first's file instead of repeating the work."""
+        while not path.exists():
+            try:
+                with FolderLock(path.parent, path.name + ".lock", what="feature extraction"):
+                    if path.exists():  # finished between the check and the lock
+                        break
+                    features = extract_features(self.net, make_images(), progress=progress)
+                    atomic_save(features, path)
+                    return features
+            except FolderBusyError:
+                time.sleep(FEATURE_WAIT_S)
+        return torch.load(path, weights_only=True)
 
     def balanced_labels(self, n: int) -> torch.Tensor:
         return torch.arange(n) % self.num_classes
