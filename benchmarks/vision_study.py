@@ -652,6 +652,56 @@ def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
     return sweep_table, final_table, verdict
 
 
+def _sweep_figure(plan: VerdictPlan, found: dict, name: str = "vision_verdict_overlap_sweep.png") -> str | None:
+    """Seed 0's test latent FD at each row's best matched sampler (the final table's choice) against the schedule:
+    a line per K-Flow decomposition and prediction, flow matching as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kflow.utils.io import atomic_path
+
+    def score(row):
+        seed0 = [r for r in found.get(row, []) if r["seed"] == 0]
+        return seed0[0]["final"][final_sampler(seed0[0], plan.budget)]["latent_fd"] if seed0 else None
+
+    schedules = list(VERDICT_SCHEDULES)
+    fig, ax = plt.subplots(figsize=(8.0, 3.8))
+    drawn = False
+    for (prediction, suffix), style in zip(PREDICTION_SUFFIX.items(), ("-", "--")):
+        fm = score("flow matching" + suffix)
+        if fm is not None:
+            ax.axhline(fm, color="k", ls=style, lw=1, label=f"flow matching, {prediction}")
+            drawn = True
+        for decomposition, colour in (("Fourier", "tab:blue"), ("Wavelet", "tab:orange")):
+            points = [(i, score(f"K-Flow {decomposition}{schedule}{suffix}")) for i, schedule in enumerate(schedules)]
+            overlaps = [(i, y) for i, y in points[:-1] if y is not None]  # a line through the overlap family
+            if overlaps:
+                ax.plot(*zip(*overlaps), style, marker="o", color=colour, label=f"K-Flow {decomposition}, {prediction}")
+                drawn = True
+            if points[-1][1] is not None:  # the low band to t = 1: another family, a lone marker
+                ax.plot(*points[-1], marker="o" if prediction == "velocity" else "s", color=colour,
+                        mfc="none" if prediction == "x1" else colour)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xticks(range(len(schedules)), [s.removeprefix(", ").replace("overlap ", "overlap\n").replace(
+        "band to", "band\nto") or "overlap\n0" for s in schedules], fontsize=8)
+    ax.set_ylabel(f"test latent FD ({plan.budget.final_samples} samples)")
+    ax.set_title(f"K-Flow schedules at each model's best sampler, {plan.budget.val_nfe} NFE (seed 0)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    png = plan.figures / name
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return _rel(png)
+
+
 def _mean_std3(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -681,6 +731,9 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
         "[0.5, 1]), each with velocity and x1 prediction (x1 samplers with the corrected conversion), seed 0; "
         "then seed 1 of the best flow-matching and the best K-Flow row (lowest validation score).\n",
         "### Every row: validation and test latent FD by sampler\n", sweep_table + "\n"]
+    png = _sweep_figure(plan, found)
+    if png:
+        parts.append(f"![test latent FD of every schedule at its best matched sampler]({png})\n")
     if final_table:
         parts += [f"### Final table: FID of {b.final_samples} samples against the first {b.final_reference} test "
                   "images (Inception-v3)\n",
