@@ -740,6 +740,12 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
                   "Each model with its best sampler at a matched budget by the test latent FD of the table above "
                   "(the validation latent FD picks the checkpoint only), at the NFE in the table.\n",
                   final_table + "\n"]
+        grids = [(row, plan.final_cell(row, 0)) for row in plan.compared()]
+        grids = [(row, cell.result_path.with_suffix(".png")) for row, cell in grids if cell is not None]
+        grids = [f"![{row}]({_rel(png)})" for row, png in grids if png.is_file()]
+        if grids:
+            parts += ["Samples behind these FIDs (seed 0, the final sampler and noise; a column per class, its first "
+                      "10 samples), in the table's order:\n", " ".join(grids) + "\n"]
     if verdict:
         parts += ["### Verdict\n", verdict + "\n"]
     compared = plan.compared()

@@ -360,6 +360,7 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     for heading in ("Every row: validation and test latent FD by sampler", "Final table", "### Verdict"):
         assert heading in text, heading
     assert (out / "figures" / "vision_verdict_overlap_sweep.png").stat().st_size > 0  # the sweep, as a picture
+    assert "Samples behind these FIDs" in text and len(list((out / "verdict").glob("final/*_s0.png"))) == 3
     assert len(plan.rows) == 10  # (flow matching + 2 schedules × 2 decompositions) × 2 predictions
     fm = plan.model_cell("flow matching", 0).load()
     assert fm["selection"] == "latent_fd" and fm["sweep"] == {}

@@ -30,7 +30,7 @@ from kflow.core import SAMPLING_METHODS
 from kflow.utils.io import (FolderBusyError, FolderLock, atomic_save, atomic_write_text, check_saved_budget, read_versioned_json,
                             safe_filename)
 from kflow.vision.analysis import band_energy_profile
-from kflow.vision.artifacts import load_image_model, read_latent_record
+from kflow.vision.artifacts import load_image_model, read_latent_record, save_image_grid
 from kflow.vision.autoencoders import encode_dataset
 from kflow.vision.config import ImageDataConfig, ImageModelConfig, build_decomposition
 from kflow.vision.data import crop_to, load_image_dataset, pad_to
@@ -51,6 +51,7 @@ MATCHED_NFE = 1.5  # a sampler competes for "best" only within 1.5x the validati
 HEADLINE = ("heun", 20)  # the sampler of the main table: Heun, 20 function evaluations
 VAL_SEED, TEST_SEED, CDR_SEED = 10_000, 20_000, 30_000  # sample-noise seeds: equal for every model
 GENERATION_BATCH = 250
+GRID_PER_CLASS = 10  # rows of a final cell's sample grid (samples.png)
 FEATURE_WAIT_S = 10.0  # how often a runner checks on features another runner is extracting
 
 
@@ -523,7 +524,12 @@ def run_final_cell(cell: StudyCell, ctx: StudyContext, progress: bool = False, l
         z, calls = ctx.draw_latents(dit, flow, labels, budget.val_nfe, method, TEST_SEED)
         nfe.append(calls)
         images = decode_latents(ctx.autoencoder, z)
-        return crop_to(images, ctx.image_size) if images.shape[-1] > ctx.image_size else images
+        images = crop_to(images, ctx.image_size) if images.shape[-1] > ctx.image_size else images
+        # what the FID scores, to look at: the first 10 samples of each class, a column per class
+        per_class = min(GRID_PER_CLASS, *(int((labels == c).sum()) for c in range(ctx.num_classes)))
+        first = torch.stack([torch.nonzero(labels == c)[:per_class, 0] for c in range(ctx.num_classes)], 1)
+        save_image_grid(images[first.flatten()], cell.result_path.with_suffix(".png"), nrow=ctx.num_classes)
+        return images
 
     features = ctx.features(run / f"features_final_{method}_nfe{budget.val_nfe}_n{len(labels)}.pt", make_images,
                             progress)
