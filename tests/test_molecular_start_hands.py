@@ -251,11 +251,49 @@ def test_training_sees_starts_with_the_configured_hands(tmp_path, monkeypatch, r
     assert seen and all(seen) and summary["steps_run"] == 2
 
 
+def _assert_half_hands(dataset):
+    """Every start of ``dataset``: even copies rigid copies of molecule 0, odd ones of its mirror image."""
+    assert len(dataset) > 0
+    odd = torch.arange(M) % 2 == 1
+    for i in range(len(dataset)):
+        start = _molecules(dataset.cluster(i).initial_positions)
+        assert _residuals(start[0], start)[~odd].max() < 1e-4 and _residuals(-start[0], start)[odd].max() < 1e-4
+
+
+def test_comparison_and_kflow_sample_draw_from_the_models_start_hands(tmp_path, monkeypatch, one_thread):
+    """A model trained on "half" starts is sampled from "half" starts by compare_assembly_models and by
+    `kflow sample` (not from the crystal-hand starts as stored), and scored against the same crystals."""
+    import kflow.molecular.workflow as workflow
+    from kflow.cli import main
+    from kflow.molecular.store import ClusterStore, write_cluster_store
+
+    store_path = write_cluster_store([_racemic_cluster(s, f"X{s % 10}") for s in range(20)], tmp_path / "s.lmdb")
+    store = ClusterStore(store_path)
+    real_predict, sampled = workflow.predict_assembly, []
+
+    def spy(model, rigid, dataset, *args, **kwargs):
+        _assert_half_hands(dataset)
+        sampled.append(len(dataset))
+        return real_predict(model, rigid, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(workflow, "predict_assembly", spy)
+    config = AssemblyModelConfig(num_bands=1, coupling="eot", condition_on_start=False, central=True,
+                                 start_mirror="half", **TINY)
+    results, _ = workflow.compare_assembly_models(store, tmp_path / "cmp", {"half": config}, steps=1, batch_size=2,
+                                                  sample_steps=2, log=lambda *_: None)
+    assert sampled and set(results) == {"identity (initial cluster)", "half"}
+    checkpoint = tmp_path / "cmp" / "half" / "checkpoints" / "last.pt"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--dataset", str(store_path), "--split", "test",
+                 "--steps", "2", "--out", str(tmp_path / "pred.npz"), "--no-progress"]) in (0, None)
+    assert len(sampled) == 2 and (tmp_path / "pred.npz").is_file()
+
+
 def test_study_lists_the_two_mirror_rows_for_three_seeds():
     from pathlib import Path
 
     from benchmarks.assembly_study import ABLATION_ROWS, MIRROR_ROWS, SEEDS, TABLES, _cells, _row_seeds
-    from kflow.molecular.study import GENERATIVE, generative_models, with_start_hands
+    from kflow.molecular.datasets import with_start_hands
+    from kflow.molecular.study import GENERATIVE, generative_models
 
     rows = generative_models()
     k1 = rows["rigid FM (K=1), generative"]
@@ -270,8 +308,8 @@ def test_study_lists_the_two_mirror_rows_for_three_seeds():
     tested = "rigid FM (K=1), generative, tested on mirror none starts"  # the crystal-hand model, derived row
     assert sorted((c.row, c.seed) for c in cells) == sorted((r, s) for r in (*MIRROR_ROWS, tested) for s in SEEDS)
     data = [_racemic_cluster(0)]
-    assert with_start_hands(data, k1) is data
-    assert with_start_hands(data, rows[MIRROR_ROWS[1]]).mirror == "half"
+    assert with_start_hands(data, k1.start_mirror) is data
+    assert with_start_hands(data, rows[MIRROR_ROWS[1]].start_mirror).mirror == "half"
 
 
 def test_a_pretrained_model_records_its_start_hands_and_refuses_others(tmp_path, one_thread):

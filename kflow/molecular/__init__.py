@@ -18,7 +18,7 @@ from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.crystals import NoiseModel, build_cluster, build_clusters, find_molecules, read_crystals
 from kflow.molecular.baselines import pyxtal_predictions, shell_predictions
 from kflow.molecular.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands, redraw_start,
-                                      set_start_hands, split_indices)
+                                      set_start_hands, split_indices, with_start_hands)
 from kflow.molecular.flow import AssemblyBatch, RigidityError, RigidKFlow, collate_clusters
 from kflow.molecular.geometry import fit_rigid_motion, kabsch, rigid_frames
 from kflow.molecular.io import check_rigid_consistency, export_cluster, read_cod_cluster17, write_cod_cluster17
@@ -47,5 +47,5 @@ __all__ = [
     "build_assembly_model", "load_assembly_model", "read_predictions", "write_predictions", "load_assembly_dataset",
     "train_assembly", "evaluate_assembly", "load_pretrained", "save_pretrained", "list_pretrained",
     "RedrawnStarts", "redraw_start", "shell_predictions", "pyxtal_predictions", "packing_similarity",
-    "relax_cluster", "medoid_sample", "predict_medoid", "StartHands", "set_start_hands",
+    "relax_cluster", "medoid_sample", "predict_medoid", "StartHands", "set_start_hands", "with_start_hands",
 ]

@@ -279,7 +279,8 @@ def sample_parser(prog: str | None = None) -> ArgumentParser:
 
 def sample_main(argv=None, prog: str | None = None):
     from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
-    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.datasets import ClusterDataset, with_start_hands
     from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
     from kflow.utils.io import check_writable_file, check_writable_folder
 
@@ -287,7 +288,7 @@ def sample_main(argv=None, prog: str | None = None):
     check_writable_file(args.out)  # said now, not after minutes of sampling
     if args.extxyz_dir:
         check_writable_folder(args.extxyz_dir, "--extxyz-dir")
-    model, rigid, _ = load_assembly_model(args.checkpoint)
+    model, rigid, run_config = load_assembly_model(args.checkpoint)
     store = load_assembly_dataset(args.dataset, args.data_root, args.subset, seed=args.data_seed,
                                   noise=args.noise, progress=not args.no_progress)
     split = args.split or default_split(args.dataset)
@@ -295,8 +296,10 @@ def sample_main(argv=None, prog: str | None = None):
     if len(dataset) == 0:
         raise ValueError(f"the {split} split of {args.dataset} is empty (too few crystals for an 80/10/10 split? "
                          "use --split all)")
-    preds = predict_assembly(model, rigid, dataset, args.steps, args.method, args.repeats, args.repeat_noise,
-                             args.batch_size, seed=args.seed, progress=not args.no_progress,
+    # the starts get the hands the model trained on (its start_mirror); the written file holds the crystals' names
+    mirror = AssemblyModelConfig.from_dict(run_config["model"]).start_mirror
+    preds = predict_assembly(model, rigid, with_start_hands(dataset, mirror), args.steps, args.method, args.repeats,
+                             args.repeat_noise, args.batch_size, seed=args.seed, progress=not args.no_progress,
                              steps_per_band=args.steps_per_band)
     write_predictions(args.out, dataset, preds)
     if args.extxyz_dir:

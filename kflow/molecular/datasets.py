@@ -229,6 +229,12 @@ class RedrawnStarts(Dataset):
         return self.dataset.crystals
 
 
+def with_start_hands(dataset, mirror: str):
+    """``dataset`` as a model trained with ``start_mirror = mirror`` sees its starts: viewed with ``StartHands``
+    unless ``mirror`` is "crystal" (the starts as stored). The truth stays the crystal."""
+    return dataset if mirror == "crystal" else StartHands(dataset, mirror)
+
+
 class StartHands(Dataset):
     """View of a data set (``ClusterDataset``, ``RedrawnStarts``, ...) whose starts get the hands ``mirror``
     (``set_start_hands``): the fixed validation and test starts of a model trained on them. Wrap after selecting

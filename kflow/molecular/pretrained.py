@@ -250,9 +250,9 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
     With one data set, and the study's budget (the defaults), this is exactly ``study.run_model_cell`` of that
     configuration and seed: same clusters in the same order, steps, selection and test metrics.
     """
-    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.datasets import ClusterDataset, with_start_hands
     from kflow.molecular.sampling import predict_assembly
-    from kflow.molecular.study import SELECT_METRIC, BestCheckpoint, first_clusters, with_start_hands
+    from kflow.molecular.study import SELECT_METRIC, BestCheckpoint, first_clusters
     from kflow.molecular.workflow import evaluate_assembly, load_assembly_dataset, train_assembly
 
     if preset not in PRESETS:
@@ -279,8 +279,8 @@ def train_pretrained(out: str | os.PathLike, config: AssemblyModelConfig, preset
     primary = stores[0]
     store, provenance = merge_training_store(primary, stores[1:], work / "train.lmdb", data_seed, datasets)
     val = with_start_hands(first_clusters(ClusterDataset(primary, split="valid", seed=data_seed), val_clusters),
-                           config)
-    test = with_start_hands(ClusterDataset(primary, split="test", seed=data_seed), config)
+                           config.start_mirror)
+    test = with_start_hands(ClusterDataset(primary, split="test", seed=data_seed), config.start_mirror)
     if len(val) == 0 or len(test) == 0:
         raise ValueError(f"{datasets[0]}: empty validation or test split (too few crystals)")
     steps = steps or max(int(round(epochs * len(store) / batch_size)), 1)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.datasets import ClusterDataset, StartHands
+from kflow.molecular.datasets import ClusterDataset, StartHands, with_start_hands
 from kflow.molecular.flow import AssemblyBatch, collate_clusters
 from kflow.molecular.sampling import predict_assembly
 from kflow.molecular.workflow import evaluate_assembly, train_assembly
@@ -31,7 +31,7 @@ from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, r
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
            "run_packmol_cell", "run_identity_cell", "run_hands_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
-           "band_energy_shares", "first_clusters", "with_start_hands", "SELECT_METRIC", "GENERATIVE"]
+           "band_energy_shares", "first_clusters", "SELECT_METRIC", "GENERATIVE"]
 
 # The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
 SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm", "shell": "pm_center_perm"}
@@ -163,12 +163,6 @@ def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
     return view
 
 
-def with_start_hands(dataset, config: AssemblyModelConfig):
-    """``dataset`` as a model trained with ``config`` sees its starts: viewed with ``StartHands`` when the config
-    sets the hands of the start copies (``start_mirror``), else as it is. The truth stays the crystal."""
-    return dataset if config.start_mirror == "crystal" else StartHands(dataset, config.start_mirror)
-
-
 def _metrics_summary(results: dict) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, dict) and "per_cluster" in v}
 
@@ -210,9 +204,9 @@ def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool =
         return done
     train = ClusterDataset(store, split="train", seed=0)
     val = with_start_hands(first_clusters(ClusterDataset(store, split="valid", seed=0), budget.val_clusters),
-                           cell.config)
+                           cell.config.start_mirror)
     test = with_start_hands(first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters),
-                            cell.config)
+                            cell.config.start_mirror)
     steps, eval_every = budget.steps(len(train)), budget.eval_every(len(train))
     _, rigid = build_assembly_model(cell.config)
     selector = BestCheckpoint(cell.run_dir, val, rigid, SELECT_METRIC[cell.preset], budget.sample_steps)
@@ -314,7 +308,8 @@ def _model_and_test(cell: StudyCell, model_cell: StudyCell, store, budget: Study
     config = AssemblyModelConfig.from_dict(base["config"])
     model, rigid = build_assembly_model(config)
     model.load_state_dict(torch.load(model_cell.run_dir / "best.pt", weights_only=True))
-    test = with_start_hands(first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters), config)
+    test = with_start_hands(first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters),
+                            config.start_mirror)
     return model.eval(), rigid, test
 
 

@@ -23,7 +23,8 @@ from kflow.core.training import Trainer
 from kflow.molecular.artifacts import load_assembly_model
 from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.crystals import noise_model
-from kflow.molecular.datasets import ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands
+from kflow.molecular.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands,
+                                      with_start_hands)
 from kflow.molecular.flow import collate_clusters
 from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
                                      separation_rate)
@@ -285,7 +286,9 @@ def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, con
                                                split_seed=split_seed)
         t1 = time.time()
         log(f"== sampling {label} on the test crystals ({sample_steps} steps, {repeats} repeats)")
-        preds = predict_assembly(model, rigid, test, steps=sample_steps, repeats=repeats, seed=seed)
+        # sampled from starts with the hands the model trained on (start_mirror); scored against the same crystals
+        preds = predict_assembly(model, rigid, with_start_hands(test, config.start_mirror), steps=sample_steps,
+                                 repeats=repeats, seed=seed)
         results[label] = evaluate_assembly(test, preds)
         timings[label] = {"train_s": t1 - t0, "sample_s": time.time() - t1, "final_loss": summary["loss"]}
     return results, timings
