@@ -11,11 +11,10 @@ The verdict stage (issue 23) retrains every compared model under the main study'
 selects checkpoints by a cheap latent Fréchet distance under each of Euler, Heun and dopri5 at 20 NFE (the best
 sampler at a matched budget is kept with the checkpoint), so that no model is judged by a sampler that suits it
 badly; rows: flow matching and K-Flow Fourier / Wavelet at overlap 0, 0.2, 0.5, 0.8 and with the low band moving
-until t = 1, each with velocity and x1 prediction (22 rows, seed 0), then seed 1 of the best flow-matching and
-K-Flow rows, then 2,000-sample FIDs against all 10,000 test images for those and for the other decomposition's best
-row, each with the sampler whose 2,000-sample test latent FD is lowest (the 500-sample validation latent FD picks
+until t = 1, each with velocity and x1 prediction (22 rows, seed 0), then seed 1 of the best flow-matching row and
+of each decomposition's best K-Flow row, then 2,000-sample FIDs against all 10,000 test images for those, each with the sampler whose 2,000-sample test latent FD is lowest (the 500-sample validation latent FD picks
 checkpoints, but is too noisy to pick samplers). Sized from the 2-core rates above: ~18 min per row on one worker
-(training ~14, validation and test latent FDs ~4), ~7 h of worker time for the 24 trainings, plus ~40 min of
+(training ~14, validation and test latent FDs ~4), ~7 h of worker time for the 25 trainings, plus ~40 min of
 Inception for the test set's features and ~8 min per final FID; it spans sittings (resumable like the rest).
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
@@ -213,8 +212,9 @@ def final_sampler(result: dict, budget: VisionStudyBudget) -> str:
 class VerdictPlan(Plan):
     """Issue 23's verdict: every row of ``verdict_rows`` seed 0, selected by the latent Fréchet distance of its
     best sampler (euler / heun / dopri5 at 20 NFE); then seed 1 of the better flow-matching row and of the best
-    K-Flow row (lowest validation score at seed 0); then 2,000-sample FIDs against the whole test set for those
-    two rows (both seeds) and the best row of the other decomposition (seed 0)."""
+    K-Flow row of each decomposition (lowest validation score at seed 0: the 500-sample score is too noisy to
+    rank the two decompositions' best rows, so both get a second seed); then 2,000-sample FIDs against the whole
+    test set for those three rows, both seeds."""
 
     def __init__(self, out, work, budget, figures, data_root=None):
         super().__init__(out, work, budget, figures, data_root)
@@ -250,8 +250,8 @@ class VerdictPlan(Plan):
         cells = [self.model_cell(row, 0) for row in self.rows]
         compared = self.compared()
         if compared:
-            cells += [self.model_cell(row, 1) for row in compared[:2]]
-            finals = [(row, seed) for row in compared[:2] for seed in SEEDS] + [(compared[2], 0)]
+            cells += [self.model_cell(row, 1) for row in compared]
+            finals = [(row, seed) for seed in SEEDS for row in compared]  # seed 0's finals first
             cells += [c for c in (self.final_cell(row, seed) for row, seed in finals) if c is not None]
         return [cell_spec(c, b, self.data_root) for c in cells]
 
@@ -641,15 +641,31 @@ def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
     final_table = markdown_table(["model", "seeds", "sampler", "NFE", f"FID ({b.final_samples} samples)",
                                   "test latent FD", "precision %", "recall %"], final_rows) if final_rows else ""
     compared = plan.compared()
-    verdict = ""
-    if len(compared) >= 2 and all(len(finals.get(row, [])) == len(SEEDS) for row in compared[:2]):
-        fm, kf = ([r["fid"] for r in finals[row]] for row in compared[:2])
-        spread = max(np.std(fm), np.std(kf), 0.01 * np.mean(fm))
-        word = _compare_word(np.mean(kf), np.mean(fm), spread)
-        verdict = (f"{compared[1]} (FID {np.mean(kf):.1f} ± {np.std(kf):.1f}) {word} {compared[0]} "
-                   f"({np.mean(fm):.1f} ± {np.std(fm):.1f}): difference {np.mean(kf) - np.mean(fm):+.1f}, seed spread "
-                   f"{spread:.1f} (2 seeds each, each model at its own best sampler).")
+    lines = []
+    for kflow in compared[1:]:
+        if not all(len(finals.get(row, [])) == len(SEEDS) for row in (compared[0], kflow)):
+            continue
+        line = []
+        for metric, key in (("FID", "fid"), ("test latent FD", "latent_fd")):
+            fm, kf = (_final_scores(found, finals[row], key) for row in (compared[0], kflow))
+            spread = max(np.std(fm), np.std(kf), 0.01 * np.mean(fm))
+            digits = 1 if key == "fid" else 3
+            line.append(f"{metric} {np.mean(kf):.{digits}f} ± {np.std(kf):.{digits}f} {_compare_word(np.mean(kf), np.mean(fm), spread)} "
+                        f"{np.mean(fm):.{digits}f} ± {np.std(fm):.{digits}f} (difference {np.mean(kf) - np.mean(fm):+.{digits}f}, "
+                        f"seed spread {spread:.{digits}f})")
+        lines.append(f"- {kflow} against {compared[0]}: " + "; ".join(line) + ".")
+    verdict = ("\n".join(lines) + "\n\n2 seeds each, each model at its own sampler; a row matches when its mean is "
+               "within the larger seed standard deviation (at least 1 % of flow matching's value) of flow "
+               "matching's.") if lines else ""
     return sweep_table, final_table, verdict
+
+
+def _final_scores(found: dict, finals: list[dict], key: str) -> list[float]:
+    """Per seed of a row's final cells: the FID (``key`` "fid") or the test latent FD of the final's sampler."""
+    if key == "fid":
+        return [r["fid"] for r in finals]
+    models = {r["seed"]: r for r in found.get(finals[0]["row"], [])} if finals else {}
+    return [models[r["seed"]]["final"][r["sampler"]]["latent_fd"] for r in finals if r["seed"] in models]
 
 
 def _sweep_figure(plan: VerdictPlan, found: dict, name: str = "vision_verdict_overlap_sweep.png") -> str | None:
@@ -729,7 +745,8 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
         f"fit). Rows: flow matching and K-Flow Fourier / Wavelet {b.wavelet} (2 bands, low→high, linear ramps) with "
         "overlap 0, 0.2, 0.5, 0.8 and a schedule whose low band keeps moving until t = 1 (windows [0, 1] and "
         "[0.5, 1]), each with velocity and x1 prediction (x1 samplers with the corrected conversion), seed 0; "
-        "then seed 1 of the best flow-matching and the best K-Flow row (lowest validation score).\n",
+        "then seed 1 of the best flow-matching row and of each decomposition's best K-Flow row (lowest validation "
+        "score).\n",
         "### Every row: validation and test latent FD by sampler\n", sweep_table + "\n"]
     png = _sweep_figure(plan, found)
     if png:
@@ -749,7 +766,7 @@ def verdict_report(plan: VerdictPlan, command: str) -> str:
     if verdict:
         parts += ["### Verdict\n", verdict + "\n"]
     compared = plan.compared()
-    lost = [plan.model_cell(row, seed).slug for row in compared for seed in (SEEDS if row in compared[:2] else (0,))
+    lost = [plan.model_cell(row, seed).slug for row in compared for seed in SEEDS
             if plan.model_cell(row, seed).load() is not None and plan.final_cell(row, seed) is None]
     if lost:
         parts.append("The final FIDs of " + ", ".join(f"`{slug}`" for slug in lost) + " need the model's best.pt, "

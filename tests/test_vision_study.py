@@ -377,7 +377,9 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     assert compared[0].startswith("flow matching") and compared[1].startswith("K-Flow")
     assert compared[2].startswith("K-Flow") and compared[2].split()[1] != compared[1].split()[1]
     finals = sorted(p.name for p in (out / "verdict" / "final").glob("*.json"))
-    assert len(finals) == 5 and len(list((out / "verdict" / "model").glob("*_s1.json"))) == 2
+    assert len(finals) == 6 and len(list((out / "verdict" / "model").glob("*_s1.json"))) == 3  # both seeds of each
+    for row in compared[1:]:  # a verdict line per K-Flow row, on the FID and the latent FD
+        assert f"- {row} against {compared[0]}: FID " in text and "test latent FD" in text
     final = json.loads((out / "verdict" / "final" / f"{Path(plan.model_cell(compared[1], 0).slug).name}.json")
                        .read_text())
     scores = plan.model_cell(compared[1], 0).load()["final"]  # the final sampler: best test latent FD, matched NFE
