@@ -335,7 +335,7 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     x1 prediction, validation by the latent Fréchet distance of each sampler (the best one kept with the
     checkpoint), test latent FDs per sampler, seed 1 of the two best rows and FIDs of the final cells; resumable."""
     from benchmarks import bench_vision, vision_study
-    from benchmarks.vision_study import VERDICT_QUICK, VerdictPlan, _override
+    from benchmarks.vision_study import VERDICT_QUICK, VerdictPlan, _override, final_sampler
 
     monkeypatch.setattr(vision_study, "VERDICT_SCHEDULES",
                         {"": {}, ", low band to t=1": {"windows": ((0.0, 1.0), (0.5, 1.0))}})
@@ -376,6 +376,12 @@ def test_verdict_stage_selects_each_models_sampler_and_scores_the_finals(tmp_pat
     compared = plan.compared()
     assert compared[0].startswith("flow matching") and compared[1].startswith("K-Flow")
     assert compared[2].startswith("K-Flow") and compared[2].split()[1] != compared[1].split()[1]
+
+    def test_latent_fd(row):  # the rows compared are picked on the test latents, at each row's final sampler
+        result = plan.model_cell(row, 0).load()
+        return result["final"][final_sampler(result, plan.budget)]["latent_fd"]
+
+    assert compared[1] == min((r for r in plan.rows if r.startswith("K-Flow")), key=test_latent_fd)
     finals = sorted(p.name for p in (out / "verdict" / "final").glob("*.json"))
     assert len(finals) == 6 and len(list((out / "verdict" / "model").glob("*_s1.json"))) == 3  # both seeds of each
     for row in compared[1:]:  # a verdict line per K-Flow row, on the FID and the latent FD
