@@ -19,8 +19,10 @@ HEADER = "# Benchmarks\n\nMeasured figures, written by the scripts in `benchmark
 
 
 def machine_line() -> str:
+    threads = torch.get_num_threads()
     return (f"_Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}._")
+            f"{threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}._")
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
