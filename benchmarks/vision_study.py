@@ -12,10 +12,12 @@ selects checkpoints by a cheap latent Fréchet distance under each of Euler, Heu
 sampler at a matched budget is kept with the checkpoint), so that no model is judged by a sampler that suits it
 badly; rows: flow matching and K-Flow Fourier / Wavelet at overlap 0, 0.2, 0.5, 0.8 and with the low band moving
 until t = 1, each with velocity and x1 prediction (22 rows, seed 0), then seed 1 of the best flow-matching row and
-of each decomposition's best K-Flow row, then 2,000-sample FIDs against all 10,000 test images for those, each with the sampler whose 2,000-sample test latent FD is lowest (the 500-sample validation latent FD picks
-checkpoints, but is too noisy to pick samplers). Sized from the 2-core rates above: ~18 min per row on one worker
-(training ~14, validation and test latent FDs ~4), ~7 h of worker time for the 25 trainings, plus ~40 min of
-Inception for the test set's features and ~8 min per final FID; it spans sittings (resumable like the rest).
+of each decomposition's best K-Flow row (lowest seed-0 test latent FD), then 2,000-sample FIDs against all 10,000
+test images for those, each with the sampler whose 2,000-sample test latent FD is lowest (the 500-sample validation
+latent FD picks checkpoints, but is too noisy to pick samplers or rows). Sized from the 2-core rates above: ~18 min
+per row on one worker (training ~14, validation and test latent FDs ~4), ~7.5 h of worker time for the 25
+trainings, plus ~50 min of Inception for the test set's features and ~8 min per final FID; it spans sittings
+(resumable like the rest).
 
 The convergence stage trains flow matching and the best K-Flow variant (seeds 0 and 1; the other variants seed 0)
 again, at a constant LR after the warm-up, until the validation FID has improved by less than 1% over 3 evaluations
@@ -648,13 +650,13 @@ def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
         if not all(len(finals.get(row, [])) == len(SEEDS) for row in (compared[0], kflow)):
             continue
         line = []
-        for metric, key in (("FID", "fid"), ("test latent FD", "latent_fd")):
+        for metric, key, digits in (("FID", "fid", 1), ("test latent FD", "latent_fd", 3)):
             fm, kf = (_final_scores(found, finals[row], key) for row in (compared[0], kflow))
             spread = max(np.std(fm), np.std(kf), 0.01 * np.mean(fm))
-            digits = 1 if key == "fid" else 3
-            line.append(f"{metric} {np.mean(kf):.{digits}f} ± {np.std(kf):.{digits}f} {_compare_word(np.mean(kf), np.mean(fm), spread)} "
-                        f"{np.mean(fm):.{digits}f} ± {np.std(fm):.{digits}f} (difference {np.mean(kf) - np.mean(fm):+.{digits}f}, "
-                        f"seed spread {spread:.{digits}f})")
+            word = _compare_word(np.mean(kf), np.mean(fm), spread)
+            line.append(f"{metric} {np.mean(kf):.{digits}f} ± {np.std(kf):.{digits}f} {word} {np.mean(fm):.{digits}f} "
+                        f"± {np.std(fm):.{digits}f} (difference {np.mean(kf) - np.mean(fm):+.{digits}f}, seed spread "
+                        f"{spread:.{digits}f})")
         lines.append(f"- {kflow} against {compared[0]}: " + "; ".join(line) + ".")
     verdict = ("\n".join(lines) + "\n\n2 seeds each, each model at its own sampler; a row matches when its mean is "
                "within the larger seed standard deviation (at least 1 % of flow matching's value) of flow "

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from kflow.core import SAMPLING_METHODS
-from kflow.utils.io import (FolderBusyError, FolderLock, atomic_save, atomic_write_text, check_saved_budget, read_versioned_json,
-                            safe_filename)
+from kflow.utils.io import (FolderBusyError, FolderLock, atomic_save, atomic_write_text, check_saved_budget,
+                            read_versioned_json, safe_filename)
 from kflow.vision.analysis import band_energy_profile
 from kflow.vision.artifacts import load_image_model, read_latent_record, save_image_grid
 from kflow.vision.autoencoders import encode_dataset
