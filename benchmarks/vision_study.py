@@ -211,6 +211,11 @@ def final_sampler(result: dict, budget: VisionStudyBudget) -> str:
     return min(matched, key=lambda m: final[m]["latent_fd"])
 
 
+def final_latent_fd(result: dict, budget: VisionStudyBudget) -> float:
+    """A model's test latent FD under its ``final_sampler``: what picks the compared rows and draws the sweep."""
+    return result["final"][final_sampler(result, budget)]["latent_fd"]
+
+
 class VerdictPlan(Plan):
     """Issue 23's verdict: every row of ``verdict_rows`` seed 0, selected by the latent Fréchet distance of its
     best sampler (euler / heun / dopri5 at 20 NFE); then seed 1 of the better flow-matching row and of the best
@@ -229,7 +234,7 @@ class VerdictPlan(Plan):
         done = {row: self.model_cell(row, 0).load() for row in self.rows if row.startswith(prefix)}
         if not done or any(r is None for r in done.values()):
             return None
-        return min(done, key=lambda row: done[row]["final"][final_sampler(done[row], self.budget)]["latent_fd"])
+        return min(done, key=lambda row: final_latent_fd(done[row], self.budget))
 
     def compared(self) -> list[str]:
         """[best flow matching, best K-Flow, best of the other decomposition] once seed 0 has finished."""
@@ -634,8 +639,7 @@ def _verdict_tables(plan: VerdictPlan) -> tuple[str, str, str]:
                 finals.setdefault(spec["row"], []).append(result)
     final_rows = []
     for row, results in finals.items():
-        models = {r["seed"]: r for r in found.get(row, [])}
-        latent = [models[r["seed"]]["final"][r["sampler"]]["latent_fd"] for r in results if r["seed"] in models]
+        latent = _final_scores(found, results, "latent_fd")
         final_rows.append([row, ", ".join(str(r["seed"]) for r in results),
                            ", ".join(sorted({r["sampler"] for r in results})),
                            f"{np.mean([r['nfe'] for r in results]):.0f}", _mean_std([r["fid"] for r in results]),
@@ -684,7 +688,7 @@ def _sweep_figure(plan: VerdictPlan, found: dict, name: str = "vision_verdict_ov
 
     def score(row):
         seed0 = [r for r in found.get(row, []) if r["seed"] == 0]
-        return seed0[0]["final"][final_sampler(seed0[0], plan.budget)]["latent_fd"] if seed0 else None
+        return final_latent_fd(seed0[0], plan.budget) if seed0 else None
 
     schedules = list(VERDICT_SCHEDULES)
     fig, ax = plt.subplots(figsize=(8.0, 3.8))
