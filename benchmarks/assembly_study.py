@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import markdown_table, write_section
-from kflow.molecular.datasets import ClusterDataset
-from kflow.molecular.study import (SELECT_METRIC, StudyBudget, StudyCell, band_energy_shares, first_clusters,
-                                   generative_models, paired_comparison, run_hands_cell, run_identity_cell,
-                                   run_medoid_cell, run_model_cell, run_packmol_cell, run_pyxtal_cell,
-                                   run_relaxed_cell, run_shell_cell, study_models)
+from kflow.molecular.data.datasets import ClusterDataset
+from kflow.molecular.study import (StudyBudget, StudyCell, band_energy_shares, generative_models, paired_comparison,
+                                   run_hands_cell, run_identity_cell, run_medoid_cell, run_model_cell, run_packmol_cell,
+                                   run_pyxtal_cell, run_relaxed_cell, run_shell_cell, study_models)
+from kflow.molecular.workflow import SELECT_METRIC, first_clusters
 from kflow.molecular.workflow import load_assembly_dataset
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
 
@@ -396,7 +396,7 @@ def report(out: Path, work: Path, seeds, tables, command: str, quick: bool) -> s
         "better except packing similarity). *Matched* columns compare after optimally matching predicted to true "
         "molecules (`compute_packing_matching(permutation_invariant=True)`), the fair measure for a `hard` start. "
         "Packing similarity: COMPACK-style, molecules of the 15-molecule shell matched within 20 % / 20° (of 15, "
-        "central included) and the heavy-atom RMSD over them (`kflow.molecular.packing_similarity`). Close "
+        "central included) and the heavy-atom RMSD over them (`kflow.molecular.evaluation.packing_similarity`). Close "
         "contacts: atom pairs of different molecules closer than the `kflow assemble` contact threshold. "
         "Baselines: identity = the start unchanged; shell = central molecule + 16 on Thomson points at the start's "
         "radius, random orientations; PyXtal = the molecule packed by `pyxtal` in P2₁/c, P-1, P2₁2₁2₁, C2/c, P2₁ at "

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from benchmarks.report import markdown_table, write_section
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.datasets import ClusterDataset
-from kflow.molecular.flow import collate_clusters
-from kflow.molecular.metrics import compute_packing_matching
-from kflow.molecular.objective import AssemblyLoss
-from kflow.molecular.sampling import sample_assembly
-from kflow.molecular.sources import csd500_path
+from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.data.datasets import ClusterDataset
+from kflow.molecular.model.flow import collate_clusters
+from kflow.molecular.evaluation.matching import compute_packing_matching
+from kflow.molecular.model.objective import AssemblyLoss
+from kflow.molecular.model.sampling import sample_assembly
+from kflow.molecular.data.sources import csd500_path
 from kflow.molecular.workflow import (METRIC_LABELS, METRICS, evaluate_assembly, load_assembly_dataset,
                                       predict_assembly, train_assembly)
 from kflow.utils.io import atomic_write_text

@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.report import markdown_table, write_section
 from kflow.molecular import RejectionSummary, build_clusters, read_crystals, write_cod_cluster17
-from kflow.molecular.sources import (build_demo_dataset, csd500_path, preprocess_cod_cluster17,
-                                     pyxtal_crystal_sources)
-from kflow.molecular.store import ClusterStore
+from kflow.molecular.data.cod import preprocess_cod_cluster17
+from kflow.molecular.data.sources import build_demo_dataset, csd500_path, pyxtal_crystal_sources
+from kflow.molecular.data.store import ClusterStore
 
 SYMBOL_TO_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9, "S": 16, "Cl": 17, "Br": 35, "I": 53, "P": 15, "B": 5}
 
@@ -95,7 +95,7 @@ def _cpu_seconds() -> float:
 def bench_building(name: str, sources, workers: int) -> tuple[list, float, float, RejectionSummary, int]:
     """Crystals/s of the builder in this process and through ``build_cluster_dataset`` with ``workers``
     processes (into a temporary LMDB store)."""
-    from kflow.molecular.sources import build_cluster_dataset
+    from kflow.molecular.data.sources import build_cluster_dataset
 
     crystals = [c for src in sources for c in read_crystals(src)]
     summary = RejectionSummary()
@@ -115,7 +115,7 @@ def bench_building(name: str, sources, workers: int) -> tuple[list, float, float
 
 MEM_SCRIPT = """
 import sys, time
-from kflow.molecular.store import ClusterStore
+from kflow.molecular.data.store import ClusterStore
 
 def rss():  # MB of anonymous (heap) and file-backed (mapped LMDB pages, reclaimable) resident memory
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))

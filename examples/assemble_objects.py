@@ -17,7 +17,8 @@ import pyxtal
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
-from kflow.molecular.assemble import AssemblyModel, assemble
+from kflow.molecular.assemble.api import assemble
+from kflow.molecular.assemble.models import AssemblyModel
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--samples", type=int, default=8, help="starts sampled and ranked per input (default: 8)")

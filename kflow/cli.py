@@ -16,31 +16,9 @@ import importlib
 import sys
 from typing import Sequence
 
-from kflow.utils.cli import ArgumentParser, error_line, user_errors
+from kflow.utils.cli import ArgumentParser, HelpFormatter, error_line, set_help, user_errors
 
 __all__ = ["main", "plot_main", "COMMANDS", "HelpFormatter", "set_help"]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` of every kflow command and script: the description as written (its examples), and each option's
-    help ending in its default, ``(default: X)``, unless the help already says it or there is none to show (no
-    default, an empty list, or off: a flag is off unless given)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        nothing = (default is None or default is False or default is argparse.SUPPRESS
-                   or isinstance(default, (list, tuple)) and not default)
-        positional = not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-        if nothing or positional or "%(default)" in text:
-            return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
-
-
-def set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
-    """Give ``option``, added by a shared helper, the help text of this command."""
-    parser._option_string_actions[option].help = text
 
 # name -> (module, function, one-line summary)
 COMMANDS = {

@@ -9,15 +9,15 @@ prints how many crystals were kept and rejected by reason. Every input file ends
 rejected (with reasons) or error (with the cause); one bad file never stops the build. The build is
 transactional: OUT is replaced only when complete (a killed build leaves the previous OUT or none), so OUT must
 be new, empty or an earlier build's folder. Equivalent Python:
-``kflow.molecular.sources.build_clusters_from_files(paths, out, ...)``.
+``kflow.molecular.data.sources.build_clusters_from_files(paths, out, ...)``.
 """
 import sys
 from pathlib import Path
 
 from dataclasses import replace
 
-from kflow.molecular.crystals import NOISE_PRESETS, NoiseModel
-from kflow.molecular.sources import build_clusters_from_files
+from kflow.molecular.data.starts import NOISE_PRESETS, NoiseModel
+from kflow.molecular.data.sources import build_clusters_from_files
 from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_float, positive_int, run_main
 

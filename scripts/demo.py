@@ -11,8 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from kflow.molecular.config import AssemblyModelConfig
-from kflow.molecular.datasets import ClusterDataset
+from kflow.molecular.model.config import AssemblyModelConfig
+from kflow.molecular.data.datasets import ClusterDataset
 from kflow.molecular.workflow import compare_assembly_models, format_results_table, load_assembly_dataset
 from kflow.cli import HelpFormatter
 from kflow.utils.cli import ArgumentParser, positive_int, run_main

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train, test and package a pretrained model for `kflow assemble` (kflow.molecular.pretrained.train_pretrained,
+"""Train, test and package a pretrained model for `kflow assemble` (kflow.molecular.pretraining.train_pretrained,
 argument parsing in kflow.molecular.commands.train_pretrained_main).
 
     python scripts/train_pretrained.py --preset hard --out kflow/molecular/pretrained_models/hard.pt

@@ -29,8 +29,8 @@ TINY_MODEL_MAX_ATOMS = 40
 def tiny_model(tmp_path_factory):
     """A randomly initialised small assembly model packaged like a shipped one (H, C, N, O; at most 40 atoms),
     shared by the tests that run `kflow assemble` and `kflow.molecular.assemble` end to end."""
-    from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-    from kflow.molecular.pretrained import save_pretrained
+    from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
+    from kflow.molecular.assemble.pretrained import save_pretrained
 
     torch.manual_seed(0)
     config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1, coupling="ot")

@@ -18,11 +18,13 @@ import torch
 
 from kflow.cli import main
 from kflow.molecular import read_crystals
-from kflow.molecular.assemble import (DEFAULT_MODEL, DEFAULT_SAMPLES, AssemblyModel, AssemblyResult, InputError,
-                                      assemble, clear_model_cache, read_assembly_input)
+from kflow.molecular.assemble.api import AssemblyResult, assemble
+from kflow.molecular.assemble.inputs import InputError
+from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES, AssemblyModel, clear_model_cache
+from kflow.molecular.assemble.readers import read_assembly_input
 from kflow.molecular.commands import assemble_parser
 from kflow.molecular.geometry import rigid_residuals
-from kflow.molecular.pretrained import load_pretrained
+from kflow.molecular.assemble.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 CIF, SDF = REPO / "data" / "examples" / "GASXON.cif", REPO / "data" / "examples" / "GASXON.sdf"

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from kflow.core import BandSchedule
-from kflow.molecular.flow import RigidityError, RigidKFlow, collate_clusters
+from kflow.molecular.model.flow import RigidityError, RigidKFlow, collate_clusters
 from kflow.molecular.geometry import masked_centroids
-from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
+from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.so3 import random_rotations
 
 F64 = torch.float64
@@ -165,7 +165,7 @@ def test_pruned_edge_search_finds_exactly_the_pairs_within_the_cutoffs(heavy):
 
 
 def test_configs_saved_before_conv_existed_load_the_fctp_network():
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
 
     old = AssemblyModelConfig().to_dict()
     del old["conv"], old["heavy_atoms_only"]
@@ -211,7 +211,7 @@ def test_a_true_noise_source_network_predicts_from_the_current_poses_only(condit
 
 
 def test_unwrapped_rotation_vector_is_the_same_rotation_nearest_the_reference():
-    from kflow.molecular.network import unwrap_rotation_vector
+    from kflow.molecular.model.network import unwrap_rotation_vector
     from kflow.molecular.so3 import exp_map
 
     axis = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, -0.5]], dtype=F64), dim=-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cod_cluster17
-from kflow.molecular.sources import pyxtal_crystal_sources
+from kflow.molecular.data.sources import pyxtal_crystal_sources
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

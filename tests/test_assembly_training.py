@@ -4,8 +4,8 @@ import torch
 
 from kflow.core.training import CheckpointError, ConfigMismatchError
 from kflow.molecular import Cluster, ClusterDataset, write_cluster_store
-from kflow.molecular.config import AssemblyModelConfig
-from kflow.molecular.objective import AssemblyLoss
+from kflow.molecular.model.config import AssemblyModelConfig
+from kflow.molecular.model.objective import AssemblyLoss
 from kflow.molecular.workflow import (evaluate_assembly, load_assembly_model, predict_assembly, train_assembly)
 
 TINY = dict(hidden_irreps="8x0e + 4x1o + 4x1e", num_molecule_layers=1)
@@ -37,8 +37,8 @@ def store(tmp_path_factory):
 def test_short_training_beats_identity(tmp_path, store):
     from kflow.molecular import ClusterStore
 
-    from kflow.molecular.flow import collate_clusters
-    from kflow.molecular.config import build_assembly_model
+    from kflow.molecular.model.flow import collate_clusters
+    from kflow.molecular.model.config import build_assembly_model
 
     s = ClusterStore(store)
     config = AssemblyModelConfig(num_bands=2, **TINY)
@@ -95,8 +95,8 @@ def test_assembly_resume_is_exact_and_config_changes_are_refused(tmp_path, store
 
 def test_bad_inputs_are_clear(tmp_path, store):
     from kflow.molecular import ClusterStore
-    from kflow.molecular.flow import collate_clusters
-    from kflow.molecular.config import build_assembly_model
+    from kflow.molecular.model.flow import collate_clusters
+    from kflow.molecular.model.config import build_assembly_model
 
     s = ClusterStore(store)
     model, rigid = build_assembly_model(AssemblyModelConfig(**TINY))

@@ -15,11 +15,11 @@ import torch
 
 from kflow.cli import main
 from kflow.molecular import InvalidCrystal, build_cluster, load_pretrained, read_crystals, write_cluster_store
-from kflow.molecular.config import AssemblyModelConfig
-from kflow.molecular.crystals import find_molecules
+from kflow.molecular.model.config import AssemblyModelConfig
+from kflow.molecular.data.molecules import find_molecules
 from kflow.molecular.geometry import rigid_residuals
-from kflow.molecular.pretrained import list_pretrained, save_pretrained
-from kflow.molecular.sources import pyxtal_crystal_sources
+from kflow.molecular.assemble.pretrained import list_pretrained, save_pretrained
+from kflow.molecular.data.sources import pyxtal_crystal_sources
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "data" / "examples"
@@ -286,8 +286,8 @@ def test_train_pretrained_script_packages_a_model(tiny_stores, tmp_path, capsys)
 def test_train_pretrained_on_one_data_set_reproduces_the_study_cell(tiny_stores, tmp_path):
     """With the study's data set alone, the packaged model is the study's cell: same split, budget, selection and
     test metrics (so a shipped model can be checked against the study's row)."""
-    from kflow.molecular.pretrained import train_pretrained
-    from kflow.molecular.store import ClusterStore
+    from kflow.molecular.pretraining import train_pretrained
+    from kflow.molecular.data.store import ClusterStore
     from kflow.molecular.study import StudyBudget, StudyCell, run_model_cell
 
     config = AssemblyModelConfig(hidden_irreps="8x0e + 2x1o + 2x1e", num_molecule_layers=1)

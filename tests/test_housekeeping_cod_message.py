@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from kflow.molecular import sources, write_cod_cluster17
-from kflow.molecular.sources import cod_cluster17_ids
+from kflow.molecular import write_cod_cluster17
+from kflow.molecular.data import cod
+from kflow.molecular.data.cod import cod_cluster17_ids
 
 from test_moldata_io import make_cluster
 
@@ -54,4 +55,4 @@ def test_failed_download_names_no_exception_class(tmp_path, capsys, monkeypatch)
     with pytest.raises(FileNotFoundError):
         cod_cluster17_ids(tmp_path / "COD-Cluster17", "10k", download=True)
     out = capsys.readouterr().out
-    assert sources.COD_HUB_DATASET in out and "LocalEntryNotFoundError" not in out
+    assert cod.COD_HUB_DATASET in out and "LocalEntryNotFoundError" not in out

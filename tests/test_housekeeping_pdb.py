@@ -6,7 +6,7 @@ import torch
 from rdkit import Chem
 
 from kflow.molecular import Cluster
-from kflow.molecular.io import cluster_pdb_text, intramolecular_bonds
+from kflow.molecular.data.io import cluster_pdb_text, intramolecular_bonds
 from kflow.molecular.so3 import random_rotations
 
 SDF = Path(__file__).resolve().parents[1] / "data" / "examples" / "GASXON.sdf"

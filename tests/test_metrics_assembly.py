@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from kflow.molecular.geometry import kabsch
-from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching,
-                                     rmsd15, separation_rate)
+from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
+from kflow.molecular.evaluation.matching import aggregate_min_over_repeats, compute_packing_matching
+from kflow.molecular.evaluation.rmsd import rmsd15
 
 F64 = torch.float64
 
@@ -66,7 +67,7 @@ def test_packing_matching_equals_loop_reference_on_batches_of_different_sizes():
 
 def test_packing_matching_across_chunk_boundaries():
     """Large and small clusters mixed, so the cache-sized chunks (padded per chunk) split the batch."""
-    from kflow.molecular.metrics import _cluster_chunks
+    from kflow.molecular.evaluation.dense import cluster_chunks as _cluster_chunks
 
     trues, preds, mols, batch = [], [], [], []
     for b, apm in enumerate([40, 3, 40, 3, 41]):
@@ -190,7 +191,7 @@ def test_metrics_take_numpy_arrays_and_lists_and_name_bad_indices():
 
 
 # --------------------------------------------------------------------- permutation-invariant packing matching
-from kflow.molecular.metrics import match_molecules, permute_molecules  # noqa: E402
+from kflow.molecular.evaluation.matching import match_molecules, permute_molecules  # noqa: E402
 
 
 def _rigid_noise(positions, mol, seed, shift=0.4, angle=0.25):

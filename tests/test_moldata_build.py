@@ -6,11 +6,11 @@ import torch
 
 from kflow.molecular import (InvalidCrystal, RejectionSummary, build_cluster, build_clusters, find_molecules,
                              read_crystals)
-from kflow.molecular.datasets import ClusterDataset, split_indices
-from kflow.molecular.sources import _cached_store, pyxtal_crystal_sources
-from kflow.molecular.store import ClusterStore, write_cluster_store
+from kflow.molecular.data.datasets import ClusterDataset, split_indices
+from kflow.molecular.data.sources import cached_store, pyxtal_crystal_sources
+from kflow.molecular.data.store import ClusterStore, write_cluster_store
 from kflow.utils.store import RecordStoreError
-from kflow.molecular.io import check_rigid_consistency
+from kflow.molecular.data.io import check_rigid_consistency
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_cluster_store_refuses_pickled_data_without_unpickling_it(tmp_path, crys
     with pytest.raises(RecordStoreError, match="old_format.lmdb") as err:
         ClusterStore(old)
     assert "rebuild" in str(err.value)
-    assert _cached_store(old) is None  # a cached demo/CSD-500 store of the old format counts as stale
+    assert cached_store(old) is None  # a cached demo/CSD-500 store of the old format counts as stale
     # 2. a current store whose first record was replaced by a pickle
     clusters = list(build_clusters(list(crystals.items())[:3], draws_per_crystal=2))
     tampered = write_cluster_store(clusters, tmp_path / "tampered.lmdb")

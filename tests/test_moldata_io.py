@@ -6,7 +6,7 @@ import torch
 from kflow.molecular import (Cluster, CODCluster17Dataset, InvalidCluster, export_cluster, read_cod_cluster17,
                              rigid_frames, write_cod_cluster17)
 from kflow.molecular.geometry import fit_rigid_motion
-from kflow.molecular.io import cod_cluster17_paths
+from kflow.molecular.data.io import cod_cluster17_paths
 from kflow.molecular.so3 import random_rotations
 
 F64 = torch.float64

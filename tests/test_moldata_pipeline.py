@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kflow.molecular import build_cluster, read_crystals, write_cod_cluster17
-from kflow.molecular.datasets import CODCluster17Dataset
-from kflow.molecular.sources import (CSD500_SHIPPED, build_demo_dataset, csd500_path, preprocess_cod_cluster17,
-                                     pyxtal_crystal_sources)
-from kflow.molecular.store import ClusterStore
+from kflow.molecular.data.datasets import CODCluster17Dataset, store_splits
+from kflow.molecular.data.cod import preprocess_cod_cluster17
+from kflow.molecular.data.sources import CSD500_SHIPPED, build_demo_dataset, csd500_path, pyxtal_crystal_sources
+from kflow.molecular.data.store import ClusterStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import build_clusters  # noqa: E402
@@ -121,7 +121,7 @@ def test_demo_dataset_is_cached_and_split_by_crystal(tmp_path):
     t0 = time.perf_counter()
     again = build_demo_dataset(tmp_path, draws_per_crystal=1, progress=False)
     assert len(again) == len(store) and time.perf_counter() - t0 < first / 5
-    splits = store.splits(seed=0)
+    splits = store_splits(store, seed=0)
     crystals = {k: set(v.crystals) for k, v in splits.items()}
     assert not (crystals["train"] & crystals["test"]) and not (crystals["train"] & crystals["valid"])
     assert sum(len(v) for v in splits.values()) == len(store)
@@ -133,8 +133,8 @@ def test_store_feeds_a_pyg_dataloader_with_worker_processes(tmp_path):
     from torch_geometric.loader import DataLoader
 
     from test_moldata_io import make_cluster
-    from kflow.molecular.datasets import ClusterDataset
-    from kflow.molecular.store import write_cluster_store
+    from kflow.molecular.data.datasets import ClusterDataset
+    from kflow.molecular.data.store import write_cluster_store
 
     clusters = [make_cluster(i, atoms=3 + i % 3, name=f"c{i}") for i in range(12)]
     store = ClusterStore(write_cluster_store(clusters, tmp_path / "s.lmdb"))
@@ -176,9 +176,9 @@ def _report_torch_threads(args):
 def test_preprocessing_workers_run_torch_single_threaded(tmp_path, monkeypatch):
     # a forked worker inherits the parent's thread count; N workers × N threads on N cores made 2 workers slower
     # than 1, so every worker must drop to one thread whatever the parent uses
-    import kflow.molecular.sources as sources
+    import kflow.molecular.data.cod as cod
 
-    monkeypatch.setattr(sources, "_preprocess_cod_chunk", _report_torch_threads)
+    monkeypatch.setattr(cod, "_preprocess_cod_chunk", _report_torch_threads)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

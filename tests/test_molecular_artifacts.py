@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kflow.molecular.artifacts import export_predictions, read_predictions, write_predictions
-from kflow.molecular.io import cod_cluster17_paths, write_cod_cluster17
+from kflow.molecular.data.io import cod_cluster17_paths, write_cod_cluster17
 from kflow.utils.cli import positive_float, positive_int
 from kflow.utils.io import safe_filename
 from test_moldata_io import make_cluster

@@ -1,7 +1,8 @@
 """The data-free evenly spread shell baseline."""
 import torch
 
-from kflow.molecular.baselines import shell_predictions, thomson_points
+from kflow.molecular.baselines.shell import shell_predictions
+from kflow.molecular.data.starts import thomson_points
 from kflow.molecular.geometry import rigid_residuals
 
 
@@ -36,7 +37,7 @@ def test_shell_keeps_molecules_rigid_central_at_the_centre_and_the_start_radius(
 
 
 def test_central_random_placement_puts_molecule_zero_at_the_centre():
-    from kflow.molecular.crystals import NoiseModel
+    from kflow.molecular.data.starts import NoiseModel
 
     g = torch.Generator().manual_seed(0)
     final = torch.randn(17, 1, 3, generator=g, dtype=torch.float64) * 5 + torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
@@ -86,7 +87,7 @@ def _fits(pred, item):
 def test_pyxtal_predictions_are_rigid_copies_of_the_start_molecule_in_atom_order():
     import numpy as np
 
-    from kflow.molecular.baselines import pyxtal_predictions
+    from kflow.molecular.baselines.pyxtal import pyxtal_predictions
 
     items = [_chiral_cluster(0), _chiral_cluster(1)]
     state = np.random.get_state()
@@ -112,7 +113,7 @@ def test_pyxtal_predictions_are_rigid_copies_of_the_start_molecule_in_atom_order
 
 
 def test_pyxtal_predictions_are_seeded_and_never_read_the_crystal():
-    from kflow.molecular.baselines import pyxtal_predictions
+    from kflow.molecular.baselines.pyxtal import pyxtal_predictions
 
     item = _chiral_cluster(2)
     kwargs = dict(space_groups=("P-1", "P21"), attempts=1)
@@ -126,11 +127,12 @@ def test_pyxtal_predictions_are_seeded_and_never_read_the_crystal():
 
 def test_pyxtal_predictions_fall_back_to_the_shell_when_every_candidate_fails(monkeypatch, caplog):
     import kflow.molecular.baselines as baselines
+    import kflow.molecular.baselines.pyxtal as pyxtal_baseline
 
     def fail(*args, **kwargs):
         raise RuntimeError("long time to generate structure, check inputs")
 
-    monkeypatch.setattr(baselines, "_random_crystal", fail)
+    monkeypatch.setattr(pyxtal_baseline, "_random_crystal", fail)
     items = [_chiral_cluster(0), _chiral_cluster(1)]
     info = {}
     with caplog.at_level("WARNING", logger="kflow.molecular.baselines"):

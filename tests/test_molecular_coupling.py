@@ -10,8 +10,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from kflow.molecular import Cluster, ClusterStore, write_cluster_store
-from kflow.molecular.config import AssemblyModelConfig
-from kflow.molecular.flow import RigidKFlow, collate_clusters, optimal_coupling
+from kflow.molecular.model.config import AssemblyModelConfig
+from kflow.molecular.model.flow import RigidKFlow, collate_clusters, optimal_coupling
 from kflow.molecular.geometry import masked_centroids, rigid_residuals
 from kflow.molecular.so3 import exp_map, random_rotations
 

@@ -1,7 +1,7 @@
 """Equivariant OT coupling: alternating Hungarian assignment and Kabsch rotation about the central molecule."""
 import torch
 
-from kflow.molecular.flow import collate_clusters, equivariant_coupling
+from kflow.molecular.model.flow import collate_clusters, equivariant_coupling
 from kflow.molecular.so3 import random_rotations
 
 F64 = torch.float64

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from kflow.core import BandSchedule
-from kflow.molecular.cluster import Cluster
-from kflow.molecular.crystals import NOISE_PRESETS
-from kflow.molecular.datasets import redraw_start
-from kflow.molecular.flow import RigidKFlow, collate_clusters
-from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
-from kflow.molecular.objective import AssemblyLoss, pose_errors, sample_training_times
+from kflow.molecular.data.cluster import Cluster
+from kflow.molecular.data.starts import NOISE_PRESETS
+from kflow.molecular.data.datasets import redraw_start
+from kflow.molecular.model.flow import RigidKFlow, collate_clusters
+from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
+from kflow.molecular.model.objective import AssemblyLoss, pose_errors, sample_training_times
 from kflow.molecular.so3 import exp_map, random_rotations
 
 F64 = torch.float64
@@ -73,7 +73,7 @@ class ToyView:
 
 
 def test_redrawn_starts_change_with_the_epoch_and_repeat_for_the_same_epoch():
-    from kflow.molecular.datasets import RedrawnStarts
+    from kflow.molecular.data.datasets import RedrawnStarts
 
     View = lambda: ToyView(_crystal_cluster, [4, 9])  # noqa: E731
     data = RedrawnStarts(View(), seed=3)
@@ -224,7 +224,7 @@ def test_assembly_loss_options_train_the_same_model_interface():
 
 
 def test_config_rejects_unknown_recipe_options_and_old_configs_load_with_defaults():
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
 
     with pytest.raises(ValueError, match="time_sampling"):
         AssemblyModelConfig(time_sampling="late")
@@ -256,7 +256,7 @@ def test_shell_preset_is_the_even_shell_in_a_random_frame():
 
 
 def test_medoid_sample_is_the_consensus_of_the_samples():
-    from kflow.molecular.sampling import medoid_sample
+    from kflow.molecular.model.sampling import medoid_sample
 
     cluster = _crystal_cluster(4)
     truth = cluster.final_positions.double()
@@ -274,7 +274,7 @@ def test_medoid_sample_is_the_consensus_of_the_samples():
 
 
 def test_a_run_recorded_before_the_recipe_fields_resumes_as_the_same_configuration():
-    from kflow.molecular.config import RECIPE_FIELDS, AssemblyModelConfig
+    from kflow.molecular.model.config import RECIPE_FIELDS, AssemblyModelConfig
 
     old_record = {k: v for k, v in AssemblyModelConfig().to_dict().items() if k not in RECIPE_FIELDS}
     assert AssemblyModelConfig().run_record() == old_record  # defaults: recorded as before
@@ -284,7 +284,7 @@ def test_a_run_recorded_before_the_recipe_fields_resumes_as_the_same_configurati
 
 
 def test_resume_compares_recorded_configurations_in_canonical_form():
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
     from kflow.molecular.workflow import _canonical_run_config
 
     config = AssemblyModelConfig(num_bands=3, central=True, rotation_loss="atoms")

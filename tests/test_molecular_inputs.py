@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cod_cluster17
-from kflow.molecular.cluster import RejectionSummary
-from kflow.molecular.crystals import cif_number, find_molecules
-from kflow.molecular.datasets import CODCluster17Dataset
-from kflow.molecular.sources import COD_HUB_PATTERNS, build_clusters_from_files, cod_cluster17_ids
-from kflow.molecular.store import ClusterStore, clean_leftovers, staged_folder, write_cluster_store
+from kflow.molecular.data.cluster import RejectionSummary
+from kflow.molecular.data.cif import cif_number
+from kflow.molecular.data.molecules import find_molecules
+from kflow.molecular.data.datasets import CODCluster17Dataset
+from kflow.molecular.data.cod import COD_HUB_PATTERNS, cod_cluster17_ids
+from kflow.molecular.data.sources import build_clusters_from_files
+from kflow.molecular.data.store import ClusterStore, clean_leftovers, staged_folder, write_cluster_store
 from kflow.molecular.workflow import load_assembly_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,14 +189,14 @@ def test_settings_other_than_the_standard_one_are_expanded_correctly(tmp_path):
 
 
 def test_pymatgen_reads_what_the_first_reader_cannot(tmp_path, monkeypatch):
-    from kflow.molecular import crystals
+    from kflow.molecular.data import cif, clusters
 
     (tmp_path / "a.cif").write_text(make_cif())
-    monkeypatch.setattr(crystals, "_block_atoms", lambda block: 1 / 0)
+    monkeypatch.setattr(cif, "_block_atoms", lambda block: 1 / 0)
     (name, atoms), = list(read_crystals(tmp_path / "a.cif"))
     assert atoms.info["reader"] == "pymatgen" and len(atoms) == 48
     summary = RejectionSummary()
-    assert len(list(crystals.build_clusters([(name, atoms)], summary=summary))) == 1
+    assert len(list(clusters.build_clusters([(name, atoms)], summary=summary))) == 1
     assert summary.readers == {"pymatgen": 1}
 
 
@@ -260,7 +262,7 @@ def test_duplicate_refcodes_from_ase_databases_keep_their_names(tmp_path):
 
 # ------------------------------------------------------------------------------------------- planar molecules
 def test_planar_molecules_build_and_train(tmp_path):
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
     from kflow.molecular.workflow import train_assembly
 
     folder = tmp_path / "aromatics"
@@ -268,7 +270,7 @@ def test_planar_molecules_build_and_train(tmp_path):
     for name in ("benzene", "naphthalene", "anthracene"):
         (folder / f"{name}.cif").write_bytes(pyxtal_cif(name).read_bytes())
     summary = RejectionSummary()
-    from kflow.molecular.crystals import build_clusters
+    from kflow.molecular.data.clusters import build_clusters
 
     clusters = list(build_clusters(read_crystals(folder), draws_per_crystal=2, summary=summary))
     assert summary.kept == 3 and not summary.rejected
@@ -333,8 +335,8 @@ def _write_inputs(folder: Path, names):
 KILLED_BUILD = """
 import sys, time
 from pathlib import Path
-import kflow.molecular.io as io
-from kflow.molecular.sources import build_clusters_from_files
+import kflow.molecular.data.io as io
+from kflow.molecular.data.sources import build_clusters_from_files
 write = io.write_cod_cluster17
 def slow(cluster, root, cid):
     out = write(cluster, root, cid)
@@ -394,7 +396,7 @@ def test_build_refuses_folders_it_did_not_write_and_stores_swap_atomically(tmp_p
         build_clusters_from_files([inputs], tmp_path / "notes", num_workers=1, progress=False)
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
     # replacing a store: one atomic exchange (Linux), no moment without a store at the path
-    from kflow.molecular import store as store_module
+    from kflow.molecular.data import store as store_module
 
     calls = []
     exchange = store_module._exchange

@@ -1,7 +1,7 @@
 """COMPACK-style packing similarity: the truth scores 15/15, a random start scores low."""
 import torch
 
-from kflow.molecular.packing_similarity import packing_similarity
+from kflow.molecular.evaluation.packing_similarity import packing_similarity
 from kflow.molecular.so3 import random_rotations
 
 F64 = torch.float64

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kflow.molecular import packmol as pm
+from kflow.molecular.baselines import packmol as pm
 
 # Methanol (Å), atom order C, O, H(O), H, H, H.
 METHANOL_Z = np.array([6, 8, 1, 1, 1, 1])
@@ -67,7 +67,7 @@ def test_pack_cluster_gives_rigid_non_overlapping_reproducible_copies():
 
 @needs_packmol
 def test_packmol_predictions_follow_cluster_atom_order():
-    from kflow.molecular.cluster import Cluster
+    from kflow.molecular.data.cluster import Cluster
 
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=4.0, size=(17, 3))

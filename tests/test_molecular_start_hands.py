@@ -4,11 +4,11 @@ metadata that carry the choice."""
 import pytest
 import torch
 
-from kflow.molecular.cluster import Cluster
-from kflow.molecular.config import AssemblyModelConfig
-from kflow.molecular.crystals import NOISE_PRESETS
-from kflow.molecular.datasets import START_MIRRORS, StartHands, set_start_hands
-from kflow.molecular.flow import RigidityError, collate_clusters
+from kflow.molecular.data.cluster import Cluster
+from kflow.molecular.model.config import AssemblyModelConfig
+from kflow.molecular.data.starts import NOISE_PRESETS
+from kflow.molecular.data.datasets import START_MIRRORS, StartHands, set_start_hands
+from kflow.molecular.model.flow import RigidityError, collate_clusters
 from kflow.molecular.geometry import masked_centroids, rigid_residuals
 from kflow.molecular.so3 import random_rotations
 
@@ -74,10 +74,10 @@ def test_none_makes_every_copy_a_rigid_copy_of_molecule_zero():
 
 
 def test_half_mirrors_the_odd_copies_as_kflow_assemble_does():
-    from kflow.molecular.assemble import _mirrored
+    from kflow.molecular.assemble.starts import mirrored_copies
 
     start = _molecules(set_start_hands(_racemic_cluster(2), "half").initial_positions)
-    odd = torch.from_numpy(_mirrored("half", M))
+    odd = torch.from_numpy(mirrored_copies("half", M))
     assert torch.equal(odd, torch.arange(M) % 2 == 1) and int(odd.sum()) == 8
     proper, improper = _residuals(start[0], start), _residuals(-start[0], start)
     assert proper[~odd].max() < 1e-4 and improper[odd].max() < 1e-4
@@ -114,7 +114,7 @@ def test_start_hands_view_passes_the_data_set_through():
 def test_redrawn_starts_take_the_hands_after_the_redraw():
     from test_molecular_generative_recipe import ToyView
 
-    from kflow.molecular.datasets import RedrawnStarts, redraw_start
+    from kflow.molecular.data.datasets import RedrawnStarts, redraw_start
 
     View = lambda: ToyView(_racemic_cluster, [0, 5])  # noqa: E731
     plain, half = RedrawnStarts(View(), seed=1), RedrawnStarts(View(), seed=1, mirror="half")
@@ -193,8 +193,8 @@ def test_ot_prefers_a_same_hand_pair_over_an_equally_near_mirror_image():
 
 
 def test_sampling_accepts_starts_whose_copies_mirror_the_final_ones(one_thread):
-    from kflow.molecular.config import build_assembly_model
-    from kflow.molecular.sampling import predict_assembly
+    from kflow.molecular.model.config import build_assembly_model
+    from kflow.molecular.model.sampling import predict_assembly
 
     model, rigid = build_assembly_model(AssemblyModelConfig(num_bands=1, condition_on_start=False, central=True,
                                                             **TINY))
@@ -205,7 +205,7 @@ def test_sampling_accepts_starts_whose_copies_mirror_the_final_ones(one_thread):
 
 # ---------------------------------------------------------------------------------------- recipe, study, models
 def test_config_records_start_mirror_only_when_set():
-    from kflow.molecular.config import RECIPE_FIELDS
+    from kflow.molecular.model.config import RECIPE_FIELDS
 
     assert "start_mirror" in RECIPE_FIELDS and AssemblyModelConfig().start_mirror == "crystal"
     assert "start_mirror" not in AssemblyModelConfig().run_record()
@@ -228,7 +228,7 @@ def test_train_flag_sets_start_mirror():
 @pytest.mark.parametrize("redraw", [True, False])
 def test_training_sees_starts_with_the_configured_hands(tmp_path, monkeypatch, redraw, one_thread):
     import kflow.molecular.workflow as workflow
-    from kflow.molecular.store import ClusterStore, write_cluster_store
+    from kflow.molecular.data.store import ClusterStore, write_cluster_store
 
     clusters = [_racemic_cluster(s, f"X{s % 5}") for s in range(10)]
     store = ClusterStore(write_cluster_store(clusters, tmp_path / "s.lmdb"))
@@ -265,7 +265,7 @@ def test_comparison_and_kflow_sample_draw_from_the_models_start_hands(tmp_path, 
     `kflow sample` (not from the crystal-hand starts as stored), and scored against the same crystals."""
     import kflow.molecular.workflow as workflow
     from kflow.cli import main
-    from kflow.molecular.store import ClusterStore, write_cluster_store
+    from kflow.molecular.data.store import ClusterStore, write_cluster_store
 
     store_path = write_cluster_store([_racemic_cluster(s, f"X{s % 10}") for s in range(20)], tmp_path / "s.lmdb")
     store = ClusterStore(store_path)
@@ -292,8 +292,9 @@ def test_study_lists_the_two_mirror_rows_for_three_seeds():
     from pathlib import Path
 
     from benchmarks.assembly_study import ABLATION_ROWS, MIRROR_ROWS, SEEDS, TABLES, _cells, _row_seeds
-    from kflow.molecular.datasets import with_start_hands
-    from kflow.molecular.study import GENERATIVE, generative_models
+    from kflow.molecular.data.datasets import with_start_hands
+    from kflow.molecular.model.config import GENERATIVE
+    from kflow.molecular.study import generative_models
 
     rows = generative_models()
     k1 = rows["rigid FM (K=1), generative"]
@@ -313,9 +314,10 @@ def test_study_lists_the_two_mirror_rows_for_three_seeds():
 
 
 def test_a_pretrained_model_records_its_start_hands_and_refuses_others(tmp_path, one_thread):
-    from kflow.molecular.datasets import ClusterDataset
-    from kflow.molecular.pretrained import load_pretrained, train_pretrained
-    from kflow.molecular.store import ClusterStore, write_cluster_store
+    from kflow.molecular.data.datasets import ClusterDataset
+    from kflow.molecular.assemble.pretrained import load_pretrained
+    from kflow.molecular.pretraining import train_pretrained
+    from kflow.molecular.data.store import ClusterStore, write_cluster_store
     from kflow.molecular.workflow import evaluate_assembly
 
     main = write_cluster_store([_racemic_cluster(s, f"AAAAA{s}") for s in range(10)], tmp_path / "a.lmdb")

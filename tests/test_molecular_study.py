@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from kflow.molecular import Cluster, ClusterDataset, ClusterStore, write_cluster_store
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.crystals import NOISE_PRESETS, NoiseModel, build_cluster, noise_model, read_crystals
-from kflow.molecular.flow import collate_clusters
-from kflow.molecular.objective import AssemblyLoss
-from kflow.molecular.sampling import sample_assembly
-from kflow.molecular.sources import pyxtal_crystal_sources
-from kflow.molecular.study import (StudyBudget, StudyCell, band_energy_shares, first_clusters, paired_comparison,
-                                   run_identity_cell)
+from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.data.clusters import build_cluster
+from kflow.molecular.data.crystals import read_crystals
+from kflow.molecular.data.starts import NOISE_PRESETS, NoiseModel, noise_model
+from kflow.molecular.model.flow import collate_clusters
+from kflow.molecular.model.objective import AssemblyLoss
+from kflow.molecular.model.sampling import sample_assembly
+from kflow.molecular.data.sources import pyxtal_crystal_sources
+from kflow.molecular.study import StudyBudget, StudyCell, band_energy_shares, paired_comparison, run_identity_cell
+from kflow.molecular.workflow import first_clusters
 from kflow.molecular.so3 import random_rotations
 from kflow.utils.plots import plot_learning_curves, read_metrics_log
 

@@ -1,10 +1,10 @@
-"""Rigid-body relaxation against RDKit's MMFF94 (kflow.molecular.relax)."""
+"""Rigid-body relaxation against RDKit's MMFF94 (kflow.molecular.physics.relax)."""
 import numpy as np
 import pytest
 import torch
 
 from kflow.molecular.geometry import pad_by_index, rigid_residuals
-from kflow.molecular.relax import ClusterForceField, RigidBodies, relax_cluster, rigid_objective
+from kflow.molecular.physics.relax import ClusterForceField, RigidBodies, relax_cluster, rigid_objective
 from kflow.molecular.so3 import random_rotations
 
 pytest.importorskip("rdkit")

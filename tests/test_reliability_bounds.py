@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from kflow.cli import main
-from kflow.molecular.assemble import MAX_MOLECULE_ATOMS, InputError, read_assembly_input
-from kflow.molecular.crystals import MAX_CELL_ATOMS, MIN_CELL_WIDTH, cell_problem, read_cif, read_crystals
-from kflow.molecular.sources import build_clusters_from_files
+from kflow.molecular.assemble.inputs import MAX_MOLECULE_ATOMS, InputError
+from kflow.molecular.assemble.readers import read_assembly_input
+from kflow.molecular.data.bounds import MAX_CELL_ATOMS, MIN_CELL_WIDTH, cell_problem
+from kflow.molecular.data.cif import read_cif
+from kflow.molecular.data.crystals import read_crystals
+from kflow.molecular.data.sources import build_clusters_from_files
 
 REPO = Path(__file__).resolve().parents[1]
 CIF = REPO / "data" / "examples" / "GASXON.cif"
@@ -83,7 +86,7 @@ def test_merging_copies_drops_what_the_neighbour_list_dropped():
     from ase import Atoms
     from ase.neighborlist import neighbor_list
 
-    from kflow.molecular.crystals import DUPLICATE_TOLERANCE, _later_duplicates
+    from kflow.molecular.data.cif import DUPLICATE_TOLERANCE, _later_duplicates
 
     rng = np.random.default_rng(0)
     cell = np.array([[7.0, 0, 0], [3.1, 6.2, 0], [-1.3, 2.2, 5.4]])  # skewed
@@ -112,8 +115,8 @@ def _grid_atoms(count: int, spacing: float, cell):
 def test_finding_molecules_in_a_sparse_or_crowded_cell_is_bounded(count, spacing, reason):
     import tracemalloc
 
-    from kflow.molecular.cluster import InvalidCrystal
-    from kflow.molecular.crystals import find_molecules
+    from kflow.molecular.data.cluster import InvalidCrystal
+    from kflow.molecular.data.molecules import find_molecules
 
     atoms = _grid_atoms(count, spacing, np.eye(3) * 999.0)  # inside every bound a cell is checked against
     assert cell_problem(atoms.cell.array, len(atoms)) is None
@@ -129,7 +132,7 @@ def test_finding_molecules_in_a_sparse_or_crowded_cell_is_bounded(count, spacing
 def test_bonded_pairs_are_the_neighbour_lists():
     from ase.neighborlist import neighbor_list
 
-    from kflow.molecular.crystals import _bonded_pairs
+    from kflow.molecular.data.molecules import _bonded_pairs
 
     chain = _grid_atoms(6, 1.0, np.diag([2.5, 30.0, 30.0]))  # bonds to its own images across a thin cell
     chain.positions[:] = np.c_[np.arange(6) * 0.4, np.full(6, 5.0), np.full(6, 5.0)]
@@ -173,7 +176,7 @@ def test_a_folder_build_accounts_for_the_pathological_files(tmp_path):
 
 
 def test_a_folder_build_lists_every_file_of_the_folder_and_reads_with_the_workers_given(tmp_path, monkeypatch):
-    from kflow.molecular import sources
+    from kflow.molecular.data import sources
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -205,7 +208,7 @@ def test_the_readers_are_imported_once_before_the_workers_fork():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom kflow.molecular import sources\nreal = sources.isolated_map\n"
+    probe = ("import sys\nfrom kflow.molecular.data import sources\nreal = sources.isolated_map\n"
              "def checked(*args):\n    assert {'ase.io', 'ase.io.cif', 'ase.db'} <= set(sys.modules)\n"
              "    return real(*args)\nsources.isolated_map = checked\n"
              f"crystals, _ = sources.read_crystal_inputs([{str(CIF)!r}], 1, progress=True)\nprint(len(crystals))\n")
@@ -235,7 +238,8 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
     import re
 
     from kflow.core import training
-    from kflow.molecular import assemble, crystals
+    from kflow.molecular.assemble import inputs
+    from kflow.molecular.data import bounds
 
     text = PROMISES.read_text()
     assert "docs/PROMISES.md" in (REPO / "README.md").read_text()
@@ -243,7 +247,7 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
                     "One line, not a traceback"):
         assert f"**{heading}" in text, heading
     rows = re.findall(r"\| ([0-9.]+)[^|]*\| `(\w+)\.(\w+)` \|", text.replace("at least ", "").replace("at most ", ""))
-    modules = {"assemble": assemble, "crystals": crystals}
+    modules = {"inputs": inputs, "bounds": bounds}
     assert len(rows) == 6
     for value, module, name in rows:
         assert float(value) == getattr(modules[module], name), name
@@ -266,7 +270,7 @@ def _misbehaving_reader(path):
     """Stands in for a reader meeting a pathological file (forked workers inherit it)."""
     import os
 
-    from kflow.molecular import sources
+    from kflow.molecular.data import sources
 
     name = Path(path).name
     if name == "slow.cif":
@@ -280,7 +284,7 @@ def _misbehaving_reader(path):
 
 
 def test_one_pathological_file_can_neither_stall_nor_kill_a_folder_build(tmp_path, monkeypatch):
-    from kflow.molecular import sources
+    from kflow.molecular.data import sources
 
     files = []
     for name in ("GASXON.cif", "slow.cif", "hog.cif", "dies.cif"):

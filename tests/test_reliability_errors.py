@@ -29,9 +29,9 @@ def _disk_full(*args, **kwargs):
 
 
 def test_a_full_disk_while_assembling_is_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
-    import kflow.molecular.assemble as assemble
+    import kflow.molecular.assemble.outputs as outputs
 
-    monkeypatch.setattr(assemble, "plot_clusters", _disk_full)  # the disk fills while the outputs are written
+    monkeypatch.setattr(outputs, "plot_clusters", _disk_full)  # the disk fills while the outputs are written
     out = tmp_path / "out"
     assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",
                  "--no-progress"]) == 1
@@ -45,8 +45,8 @@ def _disk_full_unnamed(*args, **kwargs):  # what a library's flush or close rais
 
 
 def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model, tmp_path, capsys, monkeypatch):
-    import kflow.molecular.assemble as assemble
-    from kflow.molecular.store import staged_folder
+    import kflow.molecular.assemble.outputs as outputs
+    from kflow.molecular.data.store import staged_folder
     from kflow.utils.io import atomic_path, atomic_write_text
 
     final = tmp_path / "run" / "last.pt"
@@ -70,7 +70,7 @@ def test_a_full_disk_found_by_a_library_names_what_was_being_written(tiny_model,
     with pytest.raises(OSError) as caught:  # the rename onto a folder
         atomic_write_text(tmp_path / "a_folder", "x")
     assert caught.value.filename == str(tmp_path / "a_folder")  # was .a_folder.tmp-*: Is a directory
-    monkeypatch.setattr(assemble, "plot_clusters", _disk_full_unnamed)
+    monkeypatch.setattr(outputs, "plot_clusters", _disk_full_unnamed)
     out = tmp_path / "out"
     assert main(["assemble", str(SDF), "--out", str(out), "--model", tiny_model, "--samples", "1",
                  "--no-progress"]) == 1
@@ -129,7 +129,7 @@ def _cluster_record(**changes):
     ({"name": 7}, "'name' is not a string"),
 ])
 def test_malformed_cluster_records_are_refused_in_one_line(tmp_path, changes, problem):
-    from kflow.molecular.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
+    from kflow.molecular.data.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
 
     meta = {"kind": CLUSTER_STORE_KIND, "version": CLUSTER_STORE_VERSION, "count": 1, "names": ["c"],
             "crystals": ["c"]}
@@ -175,7 +175,7 @@ DEEP = "[" * 100_000 + "]" * 100_000  # nesting deeper than the JSON parser's re
 
 def test_deeply_nested_json_anywhere_is_a_damaged_file_not_a_traceback(tmp_path, capsys):
     from kflow.core.training import RUN_LOCK
-    from kflow.molecular.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
+    from kflow.molecular.data.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
     from kflow.utils.plots import read_metrics_log
     from test_training import make_trainer
 
@@ -199,7 +199,7 @@ def test_deeply_nested_json_anywhere_is_a_damaged_file_not_a_traceback(tmp_path,
             ClusterStore(path)[i]
     import lmdb
 
-    from kflow.molecular.store import close_store
+    from kflow.molecular.data.store import close_store
 
     close_store(path)
     with lmdb.open(str(path), subdir=True, lock=False) as env, env.begin(write=True) as txn:

@@ -13,8 +13,9 @@ import torch
 from kflow.cli import main
 from kflow.molecular import read_crystals
 from kflow.molecular.artifacts import export_predictions
-from kflow.molecular.assemble import InputError, read_assembly_input
-from kflow.molecular.sources import build_clusters_from_files
+from kflow.molecular.assemble.inputs import InputError
+from kflow.molecular.assemble.readers import read_assembly_input
+from kflow.molecular.data.sources import build_clusters_from_files
 from kflow.utils.io import printable_name, unique_filename
 from test_molecular_artifacts import ListDataset
 from test_moldata_io import make_cluster

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kflow.cli import main
-from kflow.molecular.sources import build_clusters_from_files
+from kflow.molecular.data.sources import build_clusters_from_files
 from kflow.utils.io import atomic_write_text, check_replaceable_folder, foreign_entries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_build_clusters_script_refuses_in_one_line(tmp_path, capsys):
 def test_a_rebuild_replaces_only_what_a_build_wrote(tmp_path):
     out = tmp_path / "built"
     build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)
-    assert foreign_entries(out, __import__("kflow.molecular.sources", fromlist=["x"]).BUILD_FOLDER_LAYOUT) == []
+    assert foreign_entries(out, __import__("kflow.molecular.data.sources", fromlist=["x"]).BUILD_FOLDER_LAYOUT) == []
     build_clusters_from_files([CIF], out, draws_per_crystal=1, num_workers=1, progress=False)  # accepted
     (out / "raw" / "FinalPositions" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="raw/FinalPositions/notes.txt"):

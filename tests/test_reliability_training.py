@@ -120,7 +120,7 @@ def test_resume_onto_other_data_or_another_start_preset_is_refused(tmp_path):
 
 
 def test_cluster_store_identity_follows_its_content_and_preset(tmp_path):
-    from kflow.molecular.store import ClusterStore
+    from kflow.molecular.data.store import ClusterStore
 
     class Meta(ClusterStore):
         def __init__(self, meta):
@@ -184,7 +184,7 @@ SMALL_NET = ["--hidden-irreps", "8x0e + 2x1o + 2x1e", "--molecule-layers", "1", 
 def two_stores(tmp_path_factory):
     """Two small cluster stores of different pyxtal crystals."""
     from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cluster_store
-    from kflow.molecular.sources import pyxtal_crystal_sources
+    from kflow.molecular.data.sources import pyxtal_crystal_sources
 
     root, clusters = tmp_path_factory.mktemp("stores"), []
     for name, atoms in read_crystals(pyxtal_crystal_sources()[0]):

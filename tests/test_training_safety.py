@@ -104,7 +104,7 @@ def test_deterministic_runs_and_resumes_are_bit_identical(tmp_path):
     from test_assembly_training import TINY, _cluster
 
     from kflow.molecular import ClusterStore, write_cluster_store
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
     from kflow.molecular.workflow import train_assembly
 
     s = ClusterStore(write_cluster_store([_cluster(i, f"X{i % 10}") for i in range(40)], tmp_path / "toy.lmdb"))

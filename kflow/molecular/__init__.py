@@ -13,26 +13,31 @@ molecule or crystal end to end: ``kflow.molecular.assemble.assemble`` (``kflow a
 See docs/ARCHITECTURE.md for which module owns what.
 """
 from kflow.molecular.artifacts import load_assembly_model, read_predictions, write_predictions
-from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster, InvalidCrystal, RejectionSummary
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.crystals import NoiseModel, build_cluster, build_clusters, find_molecules, read_crystals
-from kflow.molecular.baselines import pyxtal_predictions, shell_predictions
-from kflow.molecular.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands, redraw_start,
-                                      set_start_hands, split_indices, with_start_hands)
-from kflow.molecular.flow import AssemblyBatch, RigidityError, RigidKFlow, collate_clusters
+from kflow.molecular.assemble.pretrained import list_pretrained, load_pretrained, save_pretrained
+from kflow.molecular.baselines.pyxtal import pyxtal_predictions
+from kflow.molecular.baselines.shell import shell_predictions
+from kflow.molecular.data.cluster import NUM_MOLECULES, Cluster, InvalidCluster, InvalidCrystal, RejectionSummary
+from kflow.molecular.data.clusters import build_cluster, build_clusters
+from kflow.molecular.data.crystals import read_crystals
+from kflow.molecular.data.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands, redraw_start,
+                                           set_start_hands, split_indices, with_start_hands)
+from kflow.molecular.data.io import check_rigid_consistency, export_cluster, read_cod_cluster17, write_cod_cluster17
+from kflow.molecular.data.molecules import find_molecules
+from kflow.molecular.data.sources import (build_cluster_dataset, build_clusters_from_files, build_csd500_dataset,
+                                          build_demo_dataset)
+from kflow.molecular.data.starts import NoiseModel
+from kflow.molecular.data.store import ClusterStore, write_cluster_store
+from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
+from kflow.molecular.evaluation.matching import PackingMatching, aggregate_min_over_repeats, compute_packing_matching
+from kflow.molecular.evaluation.packing_similarity import packing_similarity
+from kflow.molecular.evaluation.rmsd import rmsd15
 from kflow.molecular.geometry import fit_rigid_motion, kabsch, rigid_frames
-from kflow.molecular.io import check_rigid_consistency, export_cluster, read_cod_cluster17, write_cod_cluster17
-from kflow.molecular.metrics import (PackingMatching, aggregate_min_over_repeats, collision_rate,
-                                     compute_packing_matching, rmsd15, separation_rate)
-from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
-from kflow.molecular.objective import AssemblyLoss
-from kflow.molecular.pretrained import list_pretrained, load_pretrained, save_pretrained
-from kflow.molecular.packing_similarity import packing_similarity
-from kflow.molecular.relax import relax_cluster
-from kflow.molecular.sampling import medoid_sample, predict_assembly, predict_medoid, sample_assembly
-from kflow.molecular.sources import (build_cluster_dataset, build_clusters_from_files, build_csd500_dataset,
-                                     build_demo_dataset)
-from kflow.molecular.store import ClusterStore, write_cluster_store
+from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.model.flow import AssemblyBatch, RigidityError, RigidKFlow, collate_clusters
+from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
+from kflow.molecular.model.objective import AssemblyLoss
+from kflow.molecular.model.sampling import medoid_sample, predict_assembly, predict_medoid, sample_assembly
+from kflow.molecular.physics.relax import relax_cluster
 from kflow.molecular.workflow import evaluate_assembly, load_assembly_dataset, train_assembly
 
 __all__ = [

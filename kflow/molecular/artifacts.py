@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from kflow.core.training import load_checkpoint
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.io import export_cluster
+from kflow.molecular.data.io import export_cluster
+from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
 from kflow.utils.io import atomic_write_bytes, atomic_write_text, safe_filename, unique_filename
 
 __all__ = ["default_run_dir", "load_assembly_model", "write_predictions", "read_predictions",

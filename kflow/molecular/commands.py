@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from kflow.cli import HelpFormatter, set_help
-from kflow.utils.cli import ArgumentParser, add_run_arguments, nonnegative_int, positive_float, positive_int
+from kflow.utils.cli import (ArgumentParser, HelpFormatter, add_run_arguments, nonnegative_int, positive_float,
+                             positive_int, set_help)
 
 __all__ = ["train_main", "sample_main", "evaluate_main", "assemble_main", "train_pretrained_main", "train_parser",
            "sample_parser", "evaluate_parser", "assemble_parser", "train_pretrained_parser",
@@ -90,7 +90,7 @@ def _parser(description: str, prog: str | None) -> ArgumentParser:
 
 
 def _noise_argument(p, help_suffix: str = ""):
-    from kflow.molecular.crystals import NOISE_PRESETS
+    from kflow.molecular.data.starts import NOISE_PRESETS
 
     p.add_argument("--noise", default="mild", choices=sorted(NOISE_PRESETS),
                    help="start preset of clusters built from crystals" + help_suffix + ": mild (each molecule near "
@@ -103,11 +103,11 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
     """The ``AssemblyModelConfig`` flags shared by ``kflow train`` and ``scripts/train_pretrained.py``;
     ``coupling_note`` ends the help of ``--coupling`` (a command whose default is not a constant says it there)."""
     from kflow.core import ORDERS, RAMPS
-    from kflow.molecular.config import OBJECTIVES, AssemblyModelConfig
-    from kflow.molecular.datasets import START_MIRRORS
-    from kflow.molecular.flow import COUPLINGS
-    from kflow.molecular.network import CONVOLUTIONS
-    from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
+    from kflow.molecular.model.config import OBJECTIVES, AssemblyModelConfig
+    from kflow.molecular.data.datasets import START_MIRRORS
+    from kflow.molecular.model.flow import COUPLINGS
+    from kflow.molecular.model.network import CONVOLUTIONS
+    from kflow.molecular.model.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 
     p.add_argument("--num-bands", type=positive_int, default=2,
                    help="Laplacian bands K of the flow; 1 = rigid flow matching (AssembleFlow-style)")
@@ -164,7 +164,7 @@ def add_model_arguments(p: argparse.ArgumentParser, coupling_default: str | None
 
 
 def model_config_from_args(args, coupling: str | None = None):
-    from kflow.molecular.config import AssemblyModelConfig
+    from kflow.molecular.model.config import AssemblyModelConfig
 
     return AssemblyModelConfig(num_bands=args.num_bands, ramp=args.ramp, order=args.order,
                                hidden_irreps=args.hidden_irreps, num_atom_layers=args.atom_layers,
@@ -177,7 +177,7 @@ def model_config_from_args(args, coupling: str | None = None):
 
 def _recipe_from_args(args) -> dict:
     """The generative-recipe fields: ``study.GENERATIVE`` with --generative, each overridden by its own flag."""
-    from kflow.molecular.study import GENERATIVE
+    from kflow.molecular.model.config import GENERATIVE
 
     recipe = {k: v for k, v in GENERATIVE.items() if k != "coupling"} if args.generative else {}
     for key in ("condition_on_start", "central", "redraw_starts", "rotation_loss", "time_sampling", "start_mirror"):
@@ -279,8 +279,8 @@ def sample_parser(prog: str | None = None) -> ArgumentParser:
 
 def sample_main(argv=None, prog: str | None = None):
     from kflow.molecular.artifacts import export_predictions, load_assembly_model, write_predictions
-    from kflow.molecular.config import AssemblyModelConfig
-    from kflow.molecular.datasets import ClusterDataset, with_start_hands
+    from kflow.molecular.model.config import AssemblyModelConfig
+    from kflow.molecular.data.datasets import ClusterDataset, with_start_hands
     from kflow.molecular.workflow import default_split, load_assembly_dataset, predict_assembly
     from kflow.utils.io import check_writable_file, check_writable_folder
 
@@ -326,7 +326,7 @@ def evaluate_parser(prog: str | None = None) -> ArgumentParser:
 
 def evaluate_main(argv=None, prog: str | None = None):
     from kflow.molecular.artifacts import metrics_path, read_predictions, write_metrics
-    from kflow.molecular.datasets import ClusterDataset
+    from kflow.molecular.data.datasets import ClusterDataset
     from kflow.molecular.workflow import evaluate_assembly, format_results_table, load_assembly_dataset
     from kflow.utils.io import check_writable_file
 
@@ -352,8 +352,8 @@ def evaluate_main(argv=None, prog: str | None = None):
 def assemble_parser(prog: str | None = None) -> ArgumentParser:
     """``kflow assemble``: every default is ``kflow.molecular.assemble.assemble``'s (one place: DEFAULT_SAMPLES,
     DEFAULT_MODEL)."""
-    from kflow.molecular.assemble import DEFAULT_MODEL, DEFAULT_SAMPLES
-    from kflow.molecular.pretrained import MIRROR_MODES
+    from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES
+    from kflow.molecular.assemble.pretrained import MIRROR_MODES
 
     p = _parser(ASSEMBLE_HELP, prog)
     p.add_argument("input", nargs="?", default=None,
@@ -385,7 +385,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 def assemble_main(argv=None, prog: str | None = None):
     """``kflow assemble``: parse, call ``assemble(..., out=--out)``, print the notes (stderr) and the ranking."""
-    from kflow.molecular.assemble import assemble
+    from kflow.molecular.assemble.api import assemble
 
     p = assemble_parser(prog)
     args = p.parse_args(argv)
@@ -434,7 +434,7 @@ def assemble_main(argv=None, prog: str | None = None):
 
 # ------------------------------------------------------------------------------------------ train_pretrained
 def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
-    from kflow.molecular.pretrained import MIRROR_MODES, PRESETS
+    from kflow.molecular.assemble.pretrained import MIRROR_MODES, PRESETS
 
     p = _parser(TRAIN_PRETRAINED_HELP, prog)
     p.add_argument("--out", required=True, help="the pretrained file (kflow/molecular/pretrained_models/<name>.pt ships "
@@ -468,7 +468,7 @@ def train_pretrained_parser(prog: str | None = None) -> ArgumentParser:
 
 
 def train_pretrained_main(argv=None, prog: str | None = None):
-    from kflow.molecular.pretrained import train_pretrained
+    from kflow.molecular.pretraining import train_pretrained
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = train_pretrained_parser(prog).parse_args(argv)

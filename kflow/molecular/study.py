@@ -11,10 +11,7 @@ start and permutation-invariant for ``hard``) is kept (``best.pt``); the test sp
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,19 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.datasets import ClusterDataset, StartHands, with_start_hands
-from kflow.molecular.flow import AssemblyBatch, collate_clusters
-from kflow.molecular.sampling import predict_assembly
-from kflow.molecular.workflow import evaluate_assembly, train_assembly
-from kflow.utils.io import atomic_save, atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
+from kflow.molecular.data.datasets import ClusterDataset, StartHands, with_start_hands
+from kflow.molecular.model.config import GENERATIVE, AssemblyModelConfig, build_assembly_model
+from kflow.molecular.model.flow import AssemblyBatch, collate_clusters
+from kflow.molecular.model.sampling import predict_assembly
+from kflow.molecular.workflow import (SELECT_METRIC, BestCheckpoint, evaluate_assembly, first_clusters,
+                                      metrics_summary, train_assembly)
+from kflow.utils.io import atomic_write_text, check_saved_budget, read_versioned_json, safe_filename
 
 __all__ = ["StudyBudget", "StudyCell", "BestCheckpoint", "study_models", "generative_models", "run_model_cell",
            "run_packmol_cell", "run_identity_cell", "run_hands_cell", "run_shell_cell", "run_pyxtal_cell", "run_relaxed_cell", "run_medoid_cell", "paired_comparison",
            "band_energy_shares", "first_clusters", "SELECT_METRIC", "GENERATIVE"]
 
-# The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
-SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm", "shell": "pm_center_perm"}
 RESULT_VERSION = 1
 
 
@@ -122,13 +118,6 @@ def study_models(preset: str, rows: tuple[str, ...] | None = None) -> dict[str, 
     return models if rows is None else {r: models[r] for r in rows}
 
 
-# The generative recipe for starts from the molecule alone (docs/MATH.md §6): a network that sees only the poses at
-# time t, equivariant OT coupling pivoting on the central molecule (which the network marks), starts redrawn every
-# epoch, the pose loss measured on the atoms (no cut at θ = π) and training times concentrated at band starts.
-GENERATIVE = dict(coupling="eot", condition_on_start=False, central=True, redraw_starts=True, rotation_loss="atoms",
-                  time_sampling="band_start")
-
-
 def generative_models() -> dict[str, AssemblyModelConfig]:
     """The rows of the generative hard-start study: rigid FM (K=1), K-Flow K=2 and K=3 and the one-step regression
     from the start, all with the ``GENERATIVE`` recipe; and single-change ablations of K=1 (each recipe choice put
@@ -152,46 +141,6 @@ def generative_models() -> dict[str, AssemblyModelConfig]:
         rows[f"rigid FM (K=1), generative, mirror {mirror}"] = AssemblyModelConfig(num_bands=1, start_mirror=mirror,
                                                                                    **GENERATIVE)
     return rows
-
-
-def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
-    """A view of the first ``n`` clusters of ``dataset`` (all when ``n`` is None)."""
-    if n is None or n >= len(dataset):
-        return dataset
-    view = copy.copy(dataset)
-    view.indices_ = list(dataset.indices_[:n])
-    return view
-
-
-def _metrics_summary(results: dict) -> dict:
-    return {k: v for k, v in results.items() if isinstance(v, dict) and "per_cluster" in v}
-
-
-def _eval_record(results: dict) -> dict:
-    return {k: v["mean"] for k, v in _metrics_summary(results).items()}
-
-
-class BestCheckpoint:
-    """eval_fn for ``train_assembly``: scores the EMA model on validation clusters and keeps the best weights
-    (``best.pt`` + ``best.json``, atomic, so a resumed run keeps the best of its earlier part)."""
-
-    def __init__(self, run_dir: Path, val, rigid, metric: str, sample_steps: int):
-        self.run_dir, self.val, self.rigid, self.metric, self.sample_steps = run_dir, val, rigid, metric, sample_steps
-        try:
-            self.best = json.loads((run_dir / "best.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            self.best = {"value": math.inf, "step": None}
-
-    def __call__(self, model, step: int) -> dict:
-        preds = predict_assembly(model, self.rigid, self.val, steps=self.sample_steps)
-        record = _eval_record(evaluate_assembly(self.val, preds))
-        value = record[self.metric]
-        if value < self.best["value"]:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.run_dir / "best.pt")
-            self.best = {"value": value, "step": step}
-            atomic_write_text(self.run_dir / "best.json", json.dumps(self.best))
-        return record
 
 
 def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False, log=print) -> dict:
@@ -229,14 +178,14 @@ def run_model_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool =
               "best_step": selector.best["step"], "best_val": selector.best["value"],
               "select_metric": SELECT_METRIC[cell.preset], "train_s": train_s,
               "steps_run": summary.get("steps_run"), "test_s": time.perf_counter() - t0,
-              "test_names": [test.cluster(i).name for i in range(len(test))], "metrics": _metrics_summary(results)}
+              "test_names": [test.cluster(i).name for i in range(len(test))], "metrics": metrics_summary(results)}
     return cell.save(result)
 
 
 def run_shell_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
     """The data-free evenly spread shell (``baselines.shell_predictions``, seeded by the cell's seed), scored like
     a model: what a start from the molecule alone gives with no learning at all."""
-    from kflow.molecular.baselines import shell_predictions
+    from kflow.molecular.baselines.shell import shell_predictions
 
     done = cell.load()
     if done is not None:
@@ -244,14 +193,14 @@ def run_shell_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
     test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
     results = evaluate_assembly(test, shell_predictions(test, cell.seed))
     return cell.save({"kind": "baseline", "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def run_pyxtal_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False) -> dict:
     """PyXtal random crystals (``baselines.pyxtal_predictions``: the start molecule packed in the five most frequent
     organic space groups at its estimated density, cut to the cluster, best by the contact score), seeded by the
     cell's seed: what a chemist would try first, scored like a model."""
-    from kflow.molecular.baselines import pyxtal_predictions
+    from kflow.molecular.baselines.pyxtal import pyxtal_predictions
 
     done = cell.load()
     if done is not None:
@@ -264,7 +213,7 @@ def run_pyxtal_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool 
     return cell.save({"kind": "baseline", "seconds": time.perf_counter() - t0,
                       "fallback_clusters": info.get("fallback", 0), "space_groups": info.get("space_group"),
                       "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget,
@@ -274,7 +223,7 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
     the pipeline a user runs, scored like a model. Needs ``model_cell`` finished."""
     from tqdm.auto import tqdm
 
-    from kflow.molecular.relax import relax_cluster
+    from kflow.molecular.physics.relax import relax_cluster
 
     done = cell.load()
     if done is not None:
@@ -296,7 +245,7 @@ def run_relaxed_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Stud
     return cell.save({"kind": "relaxed", "model_cell": model_cell.slug, "seconds": time.perf_counter() - t0,
                       "not_relaxed": failed, "mean_shift_A": float(np.mean(shifts)),
                       "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def _model_and_test(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget):
@@ -317,7 +266,7 @@ def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Study
     """``model_cell``'s selected checkpoint sampled ``samples`` times per test cluster from independent starts
     (``sampling.predict_medoid``; the first is the stored start) and the consensus sample kept (minimum Bayes risk
     under matched PM-center, no reference used), scored like a model. Needs ``model_cell`` finished."""
-    from kflow.molecular.sampling import predict_medoid
+    from kflow.molecular.model.sampling import predict_medoid
 
     done = cell.load()
     if done is not None:
@@ -329,7 +278,7 @@ def run_medoid_cell(cell: StudyCell, model_cell: StudyCell, store, budget: Study
     return cell.save({"kind": "medoid", "model_cell": model_cell.slug, "samples": samples,
                       "seconds": time.perf_counter() - t0,
                       "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def run_hands_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyBudget, mirror: str) -> dict:
@@ -347,7 +296,7 @@ def run_hands_cell(cell: StudyCell, model_cell: StudyCell, store, budget: StudyB
     return cell.save({"kind": "hands", "model_cell": model_cell.slug, "mirror": mirror,
                       "seconds": time.perf_counter() - t0,
                       "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def run_identity_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
@@ -358,12 +307,12 @@ def run_identity_cell(cell: StudyCell, store, budget: StudyBudget) -> dict:
     test = first_clusters(ClusterDataset(store, split="test", seed=0), budget.test_clusters)
     results = evaluate_assembly(test)
     return cell.save({"kind": "identity", "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def run_packmol_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool = False) -> dict:
     """The PackMol baseline (``packmol.packmol_predictions``, the real binary) with PackMol seed ``cell.seed``."""
-    from kflow.molecular.packmol import find_packmol, packmol_predictions
+    from kflow.molecular.baselines.packmol import find_packmol, packmol_predictions
 
     done = cell.load()
     if done is not None:
@@ -374,7 +323,7 @@ def run_packmol_cell(cell: StudyCell, store, budget: StudyBudget, progress: bool
     results = evaluate_assembly(test, preds)
     return cell.save({"kind": "packmol", "binary": str(find_packmol()), "seconds": time.perf_counter() - t0,
                       "test_names": [test.cluster(i).name for i in range(len(test))],
-                      "metrics": _metrics_summary(results)})
+                      "metrics": metrics_summary(results)})
 
 
 def paired_comparison(a: list[list[float]], b: list[list[float]]) -> dict:
@@ -402,7 +351,7 @@ def band_energy_shares(dataset, num_bands: int, coupling: str = "index", batch_s
     mean over clusters of each cluster's share, and ``mode_share``, each band's share of the modes (the share a
     motion without structure would give it). Band 0 holds the smoothest collective motions. ``coupling``: the
     start-to-final pairing, as in training ("index", "ot" or "eot"; ``central``: "eot" pivots on molecule 0)."""
-    from kflow.molecular.flow import RigidKFlow
+    from kflow.molecular.model.flow import RigidKFlow
 
     rigid = RigidKFlow(num_bands)
     totals = torch.zeros(num_bands, dtype=torch.float64)

@@ -9,8 +9,10 @@ data set -> train -> predict -> evaluate.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -21,23 +23,24 @@ import torch
 from kflow.core import distributed as dist_utils
 from kflow.core.training import Trainer
 from kflow.molecular.artifacts import load_assembly_model
-from kflow.molecular.config import AssemblyModelConfig, build_assembly_model
-from kflow.molecular.crystals import noise_model
-from kflow.molecular.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands,
-                                      with_start_hands)
-from kflow.molecular.flow import collate_clusters
-from kflow.molecular.metrics import (aggregate_min_over_repeats, collision_rate, compute_packing_matching, rmsd15,
-                                     separation_rate)
-from kflow.molecular.objective import AssemblyLoss
-from kflow.molecular.sampling import predict_assembly
-from kflow.molecular.sources import (_cached_store, build_cluster_dataset, build_demo_dataset, build_key, csd500_path,
-                                     read_crystal_inputs, report_build)
-from kflow.molecular.store import ClusterStore
-from kflow.utils.io import atomic_write_text, safe_filename
+from kflow.molecular.data.datasets import (ClusterDataset, CODCluster17Dataset, RedrawnStarts, StartHands,
+                                           with_start_hands)
+from kflow.molecular.data.sources import (cached_store, build_cluster_dataset, build_demo_dataset,
+                                          build_key, csd500_path, read_crystal_inputs, report_build)
+from kflow.molecular.data.starts import noise_model
+from kflow.molecular.data.store import ClusterStore
+from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
+from kflow.molecular.evaluation.matching import aggregate_min_over_repeats, compute_packing_matching
+from kflow.molecular.evaluation.rmsd import rmsd15
+from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
+from kflow.molecular.model.flow import collate_clusters
+from kflow.molecular.model.objective import AssemblyLoss
+from kflow.molecular.model.sampling import predict_assembly
+from kflow.utils.io import atomic_save, atomic_write_text, safe_filename
 
 __all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_assembly", "load_assembly_model",
            "predict_assembly", "evaluate_assembly", "compare_assembly_models", "format_results_table", "METRICS",
-           "METRIC_LABELS"]
+           "METRIC_LABELS", "SELECT_METRIC", "BestCheckpoint", "first_clusters", "metrics_summary"]
 
 # "_perm": the permutation-invariant packing matching (molecules matched before comparing, metrics.match_molecules)
 METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "packing_matched", "packing_rmsd",
@@ -68,7 +71,7 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     changing an input file gives a new store. An unreadable or rejected file never stops the build; the
     summary (every input file's outcome) is printed, also without ``progress``, and saved beside the store as
     ``<name>_<key>.summary.json``."""
-    from kflow.molecular.crystals import crystal_files
+    from kflow.molecular.data.crystals import crystal_files
 
     root = Path(root)
     noise_model(noise)  # an unknown preset fails here, before any work
@@ -96,7 +99,7 @@ def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", 
     files = crystal_files(path)
     key = build_key(files, draws_per_crystal, seed, noise=noise)
     store_path = root / "built" / f"{safe_filename(path.stem or path.name)}_{key}.lmdb"
-    cached = _cached_store(store_path, key)
+    cached = cached_store(store_path, key)
     if cached is not None:
         return cached
     sources, summary = read_crystal_inputs(files)
@@ -146,7 +149,7 @@ def train_assembly(store: ClusterStore, out_dir: str | os.PathLike, config: Asse
     """Train the rigid-body K-Flow model on the train split of ``store``; returns (model with EMA weights, rigid
     flow, trainer summary). ``seed`` drives initialisation and data order; ``split_seed`` (default: ``seed``)
     the crystal-level train/valid/test split; ``train_split="all"`` trains on every cluster of ``store`` (a store
-    holding only training crystals, e.g. the merged store of ``kflow.molecular.pretrained``). A fresh run (not
+    holding only training crystals, e.g. the merged store of ``kflow.molecular.pretraining``). A fresh run (not
     ``resume``) refuses a folder holding another run unless ``overwrite``; ``deterministic``: bit-identical runs
     and resumes on CPU (see ``Trainer``).
     ``eval_fn(ema_model, step) -> dict`` runs every ``eval_every`` steps; its numbers go to metrics.jsonl (a
@@ -254,8 +257,8 @@ def _shell_scores(item, pred: torch.Tensor) -> tuple[float, float, float]:
     """(matched molecules of 15, packing RMSD Å, close contacts) of one cluster's prediction [N, 3]."""
     from types import SimpleNamespace
 
-    from kflow.molecular.assemble import contact_scores
-    from kflow.molecular.packing_similarity import packing_similarity
+    from kflow.molecular.evaluation.contacts import contact_scores
+    from kflow.molecular.evaluation.packing_similarity import packing_similarity
 
     m = int(item.molecule_index.max()) + 1
     order = torch.argsort(item.molecule_index, stable=True)  # molecule-major: [M, P] atoms in molecule order
@@ -303,3 +306,48 @@ def format_results_table(results: dict[str, dict], title: str = "") -> str:
         cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" if k in res else "–" for k in METRICS]
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- validation checkpoint selection
+# The metric that picks the checkpoint: index pairing is meaningful for the mild start, not for the hard one.
+SELECT_METRIC = {"mild": "pm_center", "hard": "pm_center_perm", "shell": "pm_center_perm"}
+
+
+def first_clusters(dataset: ClusterDataset, n: int | None) -> ClusterDataset:
+    """A view of the first ``n`` clusters of ``dataset`` (all when ``n`` is None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    view = copy.copy(dataset)
+    view.indices_ = list(dataset.indices_[:n])
+    return view
+
+
+def metrics_summary(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(v, dict) and "per_cluster" in v}
+
+
+def _eval_record(results: dict) -> dict:
+    return {k: v["mean"] for k, v in metrics_summary(results).items()}
+
+
+class BestCheckpoint:
+    """eval_fn for ``train_assembly``: scores the EMA model on validation clusters and keeps the best weights
+    (``best.pt`` + ``best.json``, atomic, so a resumed run keeps the best of its earlier part)."""
+
+    def __init__(self, run_dir: Path, val, rigid, metric: str, sample_steps: int):
+        self.run_dir, self.val, self.rigid, self.metric, self.sample_steps = run_dir, val, rigid, metric, sample_steps
+        try:
+            self.best = json.loads((run_dir / "best.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.best = {"value": math.inf, "step": None}
+
+    def __call__(self, model, step: int) -> dict:
+        preds = predict_assembly(model, self.rigid, self.val, steps=self.sample_steps)
+        record = _eval_record(evaluate_assembly(self.val, preds))
+        value = record[self.metric]
+        if value < self.best["value"]:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, self.run_dir / "best.pt")
+            self.best = {"value": value, "step": step}
+            atomic_write_text(self.run_dir / "best.json", json.dumps(self.best))
+        return record

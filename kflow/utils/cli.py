@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 __all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "add_run_arguments",
-           "run_main", "user_errors", "error_line"]
+           "run_main", "user_errors", "error_line", "HelpFormatter", "set_help"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -121,3 +121,25 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(error_line(err))
     if isinstance(result, int):
         sys.exit(result)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every kflow command and script: the description as written (its examples), and each option's
+    help ending in its default, ``(default: X)``, unless the help already says it or there is none to show (no
+    default, an empty list, or off: a flag is off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        nothing = (default is None or default is False or default is argparse.SUPPRESS
+                   or isinstance(default, (list, tuple)) and not default)
+        positional = not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if nothing or positional or "%(default)" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def set_help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
+    """Give ``option``, added by a shared helper, the help text of this command."""
+    parser._option_string_actions[option].help = text

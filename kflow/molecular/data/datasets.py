@@ -1,7 +1,7 @@
 """Splits and datasets: crystal-level train/valid/test splits and the torch_geometric datasets over cluster stores.
 
 ``ClusterDataset`` views a ``ClusterStore`` (optionally one split of it); ``CODCluster17Dataset`` is the same over
-the published COD-Cluster17 raw folder, preprocessed once into a store by ``kflow.molecular.sources``.
+the published COD-Cluster17 raw folder, preprocessed once into a store by ``kflow.molecular.data.sources``.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch_geometric.data import Dataset
 
-from kflow.molecular.cluster import Cluster
-from kflow.molecular.sources import COD_SUBSETS, cod_cluster17_ids, cod_store_key, preprocess_cod_cluster17
-from kflow.molecular.store import ClusterStore
+from kflow.molecular.data.cluster import Cluster
+from kflow.molecular.data.cod import COD_SUBSETS, cod_cluster17_ids, cod_store_key, preprocess_cod_cluster17
+from kflow.molecular.data.store import ClusterStore
 
 __all__ = ["split_indices", "ClusterDataset", "CODCluster17Dataset", "RedrawnStarts", "redraw_start", "StartHands",
-           "set_start_hands", "START_MIRRORS"]
+           "set_start_hands", "START_MIRRORS", "store_splits"]
 
 # Handedness of a cluster's start copies: as in the crystal (each start copy a proper pose of its crystal copy), or
 # made from start molecule 0 alone as ``kflow assemble`` makes a lone molecule's copies (``assemble.MIRROR_MODES``):
@@ -82,6 +82,12 @@ class ClusterDataset(Dataset):
         return [self.store.crystals[i] for i in self.indices_]
 
 
+def store_splits(store, seed: int = 0) -> dict[str, ClusterDataset]:
+    """Train/valid/test ``ClusterDataset`` views of a store, split 80/10/10 by crystal with ``seed`` (was the method
+    ``ClusterStore.splits``: the store sits below the data sets)."""
+    return {name: ClusterDataset(store, split=name, seed=seed) for name in ("train", "valid", "test")}
+
+
 class CODCluster17Dataset(ClusterDataset):
     """COD-Cluster17 in its published raw format, preprocessed once into a cluster store.
 
@@ -119,7 +125,7 @@ def redraw_start(cluster: Cluster, noise, seed: int) -> Cluster:
     cluster, seeded by ``seed``; as ``crystals.build_cluster`` does, both are then shifted so the start's atoms are
     centred. The crystal's density comes from ``info["volume_per_molecule"]`` (stores built before it was recorded
     fall back to the sphere enclosing the final centroids, ``NoiseModel.apply``)."""
-    from kflow.molecular.crystals import noise_model
+    from kflow.molecular.data.starts import noise_model
 
     m = cluster.num_molecules
     order = torch.argsort(cluster.molecule_index, stable=True)  # molecule-major: molecule 0 (central) first
@@ -138,7 +144,8 @@ def redraw_start(cluster: Cluster, noise, seed: int) -> Cluster:
 
 
 def _mirrored_copies(mirror: str, m: int) -> torch.Tensor:
-    """[M] bool: the copies ``set_start_hands`` mirrors, the same as ``assemble._mirrored`` (odd ones for "half")."""
+    """[M] bool: the copies ``set_start_hands`` mirrors, the same as ``assemble.starts.mirrored_copies`` (odd ones
+    for "half")."""
     return (torch.arange(m) % 2 == 1) if mirror == "half" else torch.zeros(m, dtype=torch.bool)
 
 
@@ -194,7 +201,7 @@ class RedrawnStarts(Dataset):
 
     def __init__(self, dataset: ClusterDataset, noise=None, seed: int = 0, mirror: str = "crystal"):
         super().__init__(None)
-        from kflow.molecular.crystals import noise_model
+        from kflow.molecular.data.starts import noise_model
 
         if mirror not in START_MIRRORS:
             raise ValueError(f"start mirror must be one of {START_MIRRORS}, got {mirror!r}")
@@ -215,7 +222,7 @@ class RedrawnStarts(Dataset):
         return len(self.dataset)
 
     def cluster(self, idx: int) -> Cluster:
-        from kflow.molecular.crystals import NoiseModel
+        from kflow.molecular.data.starts import NoiseModel
 
         stored = self.dataset.cluster(idx)
         noise = self.noise or NoiseModel(**stored.info["noise"])

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kflow.molecular.datasets import START_MIRRORS
-from kflow.molecular.flow import COUPLINGS, RigidKFlow
-from kflow.molecular.network import AssemblyFlowModel, AssemblyNetwork
-from kflow.molecular.objective import ROTATION_LOSSES, TIME_SAMPLINGS
+from kflow.molecular.data.datasets import START_MIRRORS
+from kflow.molecular.model.flow import COUPLINGS, RigidKFlow
+from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
+from kflow.molecular.model.objective import ROTATION_LOSSES, TIME_SAMPLINGS
 
-__all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES"]
+__all__ = ["AssemblyModelConfig", "build_assembly_model", "OBJECTIVES", "GENERATIVE"]
 
 OBJECTIVES = ("flow", "regression")
 # Fields added with the generative recipe (2026-12-03) and after it (start_mirror); runs recorded before them used
@@ -117,3 +117,10 @@ def build_assembly_model(config: AssemblyModelConfig) -> tuple[AssemblyFlowModel
                           config.num_basis, schedule=rigid.schedule, conv=config.conv,
                           heavy_atoms_only=config.heavy_atoms_only, central_feature=config.central)
     return AssemblyFlowModel(net, config.condition_on_start), rigid
+
+
+# The generative recipe for starts from the molecule alone (docs/MATH.md §6): a network that sees only the poses at
+# time t, equivariant OT coupling pivoting on the central molecule (which the network marks), starts redrawn every
+# epoch, the pose loss measured on the atoms (no cut at θ = π) and training times concentrated at band starts.
+GENERATIVE = dict(coupling="eot", condition_on_start=False, central=True, redraw_starts=True, rotation_loss="atoms",
+                  time_sampling="band_start")

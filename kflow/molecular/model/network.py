@@ -39,8 +39,8 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from kflow.core import BandSchedule, BandTimeEmbedding
-from kflow.molecular.flow import AssemblyBatch, poses_from_chart
 from kflow.molecular.geometry import atoms_from_poses, masked_centroids
+from kflow.molecular.model.flow import AssemblyBatch, poses_from_chart
 from kflow.molecular.so3 import exp_map, log_map
 
 __all__ = ["FullyConnectedConvolution", "DepthwiseConvolution", "CONVOLUTIONS", "AssemblyGraph", "AssemblyNetwork",

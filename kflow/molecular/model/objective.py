@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from kflow.core.distributed import sample_batch_times
-from kflow.molecular.flow import AssemblyBatch, RigidKFlow
+from kflow.molecular.model.flow import AssemblyBatch, RigidKFlow
 from kflow.molecular.so3 import exp_map
 
 __all__ = ["AssemblyLoss", "ROTATION_LOSSES", "TIME_SAMPLINGS", "sample_training_times", "pose_errors"]

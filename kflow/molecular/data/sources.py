@@ -1,5 +1,5 @@
 """Where clusters come from: crystal sources (pyxtal's embedded CSD crystals, the shipped CSD-500 set, crystal
-files, the COD-Cluster17 download) and the parallel builds that turn them into cluster stores.
+files; the COD-Cluster17 download is ``cod``) and the parallel builds that turn them into cluster stores.
 
 ``build_cluster_dataset`` is the build pool (crystals -> clusters in worker processes -> ``write_cluster_store``);
 the other functions find or fetch a source and call it, caching the demo and CSD-500 stores under the data root.
@@ -17,35 +17,28 @@ from typing import Iterable, Sequence
 
 import torch
 
-from kflow.molecular.cluster import InvalidCrystal, RejectionSummary
-from kflow.molecular.store import ClusterStore, close_store, serialize_cluster, staged_folder, write_cluster_store
+from kflow.molecular.data.cluster import InvalidCrystal, RejectionSummary
+from kflow.molecular.data.store import ClusterStore, close_store, staged_folder, write_cluster_store
 from kflow.utils.io import ANY_CONTENT, atomic_path, atomic_write_text, safe_filename, unique_filename
 
-__all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
-           "csd500_path", "build_csd500_dataset", "cod_cluster17_ids", "preprocess_cod_cluster17", "build_key",
-           "files_fingerprint", "read_crystal_inputs", "cod_subset_lists", "cod_store_key", "report_build",
-           "COD_HUB_DATASET", "COD_HUB_PATTERNS", "CSD500_SHIPPED", "BUILDER_VERSION"]
 
-COD_HUB_DATASET = "chao1224/CrystalFlow"
-# What kflow reads of the hub dataset: the raw CSV pairs and AssembleFlow's 5K/10K id lists (not its processed
-# tensors). fnmatch patterns: "*" also matches "/", so the raw folder may sit at any depth under COD/.
-COD_HUB_PATTERNS = ["COD/*raw/FinalPositions/*", "COD/*raw/InitialPositions/*", "COD/*processed_5000/valid_idx.txt",
-                    "COD/*processed_10000/valid_idx.txt"]
-# The 5K/10K id lists: kflow's own names (raw/subset_5k.txt, subset_5k.txt) and AssembleFlow's layout
-# (processed_5000/valid_idx.txt beside raw/).
-COD_SUBSETS = {"5k": ("subset_5k.txt", "processed_5000"), "10k": ("subset_10k.txt", "processed_10000")}
+__all__ = ["build_cluster_dataset", "build_clusters_from_files", "pyxtal_crystal_sources", "build_demo_dataset",
+           "csd500_path", "build_csd500_dataset", "build_key", "files_fingerprint", "read_crystal_inputs",
+           "report_build", "CSD500_SHIPPED", "BUILDER_VERSION", "isolated_map", "DATA_ROOT"]
+
+
 # Bump when build_cluster's output or the store format changes, so cached stores are rebuilt (3: cluster stores
 # became pickle-free; 4: planar molecules accepted, linear ones rejected, CIFs read by kflow's reader; 5: start
 # presets; 6: the hard preset's central molecule and info["volume_per_molecule"], which redrawn training starts
 # need). Cached stores are also keyed by their inputs' content and the build parameters (``build_key``).
 BUILDER_VERSION = 6
-DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the repository's data/ folder (editable install)
+DATA_ROOT = Path(__file__).resolve().parents[3] / "data"  # the repository's data/ folder (editable install)
 CSD500_SHIPPED = DATA_ROOT / "csd500.extxyz.xz"
 CSD500_CACHE = DATA_ROOT / "cache" / "csd500.extxyz"
 
 
 # ------------------------------------------------------------------------------------------- building stores
-def _one_thread_worker() -> None:
+def one_thread_worker() -> None:
     """Pool initializer: a forked worker inherits the parent's torch thread count, so N workers would each run
     N-thread kernels on N cores; oversubscribed, 2 workers were slower than 1 (measured 2026-11-27)."""
     torch.set_num_threads(1)
@@ -53,7 +46,8 @@ def _one_thread_worker() -> None:
 
 def _build_one(args):
     name, atoms, draws, seed, kwargs = args
-    from kflow.molecular.crystals import build_cluster, find_molecules
+    from kflow.molecular.data.clusters import build_cluster
+    from kflow.molecular.data.molecules import find_molecules
 
     torch.set_num_threads(1)  # one process per core: intra-op threads would oversubscribe
     try:
@@ -95,13 +89,13 @@ def build_cluster_dataset(sources: Iterable, path: str | os.PathLike, draws_per_
 
     def results():
         if num_workers > 1:
-            with get_context("fork").Pool(num_workers, initializer=_one_thread_worker) as pool:
+            with get_context("fork").Pool(num_workers, initializer=one_thread_worker) as pool:
                 yield from pool.imap(_build_one, items, chunksize=4)
         else:
             yield from map(_build_one, items)
 
     def clusters():
-        from kflow.molecular.io import write_cod_cluster17
+        from kflow.molecular.data.io import write_cod_cluster17
 
         iterator, taken = results(), set()
         if progress:
@@ -204,7 +198,7 @@ def isolated_map(function, items: Sequence, workers: int = 1, time_limit: float 
 
 
 def _read_file(path):
-    from kflow.molecular.crystals import read_crystals
+    from kflow.molecular.data.crystals import read_crystals
 
     problems = []
     return list(read_crystals(path, problems)), problems
@@ -225,7 +219,7 @@ def read_crystal_inputs(files: Sequence[str | os.PathLike], workers: int | None 
     import ase.io  # noqa: F401
     import ase.io.cif  # noqa: F401
 
-    import kflow.molecular.crystals  # noqa: F401
+    import kflow.molecular.data.crystals  # noqa: F401
 
     summary, problems, sources = RejectionSummary(), [], []
     for f in files:
@@ -274,7 +268,7 @@ def _note_unread_files(paths: Sequence[str | os.PathLike], read: Sequence[Path],
     """List in ``summary`` every file of an input folder that a build does not read (a folder contributes its
     ``.cif`` files), so every file is accounted for: an XYZ or a database dropped into a CIF folder shows as
     ``not_read``, with how to read it."""
-    from kflow.molecular.crystals import FOLDER_SUFFIXES
+    from kflow.molecular.data.crystals import FOLDER_SUFFIXES
 
     read = set(read)
     for folder in (Path(p) for p in paths):
@@ -302,7 +296,7 @@ def build_clusters_from_files(paths: Sequence[str | os.PathLike], out: str | os.
     complete, so a killed build leaves the previous ``out`` (or none), never a partial data set, and a rebuild
     leaves no file of an older build behind. ``out`` must be new, empty or an earlier build's folder.
     Returns (store, summary). This is what ``scripts/build_clusters.py`` runs."""
-    from kflow.molecular.crystals import crystal_files
+    from kflow.molecular.data.crystals import crystal_files
 
     out = Path(out)
     files = list(dict.fromkeys(f for p in paths for f in crystal_files(p)))  # missing inputs raise before writing
@@ -340,7 +334,8 @@ def build_key(files: Sequence[str | os.PathLike], draws_per_crystal: int, seed: 
     preset and every other build parameter with ``build_cluster``'s defaults filled in, and ``BUILDER_VERSION``."""
     import inspect
 
-    from kflow.molecular.crystals import build_cluster, noise_model
+    from kflow.molecular.data.clusters import build_cluster
+    from kflow.molecular.data.starts import noise_model
 
     params = {k: v.default for k, v in inspect.signature(build_cluster).parameters.items()
               if v.default is not inspect.Parameter.empty and k not in ("seed", "name", "molecules", "draw")}
@@ -391,15 +386,15 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
     ``noise``: the start preset ("mild" or "hard", ``crystals.NOISE_PRESETS``). Cached at
     ``root/pyxtal_{noise}_d{draws}_s{seed}.lmdb``; built once (a few seconds on 2 cores) and rebuilt when its
     key (``build_key``: pyxtal's database files, parameters, builder version) changes. Returns a ``ClusterStore``;
-    ``store.splits(seed)`` gives the crystal-level train/valid/test ``ClusterDataset`` views (or
+    ``datasets.store_splits(store, seed)`` gives the crystal-level train/valid/test ``ClusterDataset`` views (or
     ``ClusterDataset(store, split=...)``).
     """
-    from kflow.molecular.crystals import read_crystals
+    from kflow.molecular.data.crystals import read_crystals
 
     path = Path(root) / f"pyxtal_{_preset_name(noise)}_d{draws_per_crystal}_s{seed}.lmdb"
     databases = pyxtal_crystal_sources()
     key = build_key(databases, draws_per_crystal, seed, noise=noise)
-    cached = None if rebuild else _cached_store(path, key)
+    cached = None if rebuild else cached_store(path, key)
     if cached is not None:
         return cached
     seen, sources = set(), []
@@ -416,7 +411,7 @@ def build_demo_dataset(root: str | os.PathLike = "data/demo", draws_per_crystal:
 
 def _preset_name(noise) -> str:
     """The start preset's name for file names ("mild", "hard"; "custom" for a hand-made ``NoiseModel``)."""
-    from kflow.molecular.crystals import noise_model
+    from kflow.molecular.data.starts import noise_model
 
     return safe_filename(noise_model(noise).name)
 
@@ -427,7 +422,7 @@ def report_build(label: str, store: ClusterStore, summary: RejectionSummary) -> 
         print(f"{label}: {len(store)} clusters; {summary}", flush=True)
 
 
-def _cached_store(path: Path, key: str | None = None) -> "ClusterStore | None":
+def cached_store(path: Path, key: str | None = None) -> "ClusterStore | None":
     """An existing store built by the current builder (and, with ``key``, from the same inputs and parameters),
     else None: stale, unreadable or old-format caches (e.g. the former pickled stores) are rebuilt."""
     try:
@@ -471,188 +466,15 @@ def build_csd500_dataset(root: str | os.PathLike = "data/csd500", path: str | os
     """Clusters from the CSD-500 extxyz crystals (refcodes from ``NAME``) with the start preset ``noise``, cached
     at ``root/csd500_{noise}_d{draws}_s{seed}.lmdb`` and rebuilt when the file (e.g. ``$KFLOW_CSD500``), the parameters or
     the builder change; 418 of the 500 crystals are kept (81 are multi-component, one polymeric)."""
-    from kflow.molecular.crystals import read_crystals
+    from kflow.molecular.data.crystals import read_crystals
 
     store_path = Path(root) / f"csd500_{_preset_name(noise)}_d{draws_per_crystal}_s{seed}.lmdb"
     source = csd500_path(path)
     key = build_key([source], draws_per_crystal, seed, noise=noise)
-    cached = None if rebuild else _cached_store(store_path, key)
+    cached = None if rebuild else cached_store(store_path, key)
     if cached is not None:
         return cached
     store, summary = build_cluster_dataset(read_crystals(source), store_path, draws_per_crystal, seed, num_workers,
                                            progress, meta={"build_key": key}, noise=noise)
     report_build("CSD-500", store, summary)
     return store
-
-
-# -------------------------------------------------------------------------------------------- COD-Cluster17
-def cod_subset_lists(root: Path, subset: str) -> list[Path]:
-    """Where the id list of COD-Cluster17 subset "5k"/"10k" may be, in the order searched: kflow's names
-    (``raw/subset_5k.txt``, ``subset_5k.txt``) and AssembleFlow's layout (``processed_5000/valid_idx.txt``)."""
-    own, assembleflow = COD_SUBSETS[subset]
-    return [root / "raw" / own, root / own, root / assembleflow / "valid_idx.txt"]
-
-
-def _subsets_help(root: Path) -> str:
-    return (f"The 5K/10K id lists come with AssembleFlow's COD-Cluster17 data (hub dataset '{COD_HUB_DATASET}', "
-            f"files COD/processed_5000/valid_idx.txt and COD/processed_10000/valid_idx.txt, fetched with the raw "
-            f"CSVs when online); a COD/ folder in AssembleFlow's layout works as it is. Otherwise put a list at "
-            f"{root}/processed_5000/valid_idx.txt or {root}/raw/subset_5k.txt (10k likewise), one cluster id per "
-            "line, or use subset 'all' or the path of an id list.")
-
-
-def cod_cluster17_ids(root: Path, subset: str, download: bool = True) -> list[str]:
-    """Cluster ids of a COD-Cluster17 subset under ``root`` (the folder holding ``raw/``): "all", "5k"/"10k"
-    (``cod_subset_lists``) or the path of an id list (one id per line). Missing raw data or lists are fetched
-    from the hub when ``download`` (only what kflow reads: ``COD_HUB_PATTERNS``)."""
-    root = Path(root)
-    raw = root / "raw"
-    final_dir = raw / "FinalPositions"
-    if not final_dir.is_dir() and download:
-        _download_cod(root)
-    if not final_dir.is_dir():  # say where the data lives, which files go where and how to check: no more
-        raise FileNotFoundError(
-            f"COD-Cluster17 data not found in {root}: get the folder COD/ of the hub dataset '{COD_HUB_DATASET}' "
-            f"and put its raw/FinalPositions/<id>_cluster16.csv and raw/InitialPositions/<id>_cluster16_noised.csv "
-            f"under {root}/, with its id lists processed_5000/valid_idx.txt and processed_10000/valid_idx.txt beside "
-            f"raw/; then check the layout with: python -c \"from kflow.molecular.sources import cod_cluster17_ids "
-            f"as ids; print(len(ids({str(root)!r}, {subset!r}, download=False)), 'clusters')\"")
-    if subset == "all":
-        return sorted(p.name[: -len("_cluster16.csv")] for p in final_dir.glob("*_cluster16.csv"))
-    if subset in COD_SUBSETS:
-        candidates = cod_subset_lists(root, subset)
-        list_path = next((p for p in candidates if p.is_file()), None)
-        if list_path is None and download:
-            _download_cod(root)
-            list_path = next((p for p in candidates if p.is_file()), None)
-        if list_path is None:
-            raise FileNotFoundError(f"COD-Cluster17 subset {subset}: no id list at "
-                                    f"{', '.join(str(p) for p in candidates)}. " + _subsets_help(root))
-    else:
-        list_path = Path(subset)
-        if not list_path.is_file():
-            raise FileNotFoundError(f"subset id list {list_path} not found: put the cluster ids there, one per line "
-                                    f"(or use subset '5k', '10k' or 'all'). " + _subsets_help(root))
-    # one id per line; a trailing file suffix or a CSV-style "id,..." line is tolerated
-    ids = [ln.split(",")[0].strip() for ln in list_path.read_text().splitlines() if ln.strip()]
-    return [i.removesuffix("_cluster16.csv").removesuffix("_cluster16") for i in ids]
-
-
-def _download_cod(root: Path):
-    """Fetch what kflow reads of the hub folder ``COD/`` (``COD_HUB_PATTERNS``: raw CSVs and the 5K/10K id lists)
-    into ``root/hub``, then move the folder that holds ``FinalPositions/`` (its depth in the hub layout is not
-    assumed) to ``root/raw`` and AssembleFlow's id lists to ``root/processed_*/valid_idx.txt``. Nothing is moved
-    unless the download completed. Failures (offline, no huggingface_hub) are reported and left to the caller,
-    which raises with instructions."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(COD_HUB_DATASET, repo_type="dataset", allow_patterns=COD_HUB_PATTERNS,
-                          local_dir=str(root / "hub"))
-    except Exception as err:
-        why = "huggingface_hub is not installed" if isinstance(err, ImportError) else "no network, or no answer"
-        print(f"COD-Cluster17: nothing downloaded from the hub dataset {COD_HUB_DATASET} ({why})")
-        return
-    found = sorted((root / "hub").rglob("FinalPositions"), key=lambda p: len(p.parts))
-    if not found:
-        return
-    hub_raw = found[0].parent
-    raw = root / "raw"
-    if not raw.exists():
-        os.replace(hub_raw, raw)
-    for _, folder in COD_SUBSETS.values():
-        listed, target = hub_raw.parent / folder / "valid_idx.txt", root / folder / "valid_idx.txt"
-        if listed.is_file() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(listed, target)
-
-
-def cod_store_key(root: Path, ids: Sequence[str], rigid_tolerance: float) -> str:
-    """Key of a preprocessed COD-Cluster17 store: the ids, the size and modification time of each CSV pair (a
-    changed, added or removed file changes it), the rigidity tolerance and the store format."""
-    from kflow.molecular.io import cod_cluster17_paths
-
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(json.dumps([BUILDER_VERSION, rigid_tolerance]).encode())
-    for cid in ids:
-        digest.update(cid.encode("utf-8", "surrogateescape") + b"\0")
-        for f in cod_cluster17_paths(root, cid):
-            try:
-                st = f.stat()
-                digest.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
-            except OSError:
-                digest.update(b"missing;")
-    return digest.hexdigest()
-
-
-def _preprocess_cod_chunk(args):
-    """Worker: parse, validate and rigidity-check a chunk of CSV pairs (one batched SVD for the whole chunk) and
-    encode the kept ones (``encode_record``, no pickle), so the main process only writes bytes. Returns
-    ([SerializedCluster], [(reason, msg)])."""
-    from kflow.molecular.io import cod_cluster17_paths, read_cod_cluster17_record, record_residuals
-
-    root, ids, tolerance = args
-    records, rejected = [], []
-    for cid in ids:
-        initial, final = cod_cluster17_paths(root, cid)
-        try:
-            records.append(read_cod_cluster17_record(initial, final, name=cid))
-        except InvalidCrystal as err:
-            rejected.append((err.reason, str(err)))
-        except Exception as err:  # one bad file never stops a build of thousands
-            rejected.append(("error", f"{cid}: {type(err).__name__}: {err}"))
-    kept = []
-    for record, residual in zip(records, record_residuals(records)):
-        if residual.max() > tolerance:
-            m = int(residual.argmax())
-            rejected.append(("not_rigid", f"cluster {record['name']!r}, molecule {m}: initial and final atoms differ "
-                                          f"by more than a rigid motion (RMS residual {residual[m]:.3g} Å)"))
-        else:
-            kept.append(serialize_cluster(record))
-    return kept, rejected
-
-
-def preprocess_cod_cluster17(root: Path, ids: Sequence[str], store_path: Path, num_workers: int | None = None,
-                             progress: bool = True, rigid_tolerance: float = 1e-3,
-                             chunk_size: int = 64) -> RejectionSummary:
-    """Parse raw CSV pairs in worker processes (chunks of ``chunk_size`` clusters, rigidity checked per chunk in
-    one batched SVD), write the LMDB store transactionally; returns the kept/rejected summary by reason. The store's
-    metadata holds the summary and ``cod_store_key`` (so a changed raw folder or id list is noticed)."""
-    root, ids = Path(root), list(ids)
-    summary = RejectionSummary()
-    num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-    chunks = [(root, ids[k:k + chunk_size], rigid_tolerance) for k in range(0, len(ids), chunk_size)]
-    meta = {"source": "COD-Cluster17", "root": str(root), "rigid_tolerance": rigid_tolerance,
-            "build_key": cod_store_key(root, ids, rigid_tolerance)}
-
-    def clusters():
-        if num_workers > 1 and len(chunks) > 1:
-            pool = get_context("fork").Pool(min(num_workers, len(chunks)), initializer=_one_thread_worker)
-            results = pool.imap(_preprocess_cod_chunk, chunks)
-        else:
-            pool, results = None, map(_preprocess_cod_chunk, chunks)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="preprocessing COD-Cluster17", unit="cluster")
-        try:
-            for kept, rejected in results:
-                for reason, message in rejected:
-                    summary.reject(reason, message)
-                summary.keep(len(kept))
-                if bar is not None:
-                    bar.update(len(kept) + len(rejected))
-                yield from kept
-            meta["summary"] = summary.as_dict()  # read by write_cluster_store after the last cluster
-        finally:
-            if bar is not None:
-                bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-
-    write_cluster_store(clusters(), store_path, meta=meta)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"COD-Cluster17 preprocessing: {summary}", flush=True)
-    return summary

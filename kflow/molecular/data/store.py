@@ -24,16 +24,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from kflow.molecular.cluster import Cluster
-from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
+from kflow.molecular.data.cluster import Cluster
 from kflow.utils.io import loads_json, name_the_file
-
-if TYPE_CHECKING:
-    from kflow.molecular.datasets import ClusterDataset
+from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
 
 __all__ = ["write_cluster_store", "ClusterStore", "SerializedCluster", "serialize_cluster", "CLUSTER_STORE_KIND",
            "CLUSTER_STORE_VERSION", "staged_folder", "clean_leftovers", "close_store"]
@@ -292,12 +289,6 @@ class ClusterStore:
     @property
     def crystals(self) -> list[str]:
         return self.meta["crystals"]
-
-    def splits(self, seed: int = 0) -> dict[str, "ClusterDataset"]:
-        """Train/valid/test ``ClusterDataset`` views, split 80/10/10 by crystal with ``seed``."""
-        from kflow.molecular.datasets import ClusterDataset
-
-        return {name: ClusterDataset(self, split=name, seed=seed) for name in ("train", "valid", "test")}
 
     def __repr__(self):
         return f"ClusterStore({str(self.path)!r}, {len(self)} clusters)"

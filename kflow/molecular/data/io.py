@@ -16,7 +16,7 @@ import torch
 from ase.data import atomic_numbers as ASE_ATOMIC_NUMBERS
 from ase.data import chemical_symbols
 
-from kflow.molecular.cluster import NUM_MOLECULES, Cluster, InvalidCluster
+from kflow.molecular.data.cluster import NUM_MOLECULES, Cluster, InvalidCluster
 from kflow.molecular.geometry import pad_by_index, rigid_residuals
 from kflow.utils.io import atomic_path, printable_name, safe_filename
 

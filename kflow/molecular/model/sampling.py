@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kflow.molecular.flow import AssemblyBatch, RigidKFlow, collate_clusters
+from kflow.molecular.model.flow import AssemblyBatch, RigidKFlow, collate_clusters
 
 __all__ = ["sample_assembly", "predict_assembly", "medoid_sample", "predict_medoid"]
 
@@ -80,7 +80,7 @@ def medoid_sample(samples, molecule_index: torch.Tensor) -> int:
     PM-center): the sample whose summed matched PM-center to the others is smallest. ``samples``: [S, N, 3] (or a
     list of [N, 3]) atom positions in one atom order, ``molecule_index`` [N]. A generative model's single sample
     carries its own share of the uncertainty about the packing; the medoid is its most typical answer."""
-    from kflow.molecular.metrics import compute_packing_matching
+    from kflow.molecular.evaluation.matching import compute_packing_matching
 
     xs = [torch.as_tensor(x, dtype=torch.float64) for x in samples]
     n = len(xs)
@@ -102,8 +102,8 @@ def predict_medoid(model, rigid, dataset, samples: int = 8, steps: int = 10, see
     redrawn ones, seeded by ``seed``, sample and cluster, with the view's start hands, ``info["start_mirror"]``),
     and the ``medoid_sample`` of them. Returns a list of [1, N_i, 3] in each cluster's stored frame and atom
     order."""
-    from kflow.molecular.crystals import NoiseModel
-    from kflow.molecular.datasets import redraw_start, set_start_hands
+    from kflow.molecular.data.starts import NoiseModel
+    from kflow.molecular.data.datasets import redraw_start, set_start_hands
 
     runs = []
     for k in range(samples):

@@ -290,8 +290,8 @@ def _as_numpy(value, dtype) -> np.ndarray:
 
 
 def _close_contacts(atomic_numbers: torch.Tensor, positions: torch.Tensor, molecule_index: torch.Tensor) -> int:
-    from kflow.molecular.assemble import contact_scores
-    from kflow.molecular.cluster import Cluster
+    from kflow.molecular.evaluation.contacts import contact_scores
+    from kflow.molecular.data.cluster import Cluster
 
     cluster = Cluster(atomic_numbers, molecule_index, positions, positions)
     return int(contact_scores(positions, cluster)["close_contacts"])

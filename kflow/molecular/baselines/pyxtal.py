@@ -1,21 +1,12 @@
-"""Data-free baselines for a start from the molecule alone: what a model must beat before it learns anything.
-
-``shell_predictions``: the evenly spread shell — the central molecule at the centre and the other 16 on
-Thomson-like points of a sphere (points repelling each other on the sphere), at the radius of the start cluster,
-each with a random orientation. It uses only the start (the molecule and the density it was drawn at), never
-the crystal.
-
-``pyxtal_predictions``: PyXtal random crystals — the molecule alone, packed by ``pyxtal`` in the five most frequent
+"""``pyxtal_predictions``: PyXtal random crystals — the molecule alone, packed by ``pyxtal`` in the five most frequent
 organic space groups (``PYXTAL_SPACE_GROUPS``) at the density estimated from the molecule, cut to the 17-molecule
 cluster and ranked by the physical score ``kflow assemble`` uses. What a chemist would try first.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
-import math
 import random
 import time
 import warnings
@@ -23,9 +14,9 @@ import warnings
 import numpy as np
 import torch
 
-from kflow.molecular.so3 import random_rotations
+from kflow.molecular.baselines.shell import shell_predictions
 
-__all__ = ["thomson_points", "shell_predictions", "pyxtal_predictions", "PYXTAL_SPACE_GROUPS"]
+__all__ = ["pyxtal_predictions", "PYXTAL_SPACE_GROUPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,52 +24,6 @@ logger = logging.getLogger(__name__)
 PYXTAL_SPACE_GROUPS = ("P21/c", "P-1", "P212121", "C2/c", "P21")
 # A generated molecule must match the input geometry (or its mirror image) to this RMS, Å; pyxtal copies it exactly.
 _RIGID_TOLERANCE = 1e-3
-
-
-@functools.lru_cache(maxsize=8)
-def _thomson_points(n: int, iterations: int) -> torch.Tensor:
-    k = torch.arange(n, dtype=torch.float64) + 0.5
-    polar, azimuth = torch.acos(1 - 2 * k / n), math.pi * (1 + 5 ** 0.5) * k
-    x = torch.stack([polar.sin() * azimuth.cos(), polar.sin() * azimuth.sin(), polar.cos()], -1)  # [n, 3]
-    eye = torch.eye(n, dtype=torch.bool)
-    for _ in range(iterations):
-        diff = x[:, None] - x[None]  # [n, n, 3]
-        r = diff.norm(dim=-1).masked_fill(eye, math.inf)
-        force = (diff / r[..., None] ** 3).sum(1)  # [n, 3] repulsion
-        force = force - (force * x).sum(-1, keepdim=True) * x  # tangential part
-        x = torch.nn.functional.normalize(x + 0.01 * force, dim=-1)
-    return x
-
-
-def thomson_points(n: int, iterations: int = 200, dtype=torch.float64) -> torch.Tensor:
-    """n points [n, 3] on the unit sphere, spread by gradient steps on the Coulomb energy Σ 1/r_ij from a
-    Fibonacci spiral (deterministic; computed once per (n, iterations))."""
-    return _thomson_points(n, iterations).to(dtype).clone()
-
-
-def shell_predictions(dataset, seed: int = 0) -> list[torch.Tensor]:
-    """Evenly spread shell for every cluster of ``dataset`` (items with ``initial_positions`` [N, 3] and
-    ``molecule_index`` [N]): a list of [1, N, 3] predictions in the items' atom order.
-
-    The central molecule (start molecule 0) sits at the centre of the start (the mean of its centroids), the
-    others on ``thomson_points`` at radius r = the mean distance of the start's other M − 1 centroids from that
-    centre, every molecule with a Haar-random orientation about its centroid (seeded by ``seed``)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        x0, mol = item.initial_positions.double(), item.molecule_index.long()
-        m = int(mol.max()) + 1
-        count = torch.bincount(mol, minlength=m).double()[:, None]
-        centroids = torch.zeros(m, 3, dtype=x0.dtype).index_add_(0, mol, x0) / count  # [M, 3]
-        centre = centroids.mean(0)
-        radius = (centroids - centre).norm(dim=-1).sort().values[1:].mean()
-        sites = torch.cat([torch.zeros(1, 3, dtype=x0.dtype), radius * thomson_points(m - 1)]) + centre  # [M, 3]
-        rot = random_rotations(m, dtype=x0.dtype, generator=gen)  # [M, 3, 3]
-        body = x0 - centroids[mol]  # [N, 3]
-        placed = torch.einsum("nij,nj->ni", rot[mol], body) + sites[mol]
-        out.append(placed[None].to(item.initial_positions.dtype))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ PyXtal baseline
@@ -168,9 +113,11 @@ def pyxtal_predictions(dataset, seed: int = 0, space_groups=PYXTAL_SPACE_GROUPS,
     """
     from tqdm.auto import tqdm
 
-    from kflow.molecular.assemble import contact_scores, estimate_volume_per_molecule, rank_samples
-    from kflow.molecular.cluster import Cluster
-    from kflow.molecular.crystals import Molecules, _neighbour_copies
+    from kflow.molecular.data.molecules import estimate_volume_per_molecule
+    from kflow.molecular.evaluation.contacts import contact_scores, rank_samples
+    from kflow.molecular.data.cluster import Cluster
+    from kflow.molecular.data.clusters import neighbour_copies as _neighbour_copies
+    from kflow.molecular.data.molecules import Molecules
     from kflow.molecular.geometry import index_centroids
 
     if attempts < 1:
