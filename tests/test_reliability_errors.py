@@ -91,7 +91,7 @@ class _FullDisk:
 def test_a_full_disk_while_logging_a_training_names_the_log(tmp_path, monkeypatch):
     import builtins
 
-    import kflow.core.training as training
+    import kflow.core.training.loop as training
     from test_training import make_trainer
 
     real_open = builtins.open

@@ -24,256 +24,33 @@ import csv
 import json
 import math
 import os
-import pickle
 import random
-import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from kflow.core import distributed as dist_utils
-from kflow.utils.io import (FolderBusyError, FolderLock, atomic_path, atomic_save, atomic_write_text,
-                            check_writable_folder, loads_json, name_the_file)
+from kflow.core.training.checkpoints import (CHECKPOINT_KIND, RUN_LOCK, ConfigMismatchError, Resume, atomic_copy,
+                                            check_fresh_run_folder, data_identity, load_weights, numpy_rng_state,
+                                            read_checkpoint, set_numpy_rng_state, unwrap_model)
+from kflow.core.training.optim import (STEP_SEED_STRIDE, EpochBatchSampler, ExponentialMovingAverage,
+                                      cosine_with_warmup)
+from kflow.utils.io import FolderLock, atomic_save, atomic_write_text, check_writable_folder, loads_json, name_the_file
 
-__all__ = ["Trainer", "ExponentialMovingAverage", "CheckpointError", "ConfigMismatchError", "RunExistsError",
-           "RunBusyError", "Resume", "data_identity", "check_fresh_run_folder", "load_checkpoint", "cosine_with_warmup",
-           "EpochBatchSampler", "NON_STRUCTURAL_KEYS", "RUN_LOCK"]
 
-CHECKPOINT_KIND = "kflow-checkpoint"
-# Seeds derived from (seed, epoch) and (seed, step): primes larger than any realistic epoch or step count, so
-# different runs' seeds do not collide for nearby ``seed`` values.
-EPOCH_SEED_STRIDE = 100_003
-STEP_SEED_STRIDE = 1_000_003
-EMA_WARMUP = 10  # the EMA decay starts at 1/EMA_WARMUP and rises towards ``decay`` as (1 + n) / (EMA_WARMUP + n)
+__all__ = ["Trainer", "NON_STRUCTURAL_KEYS"]
+
+
 PROGRESS_REFRESH_S = 0.5  # progress-bar redraw interval on a terminal ...
 PROGRESS_REFRESH_S_LOG_FILE = 15.0  # ... and when stderr goes to a log file
 NON_STRUCTURAL_KEYS = {"max_steps", "steps", "epochs", "out_dir", "out", "checkpoint_every", "log_every",
                        "progress", "resume", "num_workers", "eval_every", "keep_checkpoints", "device",
                        "accepted_changes"}
-RUN_LOCK = "kflow.lock"  # in the run folder while a training writes it: the holder's pid, host and start
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt, not a kflow checkpoint, or does not fit the model."""
-
-
-class ConfigMismatchError(ValueError):
-    """Resuming with a configuration that changes the model or the data."""
-
-
-class RunExistsError(ValueError):
-    """Starting a fresh run in a folder that already holds another run's checkpoints."""
-
-
-RunBusyError = FolderBusyError  # a run folder another live training writes (it holds RUN_LOCK)
-
-
-class Resume(NamedTuple):
-    """What ``Trainer.fit(resume=...)`` takes besides True / a path: resume from ``checkpoint`` (True: the run
-    folder's last.pt) and, with ``accept_changes``, accept a changed seed, data set or start preset instead of
-    refusing it; the changes are recorded in config.json and the checkpoints (``accepted_changes``)."""
-
-    checkpoint: "bool | str | os.PathLike" = True
-    accept_changes: bool = False
-
-
-def data_identity(dataset) -> dict | None:
-    """What identifies a training set beyond the model configuration, for resume checks: ``dataset.identity``
-    or, for a view of a store, ``dataset.store.identity`` (a dict such as ``{"content_key": ..., "start_preset":
-    ...}``); None for a data set that has none."""
-    for owner in (dataset, getattr(dataset, "store", None)):
-        identity = getattr(owner, "identity", None) if owner is not None else None
-        if identity is not None:
-            return dict(identity() if callable(identity) else identity)
-    return None
-
-
-def cosine_with_warmup(step: int, max_steps: int, warmup_steps: int = 0, min_ratio: float = 0.05) -> float:
-    """LR multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine decay to ``min_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(max_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class ExponentialMovingAverage:
-    """fp32 EMA of a model's parameters (and a copy of its buffers), with the usual warm-up of the decay."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        self.num_updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (EMA_WARMUP + self.num_updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict):
-        self.decay, self.num_updates = state["decay"], state["num_updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
-
-    def copy_to(self, model: nn.Module):
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-
-class EpochBatchSampler:
-    """Per-rank batches of an epoch: a (seed, epoch)-seeded permutation cut into global batches of
-    ``batch_size × world_size``; rank r takes the r-th contiguous slice of each. Incomplete batches are dropped so
-    every rank takes the same number of equally sized steps."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.steps_per_epoch = num_items // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"dataset of {num_items} items is smaller than one global batch "
-                             f"({batch_size} × {world_size} processes)")
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        if self.shuffle:
-            seed = self.seed * EPOCH_SEED_STRIDE + epoch
-            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(self.num_items)
-        g = self.batch_size * self.world_size
-        out = []
-        for s in range(self.steps_per_epoch):
-            chunk = order[s * g:(s + 1) * g]
-            out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist())
-        return out
-
-
-def _atomic_copy(src: Path, dst: Path):
-    """Make ``dst`` an independent, complete copy of ``src`` atomically (never a hard link: damaging one file
-    must not damage the other)."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
-def _numpy_rng_state() -> dict:
-    """numpy's global RNG state as tensors and plain values (what ``torch.load(weights_only=True)`` accepts)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state) -> None:
-    if isinstance(state, dict):
-        state = (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
-                 state["cached_gaussian"])
-    np.random.set_state(state)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _legacy_numpy_globals() -> list:
-    """The numpy types that checkpoints of kflow <= 0.2 pickled (the numpy RNG state): array reconstruction
-    only, no callables that could run code."""
-    multiarray = getattr(np, "_core", np.core).multiarray
-    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def _load_weights_only(path: Path, map_location):
-    with torch.serialization.safe_globals(_legacy_numpy_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _intact_step_checkpoints(folder: Path, skip: Path) -> Path | None:
-    """The newest ``step_*.pt`` in ``folder`` (other than ``skip``) that reads as a kflow checkpoint."""
-    for candidate in sorted(folder.glob("step_*.pt"), reverse=True):
-        if candidate.resolve() == skip.resolve():
-            continue
-        try:
-            state = _load_weights_only(candidate, "cpu")
-        except Exception:
-            continue
-        if isinstance(state, dict) and state.get("kind") == CHECKPOINT_KIND:
-            return candidate
-    return None
-
-
-def _read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint without executing anything from it (``weights_only``); ``CheckpointError`` names the file,
-    the cause and, for a damaged file, the newest intact step checkpoint beside it."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = _load_weights_only(path, map_location)
-    except Exception as err:
-        hint = ""
-        intact = _intact_step_checkpoints(path.parent, path)
-        if intact is not None:
-            hint = (f"; the newest intact checkpoint beside it is {intact} (train on from it with --resume {intact}, "
-                    f"or sample it with --checkpoint {intact})")
-        if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
-            raise CheckpointError(f"{path}: refused, the file holds objects other than tensors and plain values "
-                                  f"(loading it could run code){hint}") from err
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint (truncated or corrupt?): "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{hint}") from err
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not a kflow checkpoint")
-    return state
-
-
-def _load_weights(model: nn.Module, weights: dict, source: str):
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shape = [f"{k} {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        if shape:
-            parts.append(f"shape mismatches {shape[:5]}")
-        raise CheckpointError(f"{source}: weights do not fit this model (a checkpoint of another configuration?): "
-                              + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, use_ema: bool = True,
-                    map_location="cpu") -> dict:
-    """Read a checkpoint (raising ``CheckpointError`` with the reason) and, if ``model`` is given, load its EMA
-    (default) or raw weights into it. Returns the checkpoint dict (with ``config`` and ``step``)."""
-    state = _read_checkpoint(path, map_location)
-    if model is not None:
-        weights = state["ema"]["shadow"] if (use_ema and state.get("ema")) else state["model"]
-        _load_weights(model, weights, str(path))
-    return state
-
-
-def check_fresh_run_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
-    """Checkpoint files of an earlier run in ``out_dir``; ``RunExistsError`` if there are some and not ``overwrite``.
-    Call it before writing anything into a run folder that a fresh (not resumed) run is about to use."""
-    folder = Path(out_dir) / "checkpoints"
-    previous = sorted(folder.glob("*.pt")) if folder.exists() else []
-    if previous and not overwrite:
-        raise RunExistsError(f"{out_dir} already holds a training run ({len(previous)} checkpoint files); "
-                             "resume it (--resume) or start over (--overwrite)")
-    return previous
 
 
 def _check_positive(**values):
@@ -366,11 +143,11 @@ class Trainer:
         self.num_workers, self.progress = num_workers, progress
         self.eval_fn, self.eval_every = eval_fn, eval_every
         self.overwrite, self.deterministic, self.min_lr_ratio = overwrite, deterministic, min_lr_ratio
-        self.optimizer = torch.optim.AdamW(_unwrap(self.model).parameters(), lr=lr, betas=betas,
+        self.optimizer = torch.optim.AdamW(unwrap_model(self.model).parameters(), lr=lr, betas=betas,
                                            weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_with_warmup(s, max_steps, warmup_steps, min_lr_ratio))
-        self.ema = ExponentialMovingAverage(_unwrap(self.model), ema_decay) if ema_decay else None
+        self.ema = ExponentialMovingAverage(unwrap_model(self.model), ema_decay) if ema_decay else None
         self.sampler = EpochBatchSampler(len(dataset), batch_size, seed, self.rank, self.world_size)
         self.step, self.skipped_steps, self.bad_in_a_row = 0, 0, 0
         self.resumed_from: int | None = None
@@ -387,7 +164,7 @@ class Trainer:
         import kflow
 
         return {"kind": CHECKPOINT_KIND, "kflow_version": kflow.__version__, "step": self.step,
-                "model": _unwrap(self.model).state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "model": unwrap_model(self.model).state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "skipped_steps": self.skipped_steps, "config": self.config, "seed": self.seed,
                 "data_identity": self.data_identity, "accepted_changes": self.accepted_changes,
@@ -396,7 +173,7 @@ class Trainer:
                 "epoch": self.step // self.sampler.steps_per_epoch,
                 "batch_in_epoch": self.step % self.sampler.steps_per_epoch,
                 "max_steps": self.max_steps,
-                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()}}
 
     def save_checkpoint(self) -> Path | None:
         if not dist_utils.is_main_process():
@@ -406,7 +183,7 @@ class Trainer:
         state = self.state_dict()
         path = self.checkpoint_dir / f"step_{self.step:07d}.pt"
         atomic_save(state, path)
-        _atomic_copy(path, self.checkpoint_dir / "last.pt")
+        atomic_copy(path, self.checkpoint_dir / "last.pt")
         old = sorted(self.checkpoint_dir.glob("step_*.pt"))[:-self.keep_checkpoints]
         for p in old:
             p.unlink(missing_ok=True)
@@ -436,7 +213,7 @@ class Trainer:
         return changes
 
     def load_state(self, path: str | os.PathLike, accept_changes: bool = False):
-        state = _read_checkpoint(path, map_location=self.device)
+        state = read_checkpoint(path, map_location=self.device)
         saved = _structural(self.normalize_config(dict(state.get("config", {}))), self.structural_keys)
         current = _structural(self.normalize_config(dict(self.config)), self.structural_keys)
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
@@ -456,7 +233,7 @@ class Trainer:
         if state.get("world_size", 1) * state.get("batch_size", self.batch_size) != self.world_size * self.batch_size:
             raise ConfigMismatchError(f"{path}: global batch was {state.get('world_size')}×{state.get('batch_size')}, "
                                       f"now {self.world_size}×{self.batch_size}; the data order would change")
-        _load_weights(_unwrap(self.model), state["model"], str(path))
+        load_weights(unwrap_model(self.model), state["model"], str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema and state.get("ema"):
@@ -464,7 +241,7 @@ class Trainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.resumed_from = self.step
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        _set_numpy_rng_state(state["rng"]["numpy"])
+        set_numpy_rng_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         planned = state.get("max_steps")
         # (a constant LR after the warm-up does not depend on the planned length: nothing changes then)
@@ -670,7 +447,7 @@ class Trainer:
         self.optimizer.step()
         self.bad_in_a_row = 0
         if self.ema:
-            self.ema.update(_unwrap(self.model))
+            self.ema.update(unwrap_model(self.model))
 
     def _skip_update(self):
         """Drop the gradients of a non-finite step; abort after ``max_bad_steps`` in a row."""
@@ -702,14 +479,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        model = self.ema_model() if self.ema else _unwrap(self.model)
+        model = self.ema_model() if self.ema else unwrap_model(self.model)
         return {f"eval_{k}": float(v) for k, v in self.eval_fn(model, self.step).items()}
 
     def ema_model(self) -> nn.Module:
         """A copy of the model carrying the EMA weights (or the raw weights without EMA)."""
         import copy
 
-        model = copy.deepcopy(_unwrap(self.model))
+        model = copy.deepcopy(unwrap_model(self.model))
         if self.ema:
             self.ema.copy_to(model)
         return model.eval()
