@@ -33,10 +33,10 @@ class TinyFeatures(torch.nn.Module):
 
 @pytest.fixture
 def tiny_features(monkeypatch):
-    from kflow.vision import study
     from kflow.vision.metrics import InceptionFeatures
+    from kflow.vision.study import context
 
-    monkeypatch.setattr(study, "feature_network", lambda path: InceptionFeatures(TinyFeatures(), resize=16))
+    monkeypatch.setattr(context, "feature_network", lambda path: InceptionFeatures(TinyFeatures(), resize=16))
 
 
 def image_folder(root: Path, per_class: int = 16, classes: int = 2) -> Path:
@@ -168,7 +168,7 @@ def test_two_runners_extract_shared_features_once(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from kflow.utils.io import FolderLock, atomic_save
-    from kflow.vision import study
+    from kflow.vision.study import context as study
 
     monkeypatch.setattr(study, "FEATURE_WAIT_S", 0.02)
     extracted = []
@@ -306,12 +306,13 @@ def test_plateau_is_judged_over_a_window_of_evaluations():
 def test_validation_fid_keeps_the_best_weights_and_stops_on_a_plateau(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from kflow.vision import study
+    from kflow.vision.study import VisionStudyBudget
+    from kflow.vision.study import model_cells as study
 
     fids = iter([5.0, 4.0, 4.5, 4.6, 3.0])
     monkeypatch.setattr(study, "frechet_distance", lambda a, b: next(fids))
     monkeypatch.setattr(study, "extract_features", lambda net, images: images)
-    ctx = SimpleNamespace(budget=study.VisionStudyBudget(patience=2, val_samples=4), val_features=None, net=None,
+    ctx = SimpleNamespace(budget=VisionStudyBudget(patience=2, val_samples=4), val_features=None, net=None,
                           balanced_labels=lambda n: torch.zeros(n), images=lambda *a, **k: torch.zeros(4, 2))
     model = torch.nn.Linear(2, 2)
     selector = study._ValidationFID(ctx, tmp_path / "run")
