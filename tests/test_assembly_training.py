@@ -3,29 +3,12 @@ import pytest
 import torch
 
 from kflow.core.training import CheckpointError, ConfigMismatchError
-from kflow.molecular import Cluster, ClusterDataset, write_cluster_store
+from kflow.molecular import ClusterDataset, write_cluster_store
 from kflow.molecular.model.config import AssemblyModelConfig
 from kflow.molecular.model.objective import AssemblyLoss
 from kflow.molecular.workflow import (evaluate_assembly, load_assembly_model, predict_assembly, train_assembly)
 
-TINY = dict(hidden_irreps="8x0e + 4x1o + 4x1e", num_molecule_layers=1)
-
-
-def _cluster(seed, crystal):
-    """A 'crystal': 17 molecules on a compact lattice; the initial cluster is expanded and randomly rotated."""
-    g = torch.Generator().manual_seed(seed)
-    body = torch.tensor([[0.0, 0, 0], [1.4, 0, 0], [0, 1.1, 0.3], [-0.5, -0.6, 0.9]])
-    grid = torch.stack(torch.meshgrid(*[torch.arange(-1, 2.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    sites = grid[torch.argsort(grid.norm(dim=-1), stable=True)][:17] * 4.5
-    final = sites[:, None] + body
-    from kflow.molecular.so3 import random_rotations
-
-    rot = random_rotations(17, generator=g)
-    initial = 1.4 * sites[:, None] + torch.einsum("mij,pj->mpi", rot, body) + 0.3 * torch.randn(17, 1, 3,
-                                                                                                  generator=g)
-    shift = initial.reshape(-1, 3).mean(0)
-    return Cluster(torch.tensor([6, 6, 8, 1]).repeat(17), torch.arange(17).repeat_interleave(4),
-                   initial.reshape(-1, 3) - shift, final.reshape(-1, 3) - shift, f"{crystal}_{seed}", crystal)
+from testkit import TINY, _cluster
 
 
 @pytest.fixture(scope="module")

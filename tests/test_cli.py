@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from kflow.cli import main
-from kflow.molecular import InvalidCrystal, build_cluster, load_pretrained, read_crystals, write_cluster_store
+from kflow.molecular import load_pretrained, read_crystals, write_cluster_store
 from kflow.molecular.model.config import AssemblyModelConfig
 from kflow.molecular.data.molecules import find_molecules
 from kflow.molecular.geometry import rigid_residuals
 from kflow.molecular.assemble.pretrained import list_pretrained, save_pretrained
-from kflow.molecular.data.sources import pyxtal_crystal_sources
+
+from testkit import pyxtal_clusters
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "data" / "examples"
@@ -226,16 +227,7 @@ def test_pretrained_files_round_trip_and_fail_clearly(tiny_model, tmp_path):
 def tiny_stores(tmp_path_factory):
     """Two cluster stores of small pyxtal crystals: 10 crystals and 4 others."""
     root = tmp_path_factory.mktemp("stores")
-    clusters = []
-    for name, atoms in read_crystals(pyxtal_crystal_sources()[0]):
-        try:
-            cluster = build_cluster(atoms, seed=0, name=name)
-        except InvalidCrystal:
-            continue
-        if cluster.num_atoms <= 300:
-            clusters.append(cluster)
-        if len(clusters) == 14:
-            break
+    clusters = pyxtal_clusters(14)
     return (str(write_cluster_store(clusters[:10], root / "main")),
             str(write_cluster_store(clusters[10:], root / "extra")))
 

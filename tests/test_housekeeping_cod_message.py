@@ -9,7 +9,7 @@ from kflow.molecular import write_cod_cluster17
 from kflow.molecular.data import cod
 from kflow.molecular.data.cod import cod_cluster17_ids
 
-from test_moldata_io import make_cluster
+from testkit import make_cluster
 
 
 def missing_message(root, subset="10k"):

@@ -9,18 +9,9 @@ from kflow.molecular.geometry import fit_rigid_motion
 from kflow.molecular.data.io import cod_cluster17_paths
 from kflow.molecular.so3 import random_rotations
 
+from testkit import make_cluster
+
 F64 = torch.float64
-
-
-def make_cluster(seed=0, atoms=5, name="toy"):
-    g = torch.Generator().manual_seed(seed)
-    body = torch.randn(atoms, 3, generator=g, dtype=F64)
-    sites = torch.randn(17, 3, generator=g, dtype=F64) * 6
-    r0, r1 = random_rotations(17, F64, generator=g), random_rotations(17, F64, generator=g)
-    x0 = sites[:, None] + torch.einsum("mij,pj->mpi", r0, body)
-    x1 = 0.8 * sites[:, None] + torch.einsum("mij,pj->mpi", r1, body)
-    z = torch.tensor([6, 1, 8, 7, 16, 1, 1][:atoms]).repeat(17)
-    return Cluster(z, torch.arange(17).repeat_interleave(atoms), x0.reshape(-1, 3), x1.reshape(-1, 3), name)
 
 
 def test_raw_format_round_trip(tmp_path):

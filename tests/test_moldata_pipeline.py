@@ -76,7 +76,7 @@ def test_build_script_writes_raw_layout_lmdb_and_summary(tmp_path, crystals, cap
 
 
 def test_cod_preprocessing_skips_bad_files_and_counts_reasons(tmp_path):
-    from test_moldata_io import make_cluster
+    from testkit import make_cluster
 
     ids = []
     for i in range(6):
@@ -132,7 +132,7 @@ def test_demo_dataset_is_cached_and_split_by_crystal(tmp_path):
 def test_store_feeds_a_pyg_dataloader_with_worker_processes(tmp_path):
     from torch_geometric.loader import DataLoader
 
-    from test_moldata_io import make_cluster
+    from testkit import make_cluster
     from kflow.molecular.data.datasets import ClusterDataset
     from kflow.molecular.data.store import write_cluster_store
 

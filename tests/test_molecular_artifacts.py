@@ -10,24 +10,11 @@ from kflow.molecular.artifacts import export_predictions, read_predictions, writ
 from kflow.molecular.data.io import cod_cluster17_paths, write_cod_cluster17
 from kflow.utils.cli import positive_float, positive_int
 from kflow.utils.io import safe_filename
-from test_moldata_io import make_cluster
+from testkit import make_cluster
+
+from testkit import ListDataset
 
 HOSTILE_NAMES = ["../../../escape", "/abs/path", "..", "a/../../b", "x\x00y", "", "...hidden", "C:\\win\\x"]
-
-
-class ListDataset:
-    """The part of ClusterDataset that artifacts use: len, cluster(i), split."""
-
-    split = "test"
-
-    def __init__(self, clusters):
-        self.clusters = clusters
-
-    def __len__(self):
-        return len(self.clusters)
-
-    def cluster(self, i):
-        return self.clusters[i]
 
 
 def test_predictions_round_trip_and_foreign_files_are_refused(tmp_path):

@@ -15,6 +15,8 @@ from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.model.objective import AssemblyLoss, pose_errors, sample_training_times
 from kflow.molecular.so3 import exp_map, random_rotations
 
+from testkit import ToyView
+
 F64 = torch.float64
 
 
@@ -55,21 +57,6 @@ def test_redrawn_start_is_the_noise_model_applied_to_the_crystal_and_reproducibl
     assert torch.allclose(a.final_positions.double(), cluster.final_positions.double() - shift, atol=1e-5)
     assert a.initial_positions.double().mean(0).abs().max() < 1e-5
     assert a.info["start_seed"] == 11
-
-
-class ToyView:
-    """What RedrawnStarts reads of a ClusterDataset: a store, the store indices, the length and the clusters."""
-
-    store = type("S", (), {"path": "toy"})()
-
-    def __init__(self, make_cluster, indices):
-        self.make_cluster, self.indices_ = make_cluster, list(indices)
-
-    def __len__(self):
-        return len(self.indices_)
-
-    def cluster(self, i):
-        return self.make_cluster(i)
 
 
 def test_redrawn_starts_change_with_the_epoch_and_repeat_for_the_same_epoch():

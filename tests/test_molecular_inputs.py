@@ -315,7 +315,7 @@ def test_folder_store_is_keyed_by_content(tmp_path, capsys):
 
 
 def test_cod_store_follows_its_id_list(tmp_path):
-    from test_moldata_io import make_cluster
+    from testkit import make_cluster
 
     for i in range(6):
         write_cod_cluster17(make_cluster(i, atoms=4), tmp_path, f"{i:04d}")
@@ -429,7 +429,7 @@ def test_build_refuses_folders_it_did_not_write_and_stores_swap_atomically(tmp_p
 def _assembleflow_cod(folder: Path, n: int = 12) -> Path:
     """A tiny COD/ folder exactly as AssembleFlow keeps it: raw/ CSV pairs, processed_5000|processed_10000/ with
     valid_idx.txt (one id per line) next to AssembleFlow's own processed tensors (which kflow ignores)."""
-    from test_moldata_io import make_cluster
+    from testkit import make_cluster
 
     cod = folder / "COD"
     ids = [str(1000000 + i) for i in range(n)]

@@ -112,7 +112,7 @@ def test_start_hands_view_passes_the_data_set_through():
 
 
 def test_redrawn_starts_take_the_hands_after_the_redraw():
-    from test_molecular_generative_recipe import ToyView
+    from testkit import ToyView
 
     from kflow.molecular.data.datasets import RedrawnStarts, redraw_start
 

@@ -13,7 +13,7 @@ from kflow.cli import COMMANDS, main
 from kflow.utils.cli import error_line, run_main
 from kflow.utils.io import check_saved_budget, read_versioned_json
 from kflow.utils.store import RECORD_MAGIC, RecordStoreError, decode_record, encode_record, write_record_store
-from test_reliability_outputs import SDF
+from testkit import SDF
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_a_full_disk_while_logging_a_training_names_the_log(tmp_path, monkeypatc
     import builtins
 
     import kflow.core.training.loop as training
-    from test_training import make_trainer
+    from testkit import make_trainer
 
     real_open = builtins.open
     monkeypatch.setattr(training, "open", lambda path, mode="r", *a, **k: _FullDisk() if "a" in mode
@@ -177,7 +177,7 @@ def test_deeply_nested_json_anywhere_is_a_damaged_file_not_a_traceback(tmp_path,
     from kflow.core.training import RUN_LOCK
     from kflow.molecular.data.store import CLUSTER_STORE_KIND, CLUSTER_STORE_VERSION, ClusterStore
     from kflow.utils.plots import read_metrics_log
-    from test_training import make_trainer
+    from testkit import make_trainer
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / RUN_LOCK).write_text(DEEP)  # a damaged lock names no live holder: stale

@@ -17,9 +17,9 @@ from kflow.molecular.assemble.inputs import InputError
 from kflow.molecular.assemble.readers import read_assembly_input
 from kflow.molecular.data.sources import build_clusters_from_files
 from kflow.utils.io import printable_name, unique_filename
-from test_molecular_artifacts import ListDataset
-from test_moldata_io import make_cluster
-from test_reliability_outputs import SDF
+from testkit import ListDataset
+from testkit import make_cluster
+from testkit import SDF
 
 REPO = Path(__file__).resolve().parents[1]
 CIF = REPO / "data" / "examples" / "GASXON.cif"

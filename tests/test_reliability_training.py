@@ -17,7 +17,7 @@ from torch import nn
 
 from kflow.core.training import RUN_LOCK, ConfigMismatchError, Resume, RunBusyError, Trainer, load_checkpoint
 from kflow.molecular.commands import train_parser
-from test_training import ToyData, collate, make_trainer, mse
+from testkit import ToyData, collate, make_trainer, mse, pyxtal_clusters
 
 
 def _trainer_on(tmp_path, dataset, max_steps):
@@ -183,19 +183,9 @@ SMALL_NET = ["--hidden-irreps", "8x0e + 2x1o + 2x1e", "--molecule-layers", "1", 
 @pytest.fixture(scope="module")
 def two_stores(tmp_path_factory):
     """Two small cluster stores of different pyxtal crystals."""
-    from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cluster_store
-    from kflow.molecular.data.sources import pyxtal_crystal_sources
+    from kflow.molecular import write_cluster_store
 
-    root, clusters = tmp_path_factory.mktemp("stores"), []
-    for name, atoms in read_crystals(pyxtal_crystal_sources()[0]):
-        try:
-            cluster = build_cluster(atoms, seed=0, name=name)
-        except InvalidCrystal:
-            continue
-        if cluster.num_atoms <= 300:
-            clusters.append(cluster)
-        if len(clusters) == 16:
-            break
+    root, clusters = tmp_path_factory.mktemp("stores"), pyxtal_clusters(16)
     # the same size: a resume onto b is refused for its content, not for a changed dataset_size
     return (str(write_cluster_store(clusters[:8], root / "a")), str(write_cluster_store(clusters[8:], root / "b")))
 

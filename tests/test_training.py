@@ -8,37 +8,7 @@ from torch import nn
 from kflow.core.training import (CheckpointError, ConfigMismatchError, EpochBatchSampler, Trainer,
                                  cosine_with_warmup, load_checkpoint)
 
-
-class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n=64):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
-def collate(items):
-    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-
-
-def mse(model, batch):
-    x, y = batch
-    noise = 0.01 * torch.randn_like(y)  # consumes RNG, so resume must restore it exactly
-    loss = (model(x).squeeze(-1) - y - noise).pow(2).mean()
-    return loss, {"abs_err": float((model(x).squeeze(-1) - y).abs().mean().detach())}
-
-
-def make_trainer(tmp_path, max_steps=20, model=None, loss_fn=mse, config=None, **kw):
-    torch.manual_seed(0)
-    model = model or nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
-    return Trainer(model, loss_fn, ToyData(), collate_fn=collate, batch_size=8, lr=1e-2, max_steps=max_steps,
-                   out_dir=tmp_path, config=config or {"width": 16}, checkpoint_every=5, log_every=2,
-                   progress=False, device="cpu", **kw)
+from testkit import make_trainer, mse
 
 
 def test_loss_decreases_and_logs_are_written(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kflow.core.training import CheckpointError, RunExistsError, Trainer, load_checkpoint
-from test_training import make_trainer
+from testkit import make_trainer
 
 
 class _PlantsAFile:
@@ -89,7 +89,7 @@ def test_a_constant_lr_run_extended_by_resuming_is_the_longer_run(tmp_path):
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(max_steps=0), dict(max_steps=-1), dict(checkpoint_every=0),
                                  dict(lr=0.0), dict(log_every=0)])
 def test_nonsense_arguments_are_refused(tmp_path, bad):
-    from test_training import ToyData, collate, mse
+    from testkit import ToyData, collate, mse
 
     name = next(iter(bad))
     args = {"batch_size": 8, "lr": 1e-2, "max_steps": 5, "checkpoint_every": 5, "log_every": 2, **bad}
@@ -101,7 +101,7 @@ def test_nonsense_arguments_are_refused(tmp_path, bad):
 def test_deterministic_runs_and_resumes_are_bit_identical(tmp_path):
     """The assembly network (scatter sums over edges) under deterministic mode with the suite's 2 threads: two
     runs and a run interrupted after its first checkpoint and resumed end with identical weights."""
-    from test_assembly_training import TINY, _cluster
+    from testkit import TINY, _cluster
 
     from kflow.molecular import ClusterStore, write_cluster_store
     from kflow.molecular.model.config import AssemblyModelConfig
@@ -128,7 +128,7 @@ def test_deterministic_runs_and_resumes_are_bit_identical(tmp_path):
 def test_deterministic_mode_trains_on_one_thread_with_deterministic_algorithms(tmp_path):
     """What makes runs bit-identical on CPU (multi-threaded reductions add in a scheduling-dependent order): the
     settings are active inside every training step and restored afterwards."""
-    from test_training import mse
+    from testkit import mse
 
     seen = []
 

@@ -338,7 +338,8 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -354,7 +355,7 @@ def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or not _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return False
     started = holder.get("process_start")
     return started is None or _process_start_time(pid) in (None, started)

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from kflow.molecular.data.cluster import Cluster
-from kflow.utils.io import loads_json, name_the_file
+from kflow.utils.io import loads_json, name_the_file, pid_alive
 from kflow.utils.store import RecordStore, RecordStoreError, _close_cached, encode_record, write_record_store
 
 __all__ = ["write_cluster_store", "ClusterStore", "SerializedCluster", "serialize_cluster", "CLUSTER_STORE_KIND",
@@ -75,15 +75,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def clean_leftovers(final: str | os.PathLike) -> list[Path]:
