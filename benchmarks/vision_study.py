@@ -388,7 +388,7 @@ def _sweep_table(found: dict, rows, nfe) -> str:
                 table.append([row, method, len(results), *cells])
     return markdown_table(["model", "sampler", "seeds", *[f"NFE {n}: FID (P, R)" for n in nfe]], table) + (
         "\n\n\"= euler\": for a velocity-predicting model with linear ramps the band step is the Euler update on "
-        "the same grid (tests/test_core_flow.py), so its samples are Euler's.")
+        "the same grid (tests/core/test_core_flow.py), so its samples are Euler's.")
 
 
 def _best_within(result: dict, steps: int) -> float | None:

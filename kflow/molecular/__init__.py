@@ -1,16 +1,16 @@
 """Rigid-body molecular assembly with K-Flow (COD-Cluster17).
 
-Data: ``Cluster``, ``read_crystals``, ``build_cluster`` (crystals), ``read_cod_cluster17``/``write_cod_cluster17``
+Data (``data``): ``Cluster``, ``read_crystals``, ``build_cluster``, ``read_cod_cluster17``/``write_cod_cluster17``
 (raw CSV files), ``ClusterStore`` (pickle-free LMDB store), ``ClusterDataset``/``CODCluster17Dataset`` with
 crystal-level splits, sources ``build_demo_dataset`` (pyxtal's embedded CSD crystals), ``build_csd500_dataset``,
 ``build_clusters_from_files``. Geometry: ``rigid_frames``, ``fit_rigid_motion``, ``kabsch``.
-Model: ``AssemblyModelConfig`` + ``build_assembly_model``, ``RigidKFlow`` (Laplacian bands on the rigid-body chart),
-``AssemblyNetwork`` (e3nn), ``AssemblyLoss``, ``sample_assembly``/``predict_assembly``.
-Metrics: ``compute_packing_matching``, ``collision_rate``, ``separation_rate``, ``rmsd15``.
+Model (``model``): ``AssemblyModelConfig`` + ``build_assembly_model``, ``RigidKFlow`` (Laplacian bands on the
+rigid-body chart), ``AssemblyNetwork`` (e3nn), ``AssemblyLoss``, ``sample_assembly``/``predict_assembly``.
+Metrics (``evaluation``): ``compute_packing_matching``, ``collision_rate``, ``separation_rate``, ``rmsd15``.
 Workflow: ``load_assembly_dataset``, ``train_assembly``, ``load_assembly_model``, ``evaluate_assembly``.
 Pretrained models: ``load_pretrained`` (a shipped name or a file), ``save_pretrained``, ``list_pretrained``; one
 molecule or crystal end to end: ``kflow.molecular.assemble.assemble`` (``kflow assemble``).
-See docs/ARCHITECTURE.md for which module owns what.
+See docs/ARCHITECTURE.md for the rooms, what each owns and the layer order.
 """
 from kflow.molecular.artifacts import load_assembly_model, read_predictions, write_predictions
 from kflow.molecular.assemble.pretrained import list_pretrained, load_pretrained, save_pretrained

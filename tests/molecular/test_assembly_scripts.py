@@ -12,7 +12,7 @@ import pytest
 from kflow.molecular import InvalidCrystal, build_cluster, read_crystals, write_cod_cluster17
 from kflow.molecular.data.sources import pyxtal_crystal_sources
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import evaluate_assembly  # noqa: E402
 import sample_assembly  # noqa: E402

@@ -15,7 +15,7 @@ from kflow.molecular.data.cod import preprocess_cod_cluster17
 from kflow.molecular.data.sources import CSD500_SHIPPED, build_demo_dataset, csd500_path, pyxtal_crystal_sources
 from kflow.molecular.data.store import ClusterStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
 import build_clusters  # noqa: E402
 
 
@@ -152,7 +152,7 @@ def test_shipped_csd500_is_found_inside_the_repository(monkeypatch, tmp_path):
     import itertools
 
     monkeypatch.delenv("KFLOW_CSD500", raising=False)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     assert CSD500_SHIPPED == repo / "data" / "csd500.extxyz.xz" and CSD500_SHIPPED.is_file()
     path = csd500_path()
     assert path.is_file() and path.resolve().is_relative_to(repo)  # nothing outside the repository

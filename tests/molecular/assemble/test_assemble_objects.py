@@ -26,7 +26,7 @@ from kflow.molecular.commands import assemble_parser
 from kflow.molecular.geometry import rigid_residuals
 from kflow.molecular.assemble.pretrained import load_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CIF, SDF = REPO / "data" / "examples" / "GASXON.cif", REPO / "data" / "examples" / "GASXON.sdf"
 ALANINE = "C[C@H](N)C(=O)O"
 

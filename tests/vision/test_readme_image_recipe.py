@@ -12,7 +12,7 @@ from torch import nn
 
 from kflow.vision.metrics import SmallSampleWarning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # per script: option -> the value the test uses instead of the README's

@@ -25,7 +25,7 @@ from kflow.molecular.data.sources import build_clusters_from_files
 from kflow.molecular.data.store import ClusterStore, clean_leftovers, staged_folder, write_cluster_store
 from kflow.molecular.workflow import load_assembly_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "scripts"
 
 

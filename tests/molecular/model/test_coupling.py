@@ -238,7 +238,7 @@ def test_train_assembly_builds_batches_with_the_configured_coupling(tmp_path, mo
 
 
 def test_train_script_has_a_coupling_flag():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
     import train_assembly
 
     from kflow.molecular.commands import model_config_from_args

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -56,7 +57,7 @@ def _free_port():
 def test_two_gloo_processes_match_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "8"], capture_output=True,
                             text=True, timeout=300, env=env)

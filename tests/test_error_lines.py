@@ -103,7 +103,7 @@ def test_a_full_disk_while_logging_a_training_names_the_log(tmp_path, monkeypatc
 
 
 def test_every_command_reports_os_errors_in_one_line(capsys, monkeypatch):
-    monkeypatch.setitem(COMMANDS, "train", ("test_reliability_errors", "_disk_full", "fails"))
+    monkeypatch.setitem(COMMANDS, "train", ("test_error_lines", "_disk_full", "fails"))
     assert main(["train"]) == 1
     assert "No space left on device" in _one_error_line(capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_:

@@ -9,7 +9,7 @@ from kflow.molecular import Cluster
 from kflow.molecular.data.io import cluster_pdb_text, intramolecular_bonds
 from kflow.molecular.so3 import random_rotations
 
-SDF = Path(__file__).resolve().parents[1] / "data" / "examples" / "GASXON.sdf"
+SDF = Path(__file__).resolve().parents[3] / "data" / "examples" / "GASXON.sdf"
 
 
 def crowded_cluster(spacing=1.5):

@@ -95,7 +95,7 @@ def test_evaluate_image_script_uses_the_cache_folder(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_image.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "evaluate_image.py"
     spec = importlib.util.spec_from_file_location("evaluate_image_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
