@@ -1,6 +1,7 @@
 """The ``kflow`` command (``python -m kflow``): one entry point whose subcommands wrap the library.
 
     kflow assemble INPUT --out DIR     predict how a molecule packs (pretrained model)
+    kflow crystal INPUT --out DIR      predict its crystal structures (space groups + lattice energy)
     kflow train | sample | evaluate    the molecular workflow (the same code as scripts/*_assembly.py)
     kflow plot RUN_DIR                 learning curves of a training run as PNG
 
@@ -24,6 +25,8 @@ __all__ = ["main", "plot_main", "COMMANDS", "HelpFormatter", "set_help"]
 COMMANDS = {
     "assemble": ("kflow.molecular.commands", "assemble_main", "predict the packing of a molecule or crystal "
                                                                 "(17-molecule cluster) with a pretrained model"),
+    "crystal": ("kflow.molecular.commands", "crystal_main", "predict crystal structures of a rigid molecule, ranked "
+                                                              "by MMFF94 lattice energy"),
     "train": ("kflow.molecular.commands", "train_main", "train rigid-body K-Flow on a cluster data set"),
     "sample": ("kflow.molecular.commands", "sample_main", "sample predictions of a trained checkpoint (.npz)"),
     "evaluate": ("kflow.molecular.commands", "evaluate_main", "score predictions: PM-atom, PM-center, RMSD15, ..."),

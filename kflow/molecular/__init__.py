@@ -37,7 +37,11 @@ from kflow.molecular.model.flow import AssemblyBatch, RigidityError, RigidKFlow,
 from kflow.molecular.model.network import AssemblyFlowModel, AssemblyNetwork
 from kflow.molecular.model.objective import AssemblyLoss
 from kflow.molecular.model.sampling import medoid_sample, predict_assembly, predict_medoid, sample_assembly
+from kflow.molecular.physics.lattice import LatticeEnergy
+from kflow.molecular.physics.mmff import MoleculeForceField
 from kflow.molecular.physics.relax import relax_cluster
+from kflow.molecular.crystal import RigidCrystal, SearchSettings, search_crystals, space_group
+from kflow.molecular.assemble.crystals import CrystalPrediction, predict_crystals
 from kflow.molecular.workflow import evaluate_assembly, load_assembly_dataset, train_assembly
 
 __all__ = [
@@ -53,4 +57,6 @@ __all__ = [
     "train_assembly", "evaluate_assembly", "load_pretrained", "save_pretrained", "list_pretrained",
     "RedrawnStarts", "redraw_start", "shell_predictions", "pyxtal_predictions", "packing_similarity",
     "relax_cluster", "medoid_sample", "predict_medoid", "StartHands", "set_start_hands", "with_start_hands",
+    "LatticeEnergy", "MoleculeForceField", "RigidCrystal", "SearchSettings", "search_crystals", "space_group",
+    "CrystalPrediction", "predict_crystals",
 ]

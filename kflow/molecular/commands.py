@@ -488,3 +488,70 @@ def train_pretrained_main(argv=None, prog: str | None = None):
           f"{meta['training']['best_step']}; {test['dataset']} test ({test['clusters']} clusters): PM-center matched "
           f"{model['pm_center_perm']['mean']:.3f} (identity {identity['pm_center_perm']['mean']:.3f}), PM-atom "
           f"{model['pm_atom']['mean']:.3f}, RMSD15 {model['rmsd15']['mean']:.3f}")
+
+
+# ------------------------------------------------------------------------------------------------------ crystal
+CRYSTAL_HELP = """Predict crystal structures of a rigid molecule: random crystals in the frequent organic space groups
+(P2₁/c, P-1, C2/c, P2₁2₁2₁, P2₁, Pbca, Pna2₁, Cc; one independent molecule), each minimised with the MMFF94 lattice
+energy (periodic, Ewald), duplicates removed, ranked by energy.
+
+INPUT as for kflow assemble (molecule file, SMILES, or a crystal whose molecule is used and which every prediction
+is scored against with OXtalign: molecules matched of 15, RMSD15). Cost: about 0.5 s a candidate on one core for
+25-40 atoms (docs/PROMISES.md); --candidates is the budget.
+
+Writes DIR/rank_01.cif ... (space group and asymmetric unit), DIR/rank_01_cluster.extxyz ... (the 17-molecule
+cluster around one molecule), DIR/landscape.png and DIR/summary.json; all of them or none. The same in Python:
+kflow.molecular.predict_crystals(x, candidates=..., out=DIR).
+
+Example:
+    kflow crystal data/examples/GASXON.sdf --candidates 300 --out runs/gasxon_csp
+"""
+
+
+def crystal_parser(prog: str | None = None) -> ArgumentParser:
+    from kflow.molecular.assemble.crystals import DEFAULT_CANDIDATES, MAX_CANDIDATES
+
+    p = _parser(CRYSTAL_HELP, prog)
+    p.add_argument("input", nargs="?", default=None, help="molecule or crystal file (PATH or PATH@N), or SMILES")
+    p.add_argument("--smiles", default=None, help="a molecule as SMILES instead of INPUT (RDKit conformer)")
+    p.add_argument("--out", required=True, help="output folder (created, or replaced if it holds an earlier "
+                                                "kflow crystal output)")
+    p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
+                   help=f"random crystals to minimise (at most {MAX_CANDIDATES})")
+    p.add_argument("--keep", type=positive_int, default=10, help="ranked crystals to write")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="which candidates are drawn")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def crystal_main(argv=None, prog: str | None = None):
+    """``kflow crystal``: parse, call ``predict_crystals(..., out=--out)``, print the ranking."""
+    from kflow.molecular.assemble.crystals import predict_crystals
+
+    p = crystal_parser(prog)
+    args = p.parse_args(argv)
+    if (args.input is None) == (args.smiles is None):
+        p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
+    source = args.smiles if args.smiles is not None else args.input
+    result = predict_crystals(source, candidates=args.candidates, seed=args.seed, keep=args.keep, out=args.out,
+                              smiles=True if args.smiles is not None else None, progress=not args.no_progress)
+    summary = result.summary
+    for line in summary["notes"]:
+        print(f"note: {line}", file=sys.stderr)
+    print(f"{summary['name']} ({summary['formula']}, {summary['atoms_per_molecule']} atoms): "
+          f"{summary['candidates']} candidates in {summary['seconds']:.0f} s "
+          f"({summary['seconds_per_candidate']:.2f} s each)")
+    truth = bool(result.scores)
+    print(f"{'rank':>4} {'group':>10} {'E/kcal/mol':>10} {'density':>7}" + (f" {'matched':>7} {'RMSD15':>6}" if truth
+                                                                              else ""))
+    for row in summary["ranked"]:
+        line = f"{row['rank']:>4} {row['space_group'].replace('_', ''):>10} {row['energy']:>10.2f} {row['density']:>7.3f}"
+        if truth:
+            line += f" {row['n_matched']:>4}/15 {row['rmsd15']:>6.2f}"
+        print(line)
+    if truth:
+        best = max(summary["ranked"], key=lambda r: r["n_matched"], default=None)
+        crystal = summary["input_crystal"]
+        print(f"input crystal: density {crystal['density']:.3f}, lattice energy {crystal['energy']:.2f} kcal/mol"
+              + (f"; best match rank {best['rank']} ({best['n_matched']}/15)" if best else ""))
+    print(f"wrote {args.out}/: {len(result.crystals)} crystals, landscape.png, summary.json")
