@@ -32,6 +32,8 @@ setup(
         "pymatgen>=2023.0",
         "rdkit>=2023.3",
         "pyxtal>=1.0",
+        "spglib>=2.0",  # space-group operations of the crystal search
+        "oxtalign>=0.1",  # the field's packing metric (COMPACK-equivalent RMSD_15), Apache-2.0
         "ptwt>=1.0",
         "torchdiffeq>=0.2.3",
         "lmdb>=1.4",

@@ -73,10 +73,14 @@ ARCHIVED = (
     ("csd500", "mild_v1", ALL_ROWS[1:], 2, FULL),
     ("demo", "hard_v1", ("regression", "rigid FM (K=1)", "K-Flow (K=2)"), 4, FULL),
 )
-COLUMNS = ("pm_atom_perm", "pm_center_perm", "rmsd15", "packing_matched", "packing_rmsd", "collision", "contacts")
+# Results saved before OXtalign replaced kflow's own packing similarity (2026-12-05) hold "rmsd15" = the RMSD that
+# forces all 15 molecules to match and no OXtalign columns: ``_normalised`` files them under their honest names
+# (rmsd15_forced; the retired home-made similarity is dropped), so no table shows them as COMPACK's RMSD₁₅.
+COLUMNS = ("pm_atom_perm", "pm_center_perm", "matched15", "rmsd15", "rmsd15_forced", "collision", "contacts")
 LABELS = {"pm_atom": "PM-atom", "pm_center": "PM-center", "pm_atom_perm": "PM-atom, matched",
-          "pm_center_perm": "PM-center, matched", "rmsd15": "RMSD₁₅", "collision": "collision %",
-          "packing_matched": "packing sim. (of 15)", "packing_rmsd": "packing RMSD", "contacts": "close contacts"}
+          "pm_center_perm": "PM-center, matched", "rmsd15": "RMSD₁₅ (OXtalign)", "matched15": "matched of 15 (OXtalign)",
+          "rmsd15_forced": "RMSD, all 15 forced", "collision": "collision %",
+          "contacts": "close contacts"}
 INDEX_COLUMNS = ("pm_atom", "pm_center")  # index-paired PM: meaningful for the mild start only
 
 
@@ -163,11 +167,23 @@ def _metric(preset: str) -> str:
     return SELECT_METRIC[preset.removesuffix("_v1")]
 
 
+def _normalised(result: dict | None) -> dict | None:
+    """A saved result with its metrics under today's names (see COLUMNS)."""
+    if result is None or "matched15" in result["metrics"]:
+        return result
+    metrics = dict(result["metrics"])
+    if "rmsd15" in metrics:
+        metrics["rmsd15_forced"] = metrics.pop("rmsd15")
+    for retired in ("packing_matched", "packing_rmsd"):
+        metrics.pop(retired, None)
+    return {**result, "metrics": metrics}
+
+
 def _collect(out: Path, dataset: str, preset: str, rows, seeds) -> dict[str, list[dict]]:
     found = {}
     for row in (*BASELINES, *rows, *(DERIVED_ROWS if preset == "hard" else ())):
         row_seeds = (0,) if row == "identity" else _row_seeds(row, seeds)
-        results = [StudyCell(dataset, preset, row, s, out, out).load() for s in row_seeds]
+        results = [_normalised(StudyCell(dataset, preset, row, s, out, out).load()) for s in row_seeds]
         results = [r for r in results if r is not None]
         if results:
             found[row] = results
@@ -213,7 +229,7 @@ def _paired(found: dict, metric: str, reference: str, rows=None) -> list[list]:
         if not common or metric not in results[0]["metrics"] or metric not in base[0]["metrics"]:
             continue
         c = paired_comparison(_per_cluster(results, metric, common), _per_cluster(base, metric, common))
-        improved = c["higher"] if metric == "packing_matched" else c["improved"]  # higher is better there
+        improved = c["higher"] if metric == "matched15" else c["improved"]  # higher is better there
         out.append([f"{row} vs {reference}", LABELS[metric], len(common), f"{100 * improved:.0f}%",
                     f"{c['mean_diff']:+.3f}", f"{c['p']:.2g}"])
     return out
@@ -289,9 +305,9 @@ def _verdict(found: dict, preset: str) -> str:
             change = 1 - models[best] / ref
             lines.append(f"{100 * abs(change):.0f}% {'below' if change >= 0 else 'above'} {base} ({ref:.3f} Å)")
     if "PackMol" in found:
-        pm = {m: _mean(found, "PackMol", m) for m in ("pm_atom_perm", "pm_center_perm", "rmsd15")}
+        pm = {m: _mean(found, "PackMol", m) for m in ("pm_atom_perm", "pm_center_perm", "rmsd15_forced")}
         ours = {m: _mean(found, best, m) for m in pm}
-        lines.append("vs PackMol (matched PM-atom / PM-center / RMSD₁₅): "
+        lines.append("vs PackMol (matched PM-atom / PM-center / RMSD, all 15 forced): "
                      + " / ".join(f"{ours[m]:.3f} vs {pm[m]:.3f}" for m in pm))
     reference = REFERENCE_ROW.get(preset)
     if reference in models and best != reference:
@@ -345,10 +361,10 @@ def _table_section(out: Path, work: Path, figures: Path, dataset: str, preset: s
                      "unaffected by the fix and stays. Flow rows listed here were retrained and sampled with the "
                      "corrected sampler; the rest are still to run (`--study` trains them).\n")
     metric, reference = _metric(preset), REFERENCE_ROW[preset]
-    paired = _paired(found, metric, reference) + _paired(found, "rmsd15", reference)
+    paired = _paired(found, metric, reference) + _paired(found, "rmsd15_forced", reference)
     if preset == "hard" and SHELL_ROW in found:
         trained = [r for r in found if r not in BASELINES]
-        paired += _paired(found, metric, SHELL_ROW, trained) + _paired(found, "packing_matched", SHELL_ROW, trained)
+        paired += _paired(found, metric, SHELL_ROW, trained) + _paired(found, "matched15", SHELL_ROW, trained)
         paired += _paired(found, metric, SHELL_SOURCE_ROW, trained)
     if paired:
         parts.append("Paired per test cluster (cluster values averaged over the common seeds; Wilcoxon signed-rank, "
@@ -393,10 +409,12 @@ def report(out: Path, work: Path, seeds, tables, command: str, quick: bool) -> s
         "training and on the test starts, the hands `kflow assemble` gives a lone molecule's copies (all the hand "
         "of molecule 0, or the odd-numbered copies mirrored; `datasets.set_start_hands`) instead of the crystal's; "
         "the truth is the crystal as for every row. Cells: mean ± std over seeds of the test-split mean (lower is "
-        "better except packing similarity). *Matched* columns compare after optimally matching predicted to true "
+        "better except molecules matched). *Matched* columns compare after optimally matching predicted to true "
         "molecules (`compute_packing_matching(permutation_invariant=True)`), the fair measure for a `hard` start. "
-        "Packing similarity: COMPACK-style, molecules of the 15-molecule shell matched within 20 % / 20° (of 15, "
-        "central included) and the heavy-atom RMSD over them (`kflow.molecular.evaluation.packing_similarity`). Close "
+        "*Matched of 15* and *RMSD₁₅*: the field's packing metric from OXtalign (the open COMPACK equivalent; 1 Å "
+        "per molecule, RMSD over the matched molecules); the results saved before 2026-12-05 were scored with "
+        "kflow's retired home-made similarity, which is not shown, and their RMSD forced all 15 molecules to "
+        "match (column *RMSD, all 15 forced*). Close "
         "contacts: atom pairs of different molecules closer than the `kflow assemble` contact threshold. "
         "Baselines: identity = the start unchanged; shell = central molecule + 16 on Thomson points at the start's "
         "radius, random orientations; PyXtal = the molecule packed by `pyxtal` in P2₁/c, P-1, P2₁2₁2₁, C2/c, P2₁ at "

@@ -6,7 +6,8 @@ crystal-level splits, sources ``build_demo_dataset`` (pyxtal's embedded CSD crys
 ``build_clusters_from_files``. Geometry: ``rigid_frames``, ``fit_rigid_motion``, ``kabsch``.
 Model (``model``): ``AssemblyModelConfig`` + ``build_assembly_model``, ``RigidKFlow`` (Laplacian bands on the
 rigid-body chart), ``AssemblyNetwork`` (e3nn), ``AssemblyLoss``, ``sample_assembly``/``predict_assembly``.
-Metrics (``evaluation``): ``compute_packing_matching``, ``collision_rate``, ``separation_rate``, ``rmsd15``.
+Metrics (``evaluation``): ``compute_packing_matching``, ``collision_rate``, ``separation_rate``, ``rmsd15``; the field's
+packing metric (OXtalign): ``packing_match``, ``cluster_packing_match``.
 Workflow: ``load_assembly_dataset``, ``train_assembly``, ``load_assembly_model``, ``evaluate_assembly``.
 Pretrained models: ``load_pretrained`` (a shipped name or a file), ``save_pretrained``, ``list_pretrained``; one
 molecule or crystal end to end: ``kflow.molecular.assemble.assemble`` (``kflow assemble``).
@@ -29,7 +30,7 @@ from kflow.molecular.data.starts import NoiseModel
 from kflow.molecular.data.store import ClusterStore, write_cluster_store
 from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
 from kflow.molecular.evaluation.matching import PackingMatching, aggregate_min_over_repeats, compute_packing_matching
-from kflow.molecular.evaluation.packing_similarity import packing_similarity
+from kflow.molecular.evaluation.oxtal import cluster_packing_match, packing_match
 from kflow.molecular.evaluation.rmsd import rmsd15
 from kflow.molecular.geometry import fit_rigid_motion, kabsch, rigid_frames
 from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
@@ -55,7 +56,7 @@ __all__ = [
     "AssemblyNetwork", "sample_assembly", "predict_assembly", "AssemblyLoss", "AssemblyModelConfig",
     "build_assembly_model", "load_assembly_model", "read_predictions", "write_predictions", "load_assembly_dataset",
     "train_assembly", "evaluate_assembly", "load_pretrained", "save_pretrained", "list_pretrained",
-    "RedrawnStarts", "redraw_start", "shell_predictions", "pyxtal_predictions", "packing_similarity",
+    "RedrawnStarts", "redraw_start", "shell_predictions", "pyxtal_predictions", "packing_match", "cluster_packing_match",
     "relax_cluster", "medoid_sample", "predict_medoid", "StartHands", "set_start_hands", "with_start_hands",
     "LatticeEnergy", "MoleculeForceField", "RigidCrystal", "SearchSettings", "search_crystals", "space_group",
     "CrystalPrediction", "predict_crystals",

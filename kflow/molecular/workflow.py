@@ -31,6 +31,7 @@ from kflow.molecular.data.starts import noise_model
 from kflow.molecular.data.store import ClusterStore
 from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
 from kflow.molecular.evaluation.matching import aggregate_min_over_repeats, compute_packing_matching
+from kflow.molecular.evaluation.oxtal import cluster_packing_match
 from kflow.molecular.evaluation.rmsd import rmsd15
 from kflow.molecular.model.config import AssemblyModelConfig, build_assembly_model
 from kflow.molecular.model.flow import collate_clusters
@@ -43,14 +44,17 @@ __all__ = ["default_split", "load_assembly_dataset", "steps_for_epochs", "train_
            "METRIC_LABELS", "SELECT_METRIC", "BestCheckpoint", "first_clusters", "metrics_summary"]
 
 # "_perm": the permutation-invariant packing matching (molecules matched before comparing, metrics.match_molecules)
-METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "rmsd15", "packing_matched", "packing_rmsd",
+# "matched15" / "rmsd15": the field's packing metric, OXtalign's COMPACK-equivalent (evaluation.oxtal): molecules
+# of the central one's 15-molecule shell matched within 1 Å, and the RMSD over those matched (NaN where only the
+# centre matched, left out of the means). "rmsd15_forced": kflow's earlier RMSD that forces all 15 to match.
+METRICS = ("pm_atom", "pm_center", "pm_atom_perm", "pm_center_perm", "matched15", "rmsd15", "rmsd15_forced",
            "collision", "separation", "contacts")
 METRIC_LABELS = {"pm_atom": "PM-atom (Å)", "pm_center": "PM-center (Å)", "pm_atom_perm": "PM-atom, matched (Å)",
-                 "pm_center_perm": "PM-center, matched (Å)", "rmsd15": "RMSD_15 (Å)",
-                 "packing_matched": "packing similarity (of 15)", "packing_rmsd": "packing RMSD (Å)",
+                 "pm_center_perm": "PM-center, matched (Å)", "matched15": "matched of 15 (OXtalign)",
+                 "rmsd15": "RMSD₁₅ of the matched (Å, OXtalign)", "rmsd15_forced": "RMSD, all 15 forced (Å)",
                  "collision": "collision (%)", "separation": "separation (%)", "contacts": "close contacts"}
-# Averaged over repeated samples rather than taking the best: rates, counts and the higher-is-better similarity.
-MEAN_OVER_REPEATS = ("collision", "separation", "contacts", "packing_matched", "packing_rmsd")
+# Averaged over repeated samples rather than taking the best: rates, counts and the higher-is-better match.
+MEAN_OVER_REPEATS = ("collision", "separation", "contacts", "matched15", "rmsd15")
 
 
 def load_assembly_dataset(name: str = "demo", root: str | os.PathLike = "data", subset: str = "10k",
@@ -204,11 +208,12 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     cluster). Returns {metric: {"mean", "std", "per_cluster"}} for ``METRICS``: PM-atom, PM-center (Å) as
     AssembleFlow defines them (molecules paired by index), the same after matching the predicted molecules to the
     true ones ("pm_atom_perm", "pm_center_perm"; ``compute_packing_matching(permutation_invariant=True)``, for
-    predictions that carry no index correspondence), RMSD_15 (Å), the COMPACK-style packing similarity
-    (``packing_similarity``: molecules of the 15-molecule shell matched within 20 % / 20°, and the heavy-atom RMSD
-    over them), collision and separation rates (%) and close contacts (atom pairs of different molecules closer
-    than the contact threshold of ``assemble.contact_scores``); for the last five the mean over repeats is
-    reported, not the best.
+    predictions that carry no index correspondence), the field's packing metric from OXtalign (``matched15``:
+    molecules of the 15-molecule shell matched within 1 Å, ``rmsd15``: COMPACK's RMSD₁₅ over them, NaN where only
+    the centre matched and left out of the mean), ``rmsd15_forced`` (every one of the 15 forced into a match by
+    the Hungarian algorithm: not COMPACK's), collision and separation rates (%) and close contacts (atom pairs of
+    different molecules closer than the contact threshold of ``contact_scores``); for the last five and the
+    OXtalign pair the mean over repeats is reported, not the best.
     """
     from torch_geometric.data import Batch
 
@@ -233,18 +238,24 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
         pm = compute_packing_matching(true, pred, batch.molecule_index, batch.batch, permutation_invariant=True)
         values["pm_atom_perm"].append(pm.pm_atom)
         values["pm_center_perm"].append(pm.pm_center)
-        values["rmsd15"].append(rmsd15(true, pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+        values["rmsd15_forced"].append(rmsd15(true, pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
+        match = cluster_packing_match(true, pred, batch.atomic_numbers, batch.batch)
+        values["matched15"].append(torch.as_tensor(match.n_matched, dtype=torch.float64))
+        values["rmsd15"].append(torch.as_tensor(match.rmsd, dtype=torch.float64))
         values["collision"].append(collision_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
         values["separation"].append(separation_rate(pred, batch.molecule_index, batch.atomic_numbers, batch.batch))
-        shell = [_shell_scores(item, pred[batch.ptr[i]:batch.ptr[i + 1]]) for i, item in enumerate(items)]
-        for j, key in enumerate(("packing_matched", "packing_rmsd", "contacts")):
-            values[key].append(torch.tensor([row[j] for row in shell], dtype=torch.float64))
+        values["contacts"].append(torch.tensor([_close_contacts(item, pred[batch.ptr[i]:batch.ptr[i + 1]])
+                                                for i, item in enumerate(items)], dtype=torch.float64))
     out = {}
     for k, v in values.items():
         v = torch.stack(v)  # [R, B]
         if k in MEAN_OVER_REPEATS:
-            per = v.mean(0)
-            out[k] = {"mean": per.mean().item(), "std": per.std(unbiased=False).item(), "per_cluster": per.tolist()}
+            per = v.nanmean(0)  # NaN only where no repeat has a value (rmsd15 with only the centre matched)
+            known = per[~per.isnan()]
+            out[k] = {"mean": known.mean().item() if len(known) else None,  # None, not NaN: results are JSON
+                      "std": known.std(unbiased=False).item() if len(known) else None,
+                      "per_cluster": [None if math.isnan(x) else x for x in per.tolist()],
+                      **({"clusters": len(known)} if k == "rmsd15" else {})}
         else:
             mean, std, per = aggregate_min_over_repeats(v)
             out[k] = {"mean": mean, "std": std, "per_cluster": per.tolist()}
@@ -253,22 +264,16 @@ def evaluate_assembly(dataset, predictions: Sequence[torch.Tensor] | None = None
     return out
 
 
-def _shell_scores(item, pred: torch.Tensor) -> tuple[float, float, float]:
-    """(matched molecules of 15, packing RMSD Å, close contacts) of one cluster's prediction [N, 3]."""
+def _close_contacts(item, pred: torch.Tensor) -> float:
+    """Close contacts (``contact_scores``) of one cluster's prediction [N, 3]."""
     from types import SimpleNamespace
 
     from kflow.molecular.evaluation.contacts import contact_scores
-    from kflow.molecular.evaluation.packing_similarity import packing_similarity
 
     m = int(item.molecule_index.max()) + 1
-    order = torch.argsort(item.molecule_index, stable=True)  # molecule-major: [M, P] atoms in molecule order
-    true, guess = item.final_positions.double()[order].reshape(m, -1, 3), pred.double()[order].reshape(m, -1, 3)
-    heavy = item.atomic_numbers[order].reshape(m, -1)[0] > 1
-    similarity = packing_similarity(true, guess, heavy)
     cluster = SimpleNamespace(atomic_numbers=item.atomic_numbers.long(), molecule_index=item.molecule_index.long(),
                               num_molecules=m)
-    contacts = contact_scores(pred.double(), cluster)["close_contacts"]
-    return float(similarity.matched), similarity.rmsd, float(contacts)
+    return float(contact_scores(pred.double(), cluster)["close_contacts"])
 
 
 def compare_assembly_models(store: ClusterStore, out_dir: str | os.PathLike, configs: dict[str, AssemblyModelConfig],
@@ -303,7 +308,8 @@ def format_results_table(results: dict[str, dict], title: str = "") -> str:
     heads = ["method"] + [METRIC_LABELS[k] for k in METRICS]
     lines = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for method, res in results.items():
-        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" if k in res else "–" for k in METRICS]
+        cells = [f"{res[k]['mean']:.3f} ± {res[k]['std']:.3f}" if res.get(k, {}).get("mean") is not None else "–"
+                 for k in METRICS]
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines)
 
@@ -327,7 +333,7 @@ def metrics_summary(results: dict) -> dict:
 
 
 def _eval_record(results: dict) -> dict:
-    return {k: v["mean"] for k, v in metrics_summary(results).items()}
+    return {k: v["mean"] for k, v in metrics_summary(results).items() if v["mean"] is not None}
 
 
 class BestCheckpoint:

@@ -331,8 +331,8 @@ def test_a_pretrained_model_records_its_start_hands_and_refuses_others(tmp_path,
     meta = train_pretrained(tmp_path / "m.pt", config, work=tmp_path / "m", **run)
     assert meta["mirror"] == "half" and load_pretrained(tmp_path / "m.pt")[2]["mirror"] == "half"
     test = ClusterDataset(ClusterStore(main), split="test")  # scored on starts with the model's hands
-    identity = meta["test_metrics"]["identity"]["rmsd15"]["mean"]
-    assert identity == pytest.approx(evaluate_assembly(StartHands(test, "half"))["rmsd15"]["mean"], abs=1e-6)
-    assert identity != pytest.approx(evaluate_assembly(test)["rmsd15"]["mean"], abs=1e-3)
+    identity = meta["test_metrics"]["identity"]["rmsd15_forced"]["mean"]
+    assert identity == pytest.approx(evaluate_assembly(StartHands(test, "half"))["rmsd15_forced"]["mean"], abs=1e-6)
+    assert identity != pytest.approx(evaluate_assembly(test)["rmsd15_forced"]["mean"], abs=1e-3)
     crystal = AssemblyModelConfig(**{**config.to_dict(), "start_mirror": "crystal"})
     assert train_pretrained(tmp_path / "c.pt", crystal, work=tmp_path / "c", **run)["mirror"] == "none"
