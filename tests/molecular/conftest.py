@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "data" / "examples" / "GASXON.cif"
+EXAMPLE = Path(__file__).resolve().parents[2] / "data" / "examples" / "GASXON.cif"
 
 
 @pytest.fixture(scope="session")
