@@ -135,3 +135,31 @@ def report(crystals: list[dict], root: Path | None = None) -> str:
         "### Success (OXtalign, 1 Å per molecule, n = 15)", success_table(root, names),
         f"### Landscape check (against `{largest}`)", land,
         "What failed, per crystal: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."])
+
+
+def plot_study(root: Path, crystals: list[dict], path: Path) -> None:
+    """Best molecules matched (of 15) within the top 10 of each row, per crystal (crystals ordered by size), with
+    the 8/15 line of success@10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c["name"] for c in crystals]
+    rows = [r for r in _rows(root) if load_row(root, r, names)]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    markers = "osD^v<>p"
+    for k, row in enumerate(rows):
+        results = load_row(root, row, names)
+        xs = [i + (k - (len(rows) - 1) / 2) * 0.12 for i, n in enumerate(names) if n in results]
+        ys = [max(e["n_matched"] for e in results[n]["ranked"][:10]) for n in names if n in results]
+        ax.scatter(xs, ys, s=22, marker=markers[k % len(markers)], label=row)
+    ax.axhline(8, color="k", lw=0.7, ls="--")
+    ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+    ax.set_ylabel("best matched of 15 in the top 10")
+    ax.set_ylim(0, 15.8)
+    ax.legend(fontsize=7, ncol=len(rows), loc="upper left")
+    ax.set_title("CSD-500 test crystals (Z' = 1), OXtalign 1 Å; dashed: success (8 of 15)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
