@@ -45,7 +45,11 @@ def rescore(root: Path, crystals: list[str]) -> int:
                 cif = root / row / name / f"rank_{entry['rank']:02d}.cif"
                 if not cif.exists():
                     continue
-                again = oxtalign.compare(oxtalign.load(str(cif)), truth, n=15)
+                try:
+                    again = oxtalign.compare(oxtalign.load(str(cif)), truth, n=15)
+                except ValueError:  # saved as 0 matched with the error (see crystal_study.score)
+                    changed += entry["n_matched"] != 0
+                    continue
                 if again.n_matched != entry["n_matched"] or (
                         again.n_matched > 1 and abs(again.rmsd_n - entry["rmsd15"]) > 0.01):
                     changed += 1

@@ -127,11 +127,14 @@ def score(crystals, truth_cif: Path, truth) -> list[dict]:
     index = torch.arange(17).repeat_interleave(len(truth.atomic_numbers))
     out = []
     for crystal in crystals:
-        result = oxtalign.compare(oxtalign.from_ase(crystal.to_ase()), truth_structure, n=15)
         pred = torch.as_tensor(crystal.cluster(17)).reshape(-1, 3)
         pm = compute_packing_matching(true_cluster, pred, index, permutation_invariant=True)
-        out.append({"n_matched": int(result.n_matched), "rmsd15": float(result.rmsd_n),
-                    "pm_center_matched": float(pm.pm_center[0])})
+        try:
+            result = oxtalign.compare(oxtalign.from_ase(crystal.to_ase()), truth_structure, n=15)
+            found = {"n_matched": int(result.n_matched), "rmsd15": float(result.rmsd_n)}
+        except ValueError as err:  # OXtalign cannot read the molecules of this crystal (e.g. a pyxtal cell
+            found = {"n_matched": 0, "rmsd15": float("nan"), "oxtalign_error": str(err)}  # thinner than one)
+        out.append({**found, "pm_center_matched": float(pm.pm_center[0])})
     return out
 
 

@@ -24,6 +24,8 @@ from kflow.molecular.crystal.search import SearchSettings, allocate_budget, sear
 from kflow.molecular.crystal.structure import RigidCrystal
 from kflow.molecular.crystal.symmetry import FREQUENT_SPACE_GROUPS
 from kflow.molecular.data.molecules import estimate_volume_per_molecule
+from kflow.utils.cli import check_seed
+from kflow.utils.io import one_writer
 
 __all__ = ["predict_crystals", "CrystalPrediction", "MAX_CANDIDATES", "MAX_CRYSTAL_ATOMS", "SECONDS_PER_CANDIDATE",
            "DEFAULT_CANDIDATES", "score_against"]
@@ -49,13 +51,23 @@ class CrystalPrediction:
     summary: dict
     minima: dict = field(default_factory=dict, repr=False)
 
+    def write_and_return(self, out: str | os.PathLike) -> "CrystalPrediction":
+        self.write(out)
+        return self
+
     def clusters(self) -> list[np.ndarray]:
         """The 17-molecule cluster around molecule 0 of each crystal [17, P, 3] (Å)."""
         return [crystal.cluster(17) for crystal in self.crystals]
 
     def write(self, out: str | os.PathLike) -> list[str]:
         """rank_01.cif ... (space group and asymmetric unit), rank_01_cluster.extxyz ... (the cut clusters),
-        landscape.png (every minimum's energy against density) and summary.json, all at once or none."""
+        landscape.png (every minimum's energy against density) and summary.json, all at once or none; one writer
+        at a time (``kflow.utils.io.one_writer``)."""
+        check_out_folder(Path(out))
+        with one_writer(out, "kflow crystal"):
+            return self._write(out)
+
+    def _write(self, out: str | os.PathLike) -> list[str]:
         import ase.io
         from ase import Atoms
 
@@ -144,11 +156,14 @@ def score_against(crystals: list[RigidCrystal], truth: RigidCrystal) -> list[dic
     index = torch.arange(17).repeat_interleave(len(truth.atomic_numbers))
     out = []
     for crystal in crystals:
-        result = oxtalign.compare(oxtalign.from_ase(crystal.to_ase()), reference, n=15)
         pm = compute_packing_matching(true_cluster, torch.as_tensor(crystal.cluster(17)).reshape(-1, 3), index,
                                       permutation_invariant=True)
-        out.append({"n_matched": int(result.n_matched), "rmsd15": float(result.rmsd_n),
-                    "pm_center_matched": float(pm.pm_center[0])})
+        try:
+            result = oxtalign.compare(oxtalign.from_ase(crystal.to_ase()), reference, n=15)
+            found = {"n_matched": int(result.n_matched), "rmsd15": float(result.rmsd_n)}
+        except ValueError:  # OXtalign cannot read this crystal's molecules: nothing matches
+            found = {"n_matched": 0, "rmsd15": float("nan")}
+        out.append({**found, "pm_center_matched": float(pm.pm_center[0])})
     return out
 
 
@@ -178,6 +193,13 @@ def predict_crystals(x, *, candidates: int = DEFAULT_CANDIDATES, seed: int = 0, 
 
     from kflow.molecular.physics.mmff import MoleculeForceField
 
+    check_seed(seed)  # before any work (2**70 once failed deep in a generator)
+    if out is not None:  # refused before any work: a foreign or unwritable folder, one another run writes
+        check_out_folder(Path(out))
+        with one_writer(out, "kflow crystal"):
+            return predict_crystals(x, candidates=candidates, seed=seed, space_groups=space_groups, keep=keep,
+                                    smiles=smiles, name=name, out=None, progress=progress,
+                                    settings=settings).write_and_return(out)
     start = time.perf_counter()
     inp: AssemblyInput = read_assembly_input(x, smiles=smiles, seed=seed, name=name)
     _check_budget(candidates, len(inp.atomic_numbers), inp.source)

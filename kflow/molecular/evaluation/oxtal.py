@@ -69,7 +69,9 @@ def cluster_packing_match(true_positions: torch.Tensor, pred_positions: torch.Te
                           tolerance: float = TOLERANCE) -> PackingMatch:
     """OXtalign between the true and predicted clusters of a batch: atoms [N, 3] (Å), atomic numbers [N], batch
     [N] (the cluster of each atom, sorted; None: one cluster). Molecules are found from the geometry, so atom
-    order and molecule labels do not matter. Returns ``PackingMatch`` of [B] arrays."""
+    order and molecule labels do not matter. A prediction whose molecules overlap so far that OXtalign no longer
+    finds the compound in it (bonds perceived across molecules) matches 0. Returns ``PackingMatch`` of [B]
+    arrays."""
     true_positions = torch.as_tensor(true_positions).double()
     pred_positions = torch.as_tensor(pred_positions).double()
     z = torch.as_tensor(atomic_numbers).long()
@@ -81,8 +83,11 @@ def cluster_packing_match(true_positions: torch.Tensor, pred_positions: torch.Te
     for count in counts:  # one OXtalign call per cluster: it is a CPU library with its own search
         part = slice(start, start + count)
         start += count
-        k, r = packing_match((z[part].numpy(), true_positions[part].numpy()),
-                             (z[part].numpy(), pred_positions[part].numpy()), n=n, tolerance=tolerance)
+        try:
+            k, r = packing_match((z[part].numpy(), true_positions[part].numpy()),
+                                 (z[part].numpy(), pred_positions[part].numpy()), n=n, tolerance=tolerance)
+        except ValueError:  # the prediction's molecules overlap so far that they no longer read as the compound
+            k, r = 0, float("nan")
         matched.append(k)
         rmsd.append(r)
     return PackingMatch(np.array(matched), np.array(rmsd))
