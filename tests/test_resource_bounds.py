@@ -238,8 +238,10 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
     import re
 
     from kflow.core import training
-    from kflow.molecular.assemble import inputs
+    from kflow.molecular.assemble import crystals, inputs, models
     from kflow.molecular.data import bounds
+    from kflow.molecular.physics import relax
+    from kflow.utils import cli
 
     text = PROMISES.read_text()
     assert "docs/PROMISES.md" in (REPO / "README.md").read_text()
@@ -247,8 +249,8 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
                     "One line, not a traceback"):
         assert f"**{heading}" in text, heading
     rows = re.findall(r"\| ([0-9.]+)[^|]*\| `(\w+)\.(\w+)` \|", text.replace("at least ", "").replace("at most ", ""))
-    modules = {"inputs": inputs, "bounds": bounds}
-    assert len(rows) == 6
+    modules = {"inputs": inputs, "bounds": bounds, "models": models, "relax": relax, "cli": cli, "crystals": crystals}
+    assert len(rows) == 13
     for value, module, name in rows:
         assert float(value) == getattr(modules[module], name), name
     assert f"`{training.RUN_LOCK}`" in text

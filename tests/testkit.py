@@ -126,3 +126,10 @@ def make_trainer(tmp_path, max_steps=20, model=None, loss_fn=mse, config=None, *
     return Trainer(model, loss_fn, ToyData(), collate_fn=collate, batch_size=8, lr=1e-2, max_steps=max_steps,
                    out_dir=tmp_path, config=config or {"width": 16}, checkpoint_every=5, log_every=2,
                    progress=False, device="cpu", **kw)
+
+
+def one_error_line(capsys) -> str:
+    """The one line a command wrote to stderr: ``error: ...``, no traceback (asserted); returned for more checks."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]

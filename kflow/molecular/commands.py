@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kflow.utils.cli import (ArgumentParser, HelpFormatter, add_run_arguments, nonnegative_int, positive_float,
-                             positive_int, set_help)
+                             positive_int, seed_int, set_help)
 
 __all__ = ["train_main", "sample_main", "evaluate_main", "assemble_main", "train_pretrained_main", "train_parser",
            "sample_parser", "evaluate_parser", "assemble_parser", "train_pretrained_parser",
@@ -352,7 +352,7 @@ def evaluate_main(argv=None, prog: str | None = None):
 def assemble_parser(prog: str | None = None) -> ArgumentParser:
     """``kflow assemble``: every default is ``kflow.molecular.assemble.assemble``'s (one place: DEFAULT_SAMPLES,
     DEFAULT_MODEL)."""
-    from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES
+    from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES, MAX_SAMPLES, MAX_STEPS
     from kflow.molecular.assemble.pretrained import MIRROR_MODES
 
     p = _parser(ASSEMBLE_HELP, prog)
@@ -363,11 +363,15 @@ def assemble_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created, or replaced if it holds an earlier "
                                                 "kflow assemble output)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name (hard: a molecule alone; mild: a "
-                                                          "rough packing to refine) or a pretrained .pt file")
+                                                          "rough packing to refine; always the shipped file) or a "
+                                                          "pretrained file given as a path (./hard, my.pt)")
     p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
-                   help="starts to sample and rank; the first-ranked prediction is pred.extxyz / pred.pdb")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="start draws (and the SMILES conformer)")
+                   help=f"starts to sample (one batch) and rank, at most {MAX_SAMPLES} without --no-limit; the "
+                        "first-ranked prediction is pred.extxyz / pred.pdb")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampling steps, at most {MAX_STEPS} without --no-limit (default: the model's)")
+    p.add_argument("--no-limit", action="store_true", help="allow --samples and --steps above their limits")
+    p.add_argument("--seed", type=seed_int, default=0, help="start draws (and the SMILES conformer), 0..2^31-1")
     p.add_argument("--mirror", default=None, choices=MIRROR_MODES,
                    help="copies of a lone molecule: none (all the same conformer) or half (8 of 17 mirrored, a "
                         "racemic mix; a note says whether the molecule is chiral); default: what the model was "
@@ -394,13 +398,14 @@ def assemble_main(argv=None, prog: str | None = None):
     source = args.smiles if args.smiles is not None else args.input
     result = assemble(source, samples=args.samples, model=args.model, seed=args.seed, out=args.out,
                       steps=args.steps, mirror=args.mirror, progress=not args.no_progress,
-                      smiles=True if args.smiles is not None else None, relax=args.relax)
+                      smiles=True if args.smiles is not None else None, relax=args.relax, no_limit=args.no_limit)
     for line in result.notes:
         print(f"note: {line}", file=sys.stderr)
     summary = result.summary
     inp = summary["input"]
     print(f"{inp['name']} ({inp['kind']}, {inp['formula']}, {inp['atoms_per_molecule']} atoms) with model "
-          f"{summary['model']['name']!r}: {summary['num_samples']} sample(s), {summary['steps']} steps, start "
+          f"{summary['model']['name']!r} ({summary['model']['path']}): {summary['num_samples']} sample(s), "
+          f"{summary['steps']} steps, start "
           f"{summary['start']['preset']}, mirror {summary['start']['mirror']}")
     truth = result.metrics is not None
     relaxed = summary.get("relaxation") is not None
@@ -428,6 +433,7 @@ def assemble_main(argv=None, prog: str | None = None):
         print(f"against the crystal: PM-atom {m['pm_atom']:.2f} Å, PM-center {m['pm_center']:.2f} Å (matched "
               f"{m['pm_center_matched']:.2f}), RMSD15 {m['rmsd15']:.2f} Å, collisions {m['collision_pct']:.2f} % "
               f"(start: PM-center matched {s['pm_center_matched']:.2f}, RMSD15 {s['rmsd15']:.2f} Å)")
+        print(summary["against_start"]["text"])
     print(f"rigid to {summary['rigidity']['sampler_residual_A']:.1e} Å before snapping; wrote {args.out}/: "
           f"{', '.join(result.files)} in {result.total_s:.1f} s")
 
@@ -519,7 +525,7 @@ def crystal_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--candidates", type=positive_int, default=DEFAULT_CANDIDATES,
                    help=f"random crystals to minimise (at most {MAX_CANDIDATES})")
     p.add_argument("--keep", type=positive_int, default=10, help="ranked crystals to write")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="which candidates are drawn")
+    p.add_argument("--seed", type=seed_int, default=0, help="which candidates are drawn, 0..2^31-1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

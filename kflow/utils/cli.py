@@ -7,7 +7,7 @@ import errno
 import sys
 from typing import Callable
 
-__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "positive_float", "unit_fraction", "add_run_arguments",
+__all__ = ["ArgumentParser", "positive_int", "nonnegative_int", "seed_int", "check_seed", "SEED_LIMIT", "positive_float", "unit_fraction", "add_run_arguments",
            "run_main", "user_errors", "error_line", "HelpFormatter", "set_help"]
 
 
@@ -47,6 +47,28 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+SEED_LIMIT = 2 ** 31  # seeds are 0 <= seed < 2**31: RDKit's conformer seed is a 32-bit int, torch's and numpy's more
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A seed as every generator kflow seeds accepts it: an integer 0 <= seed < ``SEED_LIMIT``, else ``ValueError``
+    in one line (checked before any work: 2**70 once failed deep in torch after the model had loaded)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2^31) = 0..{SEED_LIMIT - 1}, got {value!r}")
+    return int(value)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2**31 (``check_seed``)."""
+    value = int(text)  # not a number: argparse's "invalid seed_int value"
+    try:
+        return check_seed(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("seed ")) from None
 
 
 def positive_float(text: str) -> float:

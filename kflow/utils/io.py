@@ -169,7 +169,20 @@ def check_writable_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
         raise ValueError(f"{flag} {out}: {anchor} is a file, so no folder can be made below it")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {out}: permission denied, {anchor} is not writable for this user")
+    probe_write(anchor, f"{flag} {out}")
     return out
+
+
+def probe_write(folder: str | os.PathLike, what: str) -> None:
+    """Create and remove a hidden file in ``folder``: ``os.access`` says yes to root for places no file can be
+    made in (``/sys``, ``/proc``, a read-only mount), which would otherwise fail after the work. Raises
+    ``ValueError`` (one line, ``what`` first) when the folder takes no new file."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".kflow-probe-", dir=folder)
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write into {folder} ({err.strerror or type(err).__name__})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -227,7 +240,36 @@ def check_replaceable_folder(out: str | os.PathLike, expected: dict, command: st
         if not os.access(resolved.parent, os.W_OK | os.X_OK):
             raise ValueError(f"{flag} {out}: permission denied, its parent {resolved.parent} is not writable (the "
                              "folder is replaced by a rename there)")
+        probe_write(resolved.parent, f"{flag} {out}")
     return out
+
+
+_HELD_WRITER_LOCKS: dict[str, int] = {}  # resolved output folder -> depth, the locks this process holds
+
+
+@contextlib.contextmanager
+def one_writer(out: str | os.PathLike, what: str) -> Iterator[None]:
+    """One writer per output folder that is replaced as a whole (``kflow assemble --out``, ``kflow crystal
+    --out``): while the block runs, ``.<name>.kflow-lock`` beside the folder (not in it: the folder is swapped in
+    by a rename) holds this process's pid, host and start time (``FolderLock``); a second process is refused in one
+    line (``FolderBusyError``) naming the holder. The lock goes on any exit of the block (an error, Ctrl-C); one
+    left by a killed process is stale and replaced. Re-entrant within a process (``assemble(out=)`` holds it
+    while ``AssemblyResult.write`` writes)."""
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _HELD_WRITER_LOCKS:
+        _HELD_WRITER_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_WRITER_LOCKS[key] -= 1
+        return
+    with _WriterLock(out, what):
+        _HELD_WRITER_LOCKS[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD_WRITER_LOCKS[key]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -441,3 +483,16 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class _WriterLock(FolderLock):
+    """``one_writer``'s lock: ``.<name>.kflow-lock`` beside the output folder, its busy message about that folder."""
+
+    def __init__(self, out: Path, what: str):
+        super().__init__(out.parent, f".{out.name}.kflow-lock", what)
+        self.out = out
+
+    def _busy(self, holder: dict) -> FolderBusyError:
+        return FolderBusyError(f"--out {self.out} is being written by another run (pid {holder.get('pid')} on "
+                               f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, or "
+                               f"remove {self.path} if that process is gone")

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from kflow.molecular.assemble.inputs import AssemblyInput, check_input
-from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES, ModelLike, as_model
+from kflow.molecular.assemble.models import DEFAULT_MODEL, DEFAULT_SAMPLES, ModelLike, as_model, check_work
 from kflow.molecular.assemble.outputs import check_out_dir, cluster_atoms, display_name, write_assembly_outputs
 from kflow.molecular.assemble.predict import molecule_blocks, predict_clusters, relax_samples, truth_metrics
 from kflow.molecular.assemble.pretrained import MIRROR_MODES
@@ -73,6 +73,8 @@ from kflow.molecular.assemble.starts import (FROM_MOLECULE_PRESETS, crystal_star
 from kflow.molecular.data.cluster import Cluster
 from kflow.molecular.data.molecules import PACKING_COEFFICIENT, estimate_volume_per_molecule
 from kflow.molecular.evaluation.contacts import CONTACT_FACTOR, HBOND_CONTACT_FACTOR, contact_scores, rank_samples
+from kflow.utils.cli import check_seed
+from kflow.utils.io import one_writer
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -91,14 +93,16 @@ class AssemblyResult:
 
     - ``predictions``: the predicted 17-molecule clusters as ``ase.Atoms`` (Å, no cell), best first; per-atom
       array ``mol_idx`` (molecule 0..16, each molecule's atoms contiguous and in the input's atom order) and
-      ``info`` ``name``, ``arrangement``, ``sample``, ``rank`` (0 = best), as the frames of samples.extxyz.
+      ``info`` ``name``, ``arrangement``, ``sample``, ``rank`` (1 = best, as in ``scores``), as the frames of
+      samples.extxyz.
     - ``starts``: the start cluster of each prediction, in the same order.
     - ``scores``: one dict per prediction, in the same order: ``sample``, ``rank`` (1 = best), ``start_seed`` (a
       lone molecule) or ``draw`` (a crystal), ``close_contacts``, ``radius_of_gyration`` (Å), ``collision_pct``,
       ``separation_pct`` (``contact_scores``) and, for a crystal, ``metrics`` (``truth_metrics``).
     - ``order``: the sample indices, best first (``rank_samples``).
     - ``truth``: the crystal's true 17-molecule cluster (``ase.Atoms``) for a crystal input, else None;
-      ``metrics`` / ``start_metrics``: the best prediction's and its start's scores against it.
+      ``metrics`` / ``start_metrics``: the best prediction's and its start's scores against it;
+      ``summary["against_start"]`` compares them and says where the prediction is worse than its start.
     - ``summary``: what summary.json holds (input, model, seed, steps, start, ranking, samples, rigidity, timings;
       ``files`` once written); ``input``: the ``AssemblyInput`` read.
     - ``write(folder)``: the files of ``kflow assemble --out folder``; ``files`` and ``folder`` then say which
@@ -138,9 +142,11 @@ class AssemblyResult:
     def write(self, folder: str | os.PathLike) -> list[str]:
         """Write pred.extxyz, pred.pdb, start.extxyz, samples.extxyz (several samples), truth.extxyz (a crystal),
         cluster.png and summary.json into ``folder``, all of them or none (``write_assembly_outputs``); ``folder``
-        is created, or replaced when it holds an earlier kflow assemble output only. Returns the file names."""
-        files = write_assembly_outputs(folder, self.clusters, self.positions, self.order, self.summary,
-                                       self.truth is not None)
+        is created, or replaced when it holds an earlier kflow assemble output only; one writer at a time
+        (``kflow.utils.io.one_writer``). Returns the file names."""
+        with one_writer(folder, "kflow assemble"):
+            files = write_assembly_outputs(folder, self.clusters, self.positions, self.order, self.summary,
+                                           self.truth is not None)
         self.summary = {**self.summary, "files": files}
         self.files, self.folder = files, Path(folder)
         return files
@@ -157,20 +163,29 @@ class AssemblyResult:
 # ----------------------------------------------------------------------------------------------------- pipeline
 class _Phases:
     """One progress line over the steps of ``assemble`` (each may take a second or more: the first imports, the
-    conformer, the model, sampling, plotting) and their wall times."""
+    conformer, the model, sampling, plotting) and their wall times. When stderr is not a terminal (a log file, a
+    pipe) each step is a line of its own instead, so an error line never runs into a bar's carriage returns."""
 
     NAMES = ("reading input", "loading model", "building starts", "sampling", "scoring", "writing")
 
     def __init__(self, enabled: bool, writing: bool = True):
+        import sys
+
         from tqdm.auto import tqdm
 
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bars = enabled and not self.lines  # the inner bars (sampling, relaxing) too
         self.bar = tqdm(total=len(self.NAMES) - (not writing), bar_format="{desc} [{n_fmt}/{total_fmt}, {elapsed}]",
-                        disable=not enabled, leave=False)
+                        disable=not self.bars, leave=False)
         self.timings: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if self.lines:
+            import sys
+
+            print(f"kflow assemble: {name}", file=sys.stderr, flush=True)
         self.bar.set_description_str(f"kflow assemble: {name}")
         t0 = time.perf_counter()
         yield
@@ -194,7 +209,7 @@ def _check_integer(name: str, value: Any, minimum: int | None = None) -> None:
 def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike = DEFAULT_MODEL, seed: int = 0,
              out: str | os.PathLike | None = None, steps: int | None = None, mirror: str | None = None,
              progress: bool = False, smiles: bool | None = None, name: str | None = None,
-             relax: bool = True) -> AssemblyResult:
+             relax: bool = True, no_limit: bool = False) -> AssemblyResult:
     """Predict the 17-molecule packing of a molecule or a crystal (see the module docstring).
 
     ``x``: an RDKit ``Mol``, an ASE ``Atoms`` (a crystal when periodic along all three axes), a pymatgen
@@ -208,27 +223,35 @@ def assemble(x: InputLike, *, samples: int = DEFAULT_SAMPLES, model: ModelLike =
     tethered to the sample) and ranked by close contacts, then MMFF intermolecular energy; the start's and each
     sample's contacts and energies (before and after) are in ``summary``.
 
+    Bounds (``models.check_work``): ``samples`` at most ``MAX_SAMPLES`` and ``steps`` at most ``MAX_STEPS`` unless
+    ``no_limit``; ``seed`` in [0, 2**31) (``kflow.utils.cli.check_seed``).
+
     Returns an ``AssemblyResult`` (``.predictions``: ``ase.Atoms``, best first). ``out``: also write the files of
-    ``kflow assemble --out`` there (as ``result.write(out)``). Every failure (bad input, missing model, an output
-    folder that holds other files) raises before anything is written."""
+    ``kflow assemble --out`` there (as ``result.write(out)``); while it works, no other process may write that
+    folder (``one_writer``: a second one is refused in one line before it starts). Every failure (bad input,
+    missing model, an output folder that holds other files or is in use) raises before anything is written."""
     _check_integer("samples", samples, 1)
-    _check_integer("seed", seed)
+    seed = check_seed(seed)
     if steps is not None:
         _check_integer("steps", steps, 1)
+    check_work(int(samples), steps, no_limit)
     if mirror is not None and mirror not in MIRROR_MODES:
         raise ValueError(f"mirror must be one of {MIRROR_MODES}, got {mirror!r}")
     out_dir = None if out is None else Path(out)
     if out_dir is not None:
         check_out_dir(out_dir)
-    phase = _Phases(progress, writing=out_dir is not None)
-    try:
-        result = _predict(x, model, smiles, name, int(samples), steps, int(seed), mirror, progress, phase,
-                          bool(relax))
-        if out_dir is not None:
-            with phase("writing"):
-                result.write(out_dir)
-    finally:
-        phase.close()
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:  # taken before any work, let go on any exit (an error, Ctrl-C)
+            stack.enter_context(one_writer(out_dir, "kflow assemble"))
+        phase = _Phases(progress, writing=out_dir is not None)
+        try:
+            result = _predict(x, model, smiles, name, int(samples), steps, seed, mirror, phase.bars, phase,
+                              bool(relax))
+            if out_dir is not None:
+                with phase("writing"):
+                    result.write(out_dir)
+        finally:
+            phase.close()
     result.total_s = phase.elapsed()
     return result
 
@@ -321,18 +344,38 @@ def _predict(x, model, smiles, name, samples, steps, seed, mirror, progress, pha
     if truth:
         summary["metrics"] = sample_rows[best]["metrics"]
         summary["start_metrics"] = start_metrics
+        summary["against_start"] = against_start(summary["metrics"], start_metrics)
     # summary.json holds the times up to writing (the same whether written by assemble(out=...) or .write)
     summary["timings"] = {**phase.timings, "total_before_writing_s": phase.elapsed()}
     shown = display_name(clusters[best].crystal)
-    predictions = [cluster_atoms(clusters[k], positions[k], name=shown, arrangement="predicted", sample=k, rank=r)
-                   for r, k in enumerate(order)]
+    predictions = [cluster_atoms(clusters[k], positions[k], name=shown, arrangement="predicted", sample=k,
+                                 rank=r) for r, k in enumerate(order, start=1)]
     starts = [cluster_atoms(clusters[k], clusters[k].initial_positions, name=shown, arrangement="start", sample=k,
-                            rank=r) for r, k in enumerate(order)]
+                            rank=r) for r, k in enumerate(order, start=1)]
     truth_atoms = cluster_atoms(clusters[best], clusters[best].final_positions, name=shown,
                          arrangement="crystal") if truth else None
     return AssemblyResult(input=inp, predictions=predictions, starts=starts, scores=[sample_rows[k] for k in order],
                           order=order, summary=summary, truth=truth_atoms, metrics=summary.get("metrics"),
                           start_metrics=start_metrics, clusters=list(clusters), positions=positions)
+
+
+COMPARED = (("pm_center_matched", "PM-center matched"), ("pm_atom_matched", "PM-atom matched"))  # Å, lower: better
+
+
+def against_start(metrics: dict, start: dict) -> dict:
+    """The ranked-first prediction against its own start, both scored against the crystal: per metric of
+    ``COMPARED`` (prediction, start), the ones where the prediction is worse (``worse``) and a sentence (``text``)
+    that says so, e.g. for GASXON.cif "worse than its start: PM-center matched 2.59 Å (start 2.48)"."""
+    keys = [(key, label) for key, label in COMPARED if metrics.get(key) is not None and start.get(key) is not None]
+    rows = {key: {"prediction": metrics[key], "start": start[key]} for key, _ in keys}
+    worse = [key for key, _ in keys if metrics[key] > start[key]]
+    if worse:
+        parts = [f"{label} {metrics[key]:.2f} Å (start {start[key]:.2f})" for key, label in keys if key in worse]
+        text = "the ranked-first prediction is worse than its start against the crystal: " + ", ".join(parts)
+    else:
+        text = ("the ranked-first prediction is at least as close to the crystal as its start (PM-center and "
+                "PM-atom, matched)")
+    return {**rows, "worse": worse, "text": text}
 
 
 def _check_rigid(positions: torch.Tensor, references: torch.Tensor, clusters: Sequence[Cluster],

@@ -10,10 +10,18 @@ from typing import Any, Union
 import torch
 
 
-__all__ = ["AssemblyModel", "clear_model_cache", "DEFAULT_SAMPLES", "DEFAULT_MODEL", "ModelLike"]
+__all__ = ["AssemblyModel", "clear_model_cache", "DEFAULT_SAMPLES", "DEFAULT_MODEL", "ModelLike", "MAX_SAMPLES",
+           "MAX_STEPS", "SECONDS_PER_SAMPLE", "check_work"]
 
 
 DEFAULT_SAMPLES = 8  # starts sampled and ranked, in Python (assemble) and on the command line (kflow assemble)
+# Bounds on the work of one call, refused above unless asked for (``no_limit`` / ``--no-limit``): all samples are
+# sampled as one batch (memory grows with samples × 17 molecules × atoms) and each is relaxed; ``steps`` network
+# evaluations per sample. Measured: about SECONDS_PER_SAMPLE s per sample of a 20-atom molecule at the default
+# 10 steps on a loaded 2-core machine (sampling plus relaxation; the relaxation dominates).
+MAX_SAMPLES = 64
+MAX_STEPS = 100
+SECONDS_PER_SAMPLE = 2.5
 DEFAULT_MODEL = "hard"  # the shipped model for a molecule alone
 
 
@@ -23,7 +31,8 @@ class AssemblyModel:
     """A loaded pretrained model for ``assemble(model=...)``: load once, predict many times.
 
     ``net`` (the flow model, eval mode), ``rigid`` (its ``RigidKFlow``) and ``meta`` are what
-    ``pretrained.load_pretrained`` returns; ``name`` and ``path`` are reported in the summary."""
+    ``pretrained.load_pretrained`` returns; ``name`` and ``path`` (the absolute path of the file read) are reported in
+    the summary and the console."""
 
     net: torch.nn.Module = field(repr=False)
     rigid: Any = field(repr=False)
@@ -33,7 +42,8 @@ class AssemblyModel:
 
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_MODEL, cache: bool = True) -> "AssemblyModel":
-        """A shipped model by name (``pretrained.list_pretrained()``) or a pretrained file. With ``cache`` a file
+        """A shipped model by name (``pretrained.list_pretrained()``; always the shipped file) or a pretrained
+        file given as a path (``./hard``, ``my.pt``: ``pretrained.is_model_path``). With ``cache`` a file
         already loaded (same path, size and modification time) is reused: ``assemble(model="hard")`` loads the
         model once per process. ``clear_model_cache()`` forgets them."""
         import copy
@@ -51,7 +61,7 @@ class AssemblyModel:
             while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
                 _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
         net, rigid, meta = loaded
-        return cls(net, rigid, copy.deepcopy(meta), str(model), str(path))
+        return cls(net, rigid, copy.deepcopy(meta), str(model), str(path.resolve()))
 
 
 _MODEL_CACHE: dict[tuple[str, int, int], tuple] = {}
@@ -80,3 +90,18 @@ def as_model(model: ModelLike) -> AssemblyModel:
         return AssemblyModel(model[0], model[1], model[2])
     raise TypeError(f"model must be a shipped name, a pretrained file, an AssemblyModel or load_pretrained's "
                     f"(model, rigid, meta); got {type(model).__name__}")
+
+
+def check_work(samples: int, steps: int | None, no_limit: bool = False) -> None:
+    """Refuse (``ValueError``, one line with a time estimate) ``samples`` above ``MAX_SAMPLES`` or ``steps`` above
+    ``MAX_STEPS`` unless ``no_limit``: ``--samples 1000000`` once ran silently for what would have been weeks."""
+    if no_limit:
+        return
+    if samples > MAX_SAMPLES:
+        hours = samples * SECONDS_PER_SAMPLE / 3600
+        raise ValueError(f"samples={samples} is above the limit of {MAX_SAMPLES} (one batch, each sample relaxed: "
+                         f"about {SECONDS_PER_SAMPLE} s a sample on 2 CPU cores, so ~{hours:.1f} h, and memory "
+                         "grows with it); give --no-limit (no_limit=True) to run it anyway")
+    if steps is not None and steps > MAX_STEPS:
+        raise ValueError(f"steps={steps} is above the limit of {MAX_STEPS} (the shipped models use 10; work grows "
+                         "with steps × samples); give --no-limit (no_limit=True) to run it anyway")

@@ -130,7 +130,7 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
         if len(clusters) > 1:
             ase.io.write(stage / "samples.extxyz", [cluster_atoms(clusters[k], positions[k], name=name,
                                                            arrangement="predicted", sample=k, rank=r)
-                                                    for r, k in enumerate(order)], format="extxyz")
+                                                    for r, k in enumerate(order, start=1)], format="extxyz")
         panels = [("start", chosen.initial_positions), (f"prediction (sample {best})", positions[best])]
         if truth:
             ase.io.write(stage / "truth.extxyz", cluster_atoms(chosen, chosen.final_positions, name=name,

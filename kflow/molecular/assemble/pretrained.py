@@ -12,7 +12,8 @@ code), holding
                 and the test metrics}
 
 Names resolve to ``kflow/molecular/pretrained_models/<name>.pt`` (package data, so editable and normal installs find
-them); any other path is read as it is.
+them), whatever the working folder holds; a path (a separator or a suffix: ``./hard``, ``my_model.pt``) is read as
+it is.
 
     model, rigid, meta = load_pretrained("hard")
     save_pretrained("my_model.pt", model, config, meta)
@@ -23,7 +24,7 @@ import json
 import math
 import os
 import pickle
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +35,7 @@ from kflow.utils.io import atomic_save, safe_filename
 
 
 __all__ = ["save_pretrained", "load_pretrained", "read_pretrained", "list_pretrained", "resolve_pretrained",
-           "training_data_meta", "PRETRAINED_DIR", "PRETRAINED_FORMAT", "PRETRAINED_VERSION", "REQUIRED_META",
+           "training_data_meta", "is_model_path", "PRETRAINED_DIR", "PRETRAINED_FORMAT", "PRETRAINED_VERSION", "REQUIRED_META",
            "MIRROR_MODES", "PRESETS"]
 
 
@@ -94,36 +95,51 @@ def _available() -> str:
         "none is shipped with this installation yet; train one with scripts/train_pretrained.py")
 
 
+def is_model_path(text: str) -> bool:
+    """A model given as a path rather than a name: it holds a path separator or has a suffix (``./hard``,
+    ``models/hard``, ``hard.pt``). Anything else is a name, and a shipped name always means the shipped model,
+    whatever file of that name the working folder holds."""
+    return os.sep in text or "/" in text or (os.altsep or "/") in text or bool(Path(text).suffix)
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
-    """The file of a pretrained model: an existing path as it is, else ``PRETRAINED_DIR/<name>.pt``. Raises
-    ``FileNotFoundError`` listing the shipped names."""
+    """The file of a pretrained model: a shipped name (``list_pretrained()``) is ``PRETRAINED_DIR/<name>.pt``; a
+    path (``is_model_path``, or an ``os.PathLike``) is that file. Raises ``FileNotFoundError`` listing the shipped
+    names."""
     text = str(name_or_path)
-    path = Path(text)
-    if path.is_file():
+    if isinstance(name_or_path, os.PathLike) or is_model_path(text):
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"{text}: no such model file ({_available()})")
+        if not path.is_file():
+            raise ValueError(f"{text}: not a model file (a folder or a device); give a pretrained .pt file")
         return path
-    looks_like_path = os.sep in text or "/" in text or path.suffix == ".pt"
-    if looks_like_path:
-        raise FileNotFoundError(f"{text}: no such model file ({_available()})")
-    if safe_filename(text) != text:
-        raise FileNotFoundError(f"no pretrained model named {text!r} ({_available()})")
     shipped = PRETRAINED_DIR / f"{text}.pt"
-    if not shipped.is_file():
-        raise FileNotFoundError(f"no pretrained model named {text!r} ({_available()})")
+    if safe_filename(text) != text or not shipped.is_file():
+        local = " (a file in this folder? give it as a path: ./" + text + ")" if Path(text).is_file() else ""
+        raise FileNotFoundError(f"no pretrained model named {text!r}{local} ({_available()})")
     return shipped
 
 
 def read_pretrained(name_or_path: str | os.PathLike, map_location="cpu") -> dict:
     """The validated content of a pretrained file (``format``, ``version``, ``config``, ``weights``, ``meta``)
-    without building the model. A corrupt, truncated or foreign file is a ``ValueError`` naming it."""
+    without building the model. A corrupt, truncated or foreign file is a ``ValueError`` naming it, whatever
+    torch's loader raised on it (``UnpicklingError``, ``IndexError``, ``EOFError``, a bad zip, ...)."""
     path = resolve_pretrained(name_or_path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused an object: not ours, and never executed
-        raise ValueError(f"{path}: not a kflow pretrained model (it holds objects other than tensors and plain "
-                         f"data; refused without running them: {str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path}: corrupt or unreadable model file ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'truncated'})") from None
+        with warnings.catch_warnings():  # torch's warnings about a foreign file would precede the one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: not ours, and never executed
+        raise ValueError(f"{path}: not a kflow pretrained model: it holds Python objects other than tensors and "
+                         "plain data, which kflow refuses to load because loading them could run code; a kflow "
+                         "model is written by kflow.molecular.assemble.pretrained.save_pretrained") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # not a torch file at all (/etc/passwd: IndexError), truncated, a damaged zip, ...
+        detail = str(err).strip().splitlines()[0].split(". ")[0][:160] if str(err).strip() else "no detail"
+        raise ValueError(f"{path}: corrupt, truncated or another kind of file, not a kflow pretrained model "
+                         f"(torch cannot read it: {type(err).__name__}: {detail})") from None
     if not isinstance(state, dict) or state.get("format") != PRETRAINED_FORMAT:
         hint = " (a training checkpoint? package it with kflow.molecular.assemble.pretrained.save_pretrained)" if (
             isinstance(state, dict) and "model" in state) else ""
@@ -150,9 +166,12 @@ def load_pretrained(name_or_path: str | os.PathLike, map_location="cpu"):
         config = AssemblyModelConfig.from_dict(state["config"])
         model, rigid = build_assembly_model(config)
         model.load_state_dict(state["weights"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # a configuration or weights that do not fit, whatever the type
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else "no detail"
         raise ValueError(f"{path}: weights do not fit the stored model configuration "
-                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+                         f"({type(err).__name__}: {detail})") from None
     return model.eval(), rigid, state["meta"]
 
 

@@ -14,6 +14,7 @@ from kflow.utils.io import printable_name
 
 from kflow.molecular.assemble.inputs import (CRYSTAL_SUFFIXES, DATABASE_SUFFIXES, MOLECULE_SUFFIXES, AssemblyInput,
                                             InputError, check_geometry)
+from kflow.molecular.assemble.hydrogens import check_hydrogens
 from kflow.molecular.data.molecules import BOND_FACTOR
 
 
@@ -342,6 +343,11 @@ def _from_pymatgen(structure, name: str | None) -> AssemblyInput:
     if not structure.is_ordered:
         raise InputError(source, "disordered", "partial occupancies (a disordered structure); give one ordered "
                          "structure")
+    charge = getattr(structure, "charge", 0) or 0
+    if kind == "Molecule" and charge != 0:
+        raise InputError(source, "charged", f"the Molecule has charge {charge:+g}; kflow packs neutral molecules "
+                         "(a lone ion has no crystal of its own, and its force field and model are for neutral "
+                         "ones): give the neutral molecule, with charge 0")
     try:
         atoms = AseAtomsAdaptor.get_atoms(structure)
     except Exception as err:  # dummy species and the like
@@ -394,8 +400,10 @@ def read_assembly_input(source: InputLike, smiles: bool | None = None, seed: int
     conformer is embedded with ``seed``); False always as a path. ``name`` replaces the structure's own name.
 
     Raises ``InputError`` (one line naming the input and the reason) for anything unusable: unreadable files,
-    salts and mixtures, polymeric networks, linear or tiny molecules, overlapping atoms; ``FileNotFoundError`` for
-    a missing file. The caller's object is never changed."""
+    salts and mixtures, polymeric networks, linear or tiny molecules, overlapping atoms, a charged pymatgen
+    ``Molecule``, and a molecule known by its geometry only (not an RDKit ``Mol``, MOL/SDF or SMILES, whose bonds
+    state the hydrogens) that lacks hydrogens (``hydrogens.check_hydrogens``); ``FileNotFoundError`` for a
+    missing file. The caller's object is never changed."""
     if isinstance(source, AssemblyInput):
         inp = source
         if name:
@@ -414,6 +422,8 @@ def read_assembly_input(source: InputLike, smiles: bool | None = None, seed: int
         if name:
             inp.name = name
     check_geometry(inp)
+    if not inp.reader.startswith("rdkit"):  # geometry only: are the hydrogens there?
+        check_hydrogens(inp)
     return inp
 
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 __all__ = ["RelaxResult", "ClusterForceField", "RigidBodies", "rigid_objective", "relax_cluster",
-           "molecule_from_geometry", "overlapping_pairs"]
+           "molecule_from_geometry", "bare_molecule", "overlapping_pairs", "MAX_RELAX_ATOMS", "MAX_RELAX_STEPS",
+           "MAX_SEPARATE_ROUNDS"]
 
 FORCE_FIELDS = ("mmff94", "mmff94s", "uff")
 NONBONDED_THRESHOLD = 100.0  # Å, MMFF's default: every intermolecular pair of a 17-molecule cluster is kept
@@ -39,6 +40,12 @@ RESTRAINT = 10.0  # kcal/mol/Å², tether of each molecule's mean square displac
 OVERLAP_FACTOR = 0.6  # molecules interpenetrate: an atom pair closer than this × the sum of vdW radii
 CONTACT_FACTOR = 0.75  # ... and are pulled apart until none is closer than this × (assemble's close contact)
 STUCK_CHECK = 50  # iterations between two checks for molecules that stay interpenetrating
+# The relaxation's own bounds on its cost, whatever a model's metadata allows: atoms of the whole cluster (the pair
+# terms and the overlap checks grow as atoms²; 17 molecules of 120 atoms, the shipped models' largest is 94),
+# L-BFGS-B iterations per minimisation and rounds of pulling molecules apart (each one more minimisation).
+MAX_RELAX_ATOMS = 17 * 120
+MAX_RELAX_STEPS = 2000
+MAX_SEPARATE_ROUNDS = 5
 
 
 @dataclass
@@ -94,6 +101,26 @@ def _rotation_and_jacobian(w: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------------- force field
+def bare_molecule(atomic_numbers, positions):
+    """An RDKit ``RWMol`` of the atoms alone (no bonds, no implicit hydrogens) with one conformer: what RDKit's
+    bond perception (``rdDetermineBonds``) starts from."""
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    z = [int(a) for a in np.asarray(atomic_numbers).reshape(-1)]
+    x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    rw = Chem.RWMol()
+    for number in z:
+        atom = Chem.Atom(number)
+        atom.SetNoImplicit(True)
+        rw.AddAtom(atom)
+    conf = Chem.Conformer(len(z))
+    for i, (px, py, pz) in enumerate(x.tolist()):
+        conf.SetAtomPosition(i, Point3D(px, py, pz))
+    rw.AddConformer(conf, assignId=True)
+    return rw
+
+
 def molecule_from_geometry(atomic_numbers, positions, charge: int = 0):
     """An RDKit molecule with all atoms explicit and bonds perceived from its 3D geometry.
 
@@ -102,28 +129,12 @@ def molecule_from_geometry(atomic_numbers, positions, charge: int = 0):
     "DetermineConnectivity"); raises ValueError when neither gives a sanitizable molecule."""
     from rdkit import Chem, RDLogger
     from rdkit.Chem import rdDetermineBonds
-    from rdkit.Geometry import Point3D
-
-    z = [int(a) for a in np.asarray(atomic_numbers).reshape(-1)]
-    x = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-
-    def bare():
-        rw = Chem.RWMol()
-        for number in z:
-            atom = Chem.Atom(number)
-            atom.SetNoImplicit(True)
-            rw.AddAtom(atom)
-        conf = Chem.Conformer(len(z))
-        for i, (px, py, pz) in enumerate(x.tolist()):
-            conf.SetAtomPosition(i, Point3D(px, py, pz))
-        rw.AddConformer(conf, assignId=True)
-        return rw
 
     causes = []
     RDLogger.DisableLog("rdApp.*")
     try:
         for method in ("DetermineBonds", "DetermineConnectivity"):
-            mol = bare()
+            mol = bare_molecule(atomic_numbers, positions)
             try:
                 if method == "DetermineBonds":
                     try:
@@ -469,7 +480,9 @@ def relax_cluster(atomic_numbers, positions, molecule_index, max_steps: int = 30
         contacts: also count close contacts before and after (``assemble.contact_scores``; ~0.1–0.5 s each).
         template: optional RDKit molecule for the bonds and charges (same atoms, same order, explicit H).
     Returns: RelaxResult. The energy never increases: if the optimiser ends higher, the start is returned.
-    Raises ValueError when the molecules differ or no force field can be set up (the cause is named).
+    Raises ValueError when the molecules differ, no force field can be set up (the cause is named) or the work is
+    out of bounds: more than ``MAX_RELAX_ATOMS`` atoms, ``max_steps`` above ``MAX_RELAX_STEPS`` or
+    ``separate_rounds`` above ``MAX_SEPARATE_ROUNDS`` (checked before the force field is built).
     """
     z = _as_numpy(atomic_numbers, np.int64).reshape(-1)
     x = _as_numpy(positions, np.float64)
@@ -481,6 +494,12 @@ def relax_cluster(atomic_numbers, positions, molecule_index, max_steps: int = 30
         raise ValueError("relax_cluster needs a non-empty cluster with finite positions")
     if mol.min() < 0:
         raise ValueError("molecule_index must be 0..M-1")
+    if x.shape[0] > MAX_RELAX_ATOMS:
+        raise ValueError(f"{x.shape[0]} atoms in the cluster; the relaxation takes at most {MAX_RELAX_ATOMS} "
+                         f"(its cost grows as atoms squared)")
+    if not (0 <= max_steps <= MAX_RELAX_STEPS and 0 <= separate_rounds <= MAX_SEPARATE_ROUNDS):
+        raise ValueError(f"max_steps must be in 0..{MAX_RELAX_STEPS} and separate_rounds in "
+                         f"0..{MAX_SEPARATE_ROUNDS}, got {max_steps} and {separate_rounds}")
     counts = np.bincount(mol)
     num_molecules = counts.size
     if (counts != counts[0]).any():
