@@ -108,7 +108,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> Path:
     names."""
     text = str(name_or_path)
     if isinstance(name_or_path, os.PathLike) or is_model_path(text):
-        path = Path(text)
+        path = Path(text).absolute()  # said in full: ./hard is not the shipped hard
         if not path.exists():
             raise FileNotFoundError(f"{text}: no such model file ({_available()})")
         if not path.is_file():
@@ -130,7 +130,10 @@ def read_pretrained(name_or_path: str | os.PathLike, map_location="cpu") -> dict
         with warnings.catch_warnings():  # torch's warnings about a foreign file would precede the one line
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused an object: not ours, and never executed
+    except pickle.UnpicklingError as err:  # weights_only refused an object (never executed), or garbage
+        if "Unsupported global" not in str(err):  # torch's unpickler met no object, only bytes it cannot read
+            raise ValueError(f"{path}: corrupt, truncated or another kind of file, not a kflow pretrained model "
+                             "(not a torch file)") from None
         raise ValueError(f"{path}: not a kflow pretrained model: it holds Python objects other than tensors and "
                          "plain data, which kflow refuses to load because loading them could run code; a kflow "
                          "model is written by kflow.molecular.assemble.pretrained.save_pretrained") from None
