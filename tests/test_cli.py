@@ -59,9 +59,10 @@ def test_assemble_crystal_writes_rigid_prediction_metrics_and_picture(tiny_model
                                                "truth.extxyz", "summary.json", "cluster.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["input"]["kind"] == "crystal" and summary["input"]["name"] == "GASXON"
-    assert set(summary["metrics"]) == {"pm_atom", "pm_center", "pm_atom_matched", "pm_center_matched", "rmsd15",
-                                       "collision_pct", "separation_pct"}
-    assert all(np.isfinite(v) for v in summary["metrics"].values())
+    assert set(summary["metrics"]) == {"pm_atom", "pm_center", "pm_atom_matched", "pm_center_matched", "matched15",
+                                       "rmsd15", "rmsd15_forced", "collision_pct", "separation_pct"}
+    assert 1 <= summary["metrics"]["matched15"] <= 15  # OXtalign: the centre always matches itself
+    assert all(np.isfinite(v) for k, v in summary["metrics"].items() if k != "rmsd15" or v is not None)
     assert summary["metrics"]["pm_center_matched"] <= summary["metrics"]["pm_center"] + 1e-9
     ranks = sorted(summary["samples"], key=lambda s: s["rank"])
     assert ranks[0]["sample"] == summary["chosen_sample"]

@@ -410,7 +410,7 @@ def assemble_main(argv=None, prog: str | None = None):
     truth = result.metrics is not None
     relaxed = summary.get("relaxation") is not None
     head = f"{'sample':>6} {'rank':>4} {'contacts':>8} {'Rg/Å':>6}" + (" E_MMFF" if relaxed else "") + (
-        f" {'PM-atom':>7} {'PM-ctr':>7} {'PM-ctr matched':>14} {'RMSD15':>7}" if truth else "")
+        f" {'PM-atom':>7} {'PM-ctr':>7} {'PM-ctr matched':>14} {'matched':>7} {'RMSD15':>7}" if truth else "")
     print(head)
     for row in result.scores:  # best first
         line = f"{row['sample']:>6} {row['rank']:>4} {row['close_contacts']:>8} {row['radius_of_gyration']:>6.2f}"
@@ -419,7 +419,7 @@ def assemble_main(argv=None, prog: str | None = None):
         if truth:
             m = row["metrics"]
             line += (f" {_fmt(m['pm_atom']):>7} {_fmt(m['pm_center']):>7} {_fmt(m['pm_center_matched']):>14} "
-                     f"{_fmt(m['rmsd15']):>7}")
+                     f"{m['matched15']:>4}/15 {_fmt(m['rmsd15']):>7}")
         print(line)
     best, start = result.scores[0], summary["start_scores"]
     energy = (f", MMFF intermolecular energy {best['mmff_energy']:.0f} kcal/mol (before relaxing "
@@ -431,8 +431,9 @@ def assemble_main(argv=None, prog: str | None = None):
     if truth:
         m, s = result.metrics, result.start_metrics
         print(f"against the crystal: PM-atom {m['pm_atom']:.2f} Å, PM-center {m['pm_center']:.2f} Å (matched "
-              f"{m['pm_center_matched']:.2f}), RMSD15 {m['rmsd15']:.2f} Å, collisions {m['collision_pct']:.2f} % "
-              f"(start: PM-center matched {s['pm_center_matched']:.2f}, RMSD15 {s['rmsd15']:.2f} Å)")
+              f"{m['pm_center_matched']:.2f}), {m['matched15']} of 15 molecules matched (OXtalign, RMSD15 "
+              f"{_fmt(m['rmsd15'])} Å), collisions {m['collision_pct']:.2f} % (start: PM-center matched "
+              f"{s['pm_center_matched']:.2f}, {s['matched15']} of 15 matched)")
         print(summary["against_start"]["text"])
     print(f"rigid to {summary['rigidity']['sampler_residual_A']:.1e} Å before snapping; wrote {args.out}/: "
           f"{', '.join(result.files)} in {result.total_s:.1f} s")
@@ -493,7 +494,7 @@ def train_pretrained_main(argv=None, prog: str | None = None):
     print(f"wrote {args.out}: {meta['data']['train_clusters']} training clusters, best step "
           f"{meta['training']['best_step']}; {test['dataset']} test ({test['clusters']} clusters): PM-center matched "
           f"{model['pm_center_perm']['mean']:.3f} (identity {identity['pm_center_perm']['mean']:.3f}), PM-atom "
-          f"{model['pm_atom']['mean']:.3f}, RMSD15 {model['rmsd15']['mean']:.3f}")
+          f"{model['pm_atom']['mean']:.3f}, matched {model['matched15']['mean']:.2f} of 15 (OXtalign)")
 
 
 # ------------------------------------------------------------------------------------------------------ crystal

@@ -139,8 +139,8 @@ def write_assembly_outputs(out_dir: str | os.PathLike, clusters: Sequence[Cluste
         metrics = summary.get("metrics")
         subtitle = f"{name}: {chosen.num_molecules} molecules"
         if metrics:
-            subtitle += (f"; PM-center {metrics['pm_center_matched']:.2f} Å (matched), RMSD15 "
-                         f"{metrics['rmsd15']:.2f} Å")
+            subtitle += (f"; PM-center {metrics['pm_center_matched']:.2f} Å (matched), {metrics['matched15']} of 15 "
+                         f"molecules matched (OXtalign)")
         plot_clusters(panels, chosen, stage / "cluster.png", subtitle)
         (stage / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return files

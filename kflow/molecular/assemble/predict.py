@@ -85,17 +85,24 @@ def relax_samples(positions: torch.Tensor, clusters: Sequence[Cluster], progress
 
 def truth_metrics(cluster: Cluster, positions: torch.Tensor) -> dict:
     """Scores of predicted positions [N, 3] against the cluster's true (crystal) arrangement: PM-atom and PM-center
-    (Å; molecules paired by index, and ``_matched``: after matching predicted to true molecules), RMSD₁₅ (Å),
-    collision and separation rates (%)."""
+    (Å; molecules paired by index, and ``_matched``: after matching predicted to true molecules), the field's
+    packing metric from OXtalign (``matched15``: molecules of 15 within 1 Å; ``rmsd15``: COMPACK's RMSD₁₅ over
+    them, None when only the centre matched), ``rmsd15_forced`` (all 15 forced into a match), collision and
+    separation rates (%)."""
     from kflow.molecular.evaluation.collisions import collision_rate, separation_rate
     from kflow.molecular.evaluation.matching import compute_packing_matching
+    from kflow.molecular.evaluation.oxtal import cluster_packing_match
     from kflow.molecular.evaluation.rmsd import rmsd15
 
     true, pred = cluster.final_positions.double(), positions.double()
     z, mol = cluster.atomic_numbers, cluster.molecule_index
     paired = compute_packing_matching(true, pred, mol)
     matched = compute_packing_matching(true, pred, mol, permutation_invariant=True)
+    field_metric = cluster_packing_match(true, pred, z)
+    rmsd = float(field_metric.rmsd[0])
     return {"pm_atom": float(paired.pm_atom[0]), "pm_center": float(paired.pm_center[0]),
             "pm_atom_matched": float(matched.pm_atom[0]), "pm_center_matched": float(matched.pm_center[0]),
-            "rmsd15": float(rmsd15(true, pred, mol, z)[0]), "collision_pct": float(collision_rate(pred, mol, z)[0]),
+            "matched15": int(field_metric.n_matched[0]), "rmsd15": None if rmsd != rmsd else rmsd,
+            "rmsd15_forced": float(rmsd15(true, pred, mol, z)[0]),
+            "collision_pct": float(collision_rate(pred, mol, z)[0]),
             "separation_pct": float(separation_rate(pred, mol, z)[0])}

@@ -122,7 +122,7 @@ def test_ase_atoms_crystal_predicts_as_its_cif(tiny_model, tmp_path):
     crystal.info["name"] = name
     result = _run(crystal, tiny_model, out=tmp_path / "object")
     assert result.input.kind == "crystal" and result.name == "GASXON" and result.input.source == "ASE Atoms 'GASXON'"
-    assert set(result.metrics) >= {"pm_atom", "pm_center_matched", "rmsd15"} and result.start_metrics is not None
+    assert set(result.metrics) >= {"pm_atom", "pm_center_matched", "matched15", "rmsd15"} and result.start_metrics is not None
     assert isinstance(result.truth, ase.Atoms) and len(result.truth) == len(result.predictions[0])
     assert all("metrics" in s for s in result.scores) and result.metrics == result.scores[0]["metrics"]
     cell = result.input.molecules.positions
@@ -148,7 +148,7 @@ def test_pymatgen_structure_and_molecule(tiny_model):
     structure.properties["refcode"] = "GASXON"
     result = _run(structure, tiny_model, samples=1)
     assert result.input.kind == "crystal" and result.name == "GASXON"
-    assert result.summary["input"]["reader"] == "pymatgen (Structure)" and np.isfinite(result.metrics["rmsd15"])
+    assert result.summary["input"]["reader"] == "pymatgen (Structure)" and np.isfinite(result.metrics["rmsd15_forced"]) and result.metrics["matched15"] >= 1
     mol = _gasxon_mol()
     molecule = Molecule([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions())
     result = _run(molecule, tiny_model, samples=1)
