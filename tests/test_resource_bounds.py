@@ -250,7 +250,7 @@ def test_the_promises_are_linked_and_name_the_bounds_the_code_applies():
         assert f"**{heading}" in text, heading
     rows = re.findall(r"\| ([0-9.]+)[^|]*\| `(\w+)\.(\w+)` \|", text.replace("at least ", "").replace("at most ", ""))
     modules = {"inputs": inputs, "bounds": bounds, "models": models, "relax": relax, "cli": cli, "crystals": crystals}
-    assert len(rows) == 13
+    assert len(rows) == 14
     for value, module, name in rows:
         assert float(value) == getattr(modules[module], name), name
     assert f"`{training.RUN_LOCK}`" in text
