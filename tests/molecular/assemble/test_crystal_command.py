@@ -41,3 +41,11 @@ def test_an_out_folder_holding_other_files_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="did not write"):
         check_out_folder(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_molecule_above_the_atom_bound_is_refused_before_the_search(monkeypatch):
+    from kflow.molecular.assemble import crystals
+
+    monkeypatch.setattr(crystals, "search_crystals", lambda *a, **k: pytest.fail("the search ran"))
+    with pytest.raises(ValueError, match="too_large"):  # C40H82: 122 atoms
+        crystals.predict_crystals("C" * 40, candidates=10, progress=False)
