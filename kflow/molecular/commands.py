@@ -387,15 +387,20 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _input_source(p: ArgumentParser, args) -> str:
+    """The one input of ``kflow assemble`` / ``kflow crystal``: INPUT or --smiles, never both or neither."""
+    if (args.input is None) == (args.smiles is None):
+        p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
+    return args.smiles if args.smiles is not None else args.input
+
+
 def assemble_main(argv=None, prog: str | None = None):
     """``kflow assemble``: parse, call ``assemble(..., out=--out)``, print the notes (stderr) and the ranking."""
     from kflow.molecular.assemble.api import assemble
 
     p = assemble_parser(prog)
     args = p.parse_args(argv)
-    if (args.input is None) == (args.smiles is None):
-        p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
-    source = args.smiles if args.smiles is not None else args.input
+    source = _input_source(p, args)
     result = assemble(source, samples=args.samples, model=args.model, seed=args.seed, out=args.out,
                       steps=args.steps, mirror=args.mirror, progress=not args.no_progress,
                       smiles=True if args.smiles is not None else None, relax=args.relax, no_limit=args.no_limit)
@@ -537,9 +542,7 @@ def crystal_main(argv=None, prog: str | None = None):
 
     p = crystal_parser(prog)
     args = p.parse_args(argv)
-    if (args.input is None) == (args.smiles is None):
-        p.error("give one INPUT file or --smiles, not both" if args.input else "give an INPUT file or --smiles")
-    source = args.smiles if args.smiles is not None else args.input
+    source = _input_source(p, args)
     result = predict_crystals(source, candidates=args.candidates, seed=args.seed, keep=args.keep, out=args.out,
                               smiles=True if args.smiles is not None else None, progress=not args.no_progress)
     summary = result.summary

@@ -50,17 +50,17 @@ PENALTY = 100.0  # kcal/mol/Å² of the face-spacing penalty
 class SearchSettings:
     """What one search costs and how it runs; every count multiplies the work (docs/PROMISES.md)."""
 
-    candidates: int = 500
+    candidates: int = 500  # random crystals, split over the space groups by CSD share (``allocate_budget``)
     space_groups: tuple = FREQUENT_SPACE_GROUPS
-    seed: int = 0
-    start_expansion: float = 1.5
+    seed: int = 0  # which candidates: candidate i depends on (seed, group, i) only
+    start_expansion: float = 1.5  # start cell volume / (Z × estimated volume per molecule)
     pressure: float = 0.1  # GPa, compaction stage
-    compaction_steps: int = 60
-    relax_steps: int = 300
-    refine: int = 20
-    refine_steps: int = 80
-    batch_size: int = 256
-    keep: int = 10
+    compaction_steps: int = 60  # L-BFGS steps under pressure
+    relax_steps: int = 300  # ... at zero pressure (coarse energy)
+    refine: int = 20  # lowest unique coarse minima minimised again with Ewald
+    refine_steps: int = 80  # ... in at most this many steps
+    batch_size: int = 256  # candidates minimised together (memory grows with it)
+    keep: int = 10  # ranked crystals returned
     coarse_tol: float = 1e-3  # kcal/mol: the coarse stages stop when the energy stalls at this level
     coarse: dict = field(default_factory=lambda: {"cutoff": 10.0, "switch_width": 2.0, "electrostatics": "cutoff",
                                                   "vdw_switch": "molecules"})
