@@ -6,7 +6,7 @@ molecule's centred body coordinates b [P, 3]. The lattice energy per molecule is
 
     E = 1/(2Z) Σ_{m in cell} Σ_{(n, s) ≠ (m, 0)} E_pair(m, n + s)            (s: lattice translations)
 
-with the pair energy of MMFF94 (``physics.mmff``). The two terms converge differently (docs/MATH.md §9):
+with the pair energy of MMFF94 (``physics.mmff``). Its parts converge differently (docs/MATH.md §9):
 
 * van der Waals is summed over atom pairs closer than ``cutoff``, smoothly switched off over the last
   ``switch_width`` Å (a C² quintic, so energies and forces stay continuous), and the dispersion beyond the switch
