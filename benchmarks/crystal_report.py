@@ -71,7 +71,10 @@ def row_summary(results: dict[str, dict], crystals: list[str]) -> dict:
     out["best_matched_top10"] = float(np.mean([max(matched[n][:10], default=0) for n in done])) if done else np.nan
     out["pm_center_rank1"] = float(np.mean([results[n]["ranked"][0]["pm_center_matched"] for n in done
                                             if results[n]["ranked"]])) if done else np.nan
-    seconds = [results[n].get("wall_seconds", results[n].get("seconds", np.nan)) for n in done]
+    # the whole cost of a budget (its coarse candidates, saved with their times, plus its refinement), not the wall
+    # time of the run that finished it (a larger budget reuses the smaller one's candidates)
+    seconds = [results[n]["coarse_seconds"] + results[n]["refine_seconds"] if "coarse_seconds" in results[n]
+               else results[n].get("seconds", np.nan) for n in done]
     out["seconds_per_molecule"] = float(np.nanmean(seconds)) if done else np.nan
     return out
 

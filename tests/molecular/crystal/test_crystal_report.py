@@ -10,7 +10,8 @@ from benchmarks.crystal_report import landscape_table, row_summary
 def _result(matched, energies=None):
     energies = energies or [-30.0 + i for i in range(len(matched))]
     return {"ranked": [{"rank": i + 1, "n_matched": m, "energy": e, "pm_center_matched": 1.0 + i}
-                       for i, (m, e) in enumerate(zip(matched, energies))], "wall_seconds": 10.0}
+                       for i, (m, e) in enumerate(zip(matched, energies))],
+            "coarse_seconds": 8.0, "refine_seconds": 2.0, "wall_seconds": 3.0}
 
 
 def test_success_at_k_counts_the_k_best_only():
@@ -21,6 +22,7 @@ def test_success_at_k_counts_the_k_best_only():
     assert s["success@10_12"] == pytest.approx(1 / 3) and s["success@10_15"] == pytest.approx(1 / 3)
     assert s["best_matched_top10"] == pytest.approx((9 + 15 + 3) / 3)  # C's 12 is 11th: not in the top 10
     assert s["pm_center_rank1"] == pytest.approx(1.0)
+    assert s["seconds_per_molecule"] == pytest.approx(10.0)  # the budget's whole cost, not the last run's wall time
 
 
 def test_landscape_verdicts(tmp_path):
