@@ -138,8 +138,13 @@ def report(crystals: list[dict], root: Path | None = None) -> str:
                   default=None)
     land, verdicts = landscape_table(root, crystals, largest)
     counts = {v: list(verdicts.values()).count(v) for v in ("found", "search", "ranking", "force field")}
-    return "\n\n".join([
-        "### Success (OXtalign, 1 Å per molecule, n = 15)", success_table(root, names),
+    finished = [set(load_row(root, r, names)) for r in _rows(root)]
+    common = [n for n in names if all(n in f for f in finished if f)]
+    parts = ["### Success (OXtalign, 1 Å per molecule, n = 15)", success_table(root, names)]
+    if len(common) < len(names):  # a row ran out of time: every row again on the crystals all of them finished
+        parts += [f"The same on the {len(common)} crystals every row finished ({', '.join(common)}):",
+                  success_table(root, common)]
+    return "\n\n".join(parts + [
         f"### Landscape check (against `{largest}`)", land,
         "What failed, per crystal: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."])
 
