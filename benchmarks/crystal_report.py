@@ -32,12 +32,12 @@ def load_row(root: Path, row: str, crystals: list[str]) -> dict[str, dict]:
     return out
 
 
-def rescore(root: Path, crystals: list[str]) -> int:
-    """Re-score every rank_XX.cif of every row with OXtalign against truth/<name>.cif; returns how many scores
-    differed from the saved ones (by a molecule or by more than 0.01 Å)."""
+def rescore(root: Path, crystals: list[str]) -> tuple[int, int]:
+    """Re-score every rank_XX.cif of every row with OXtalign against truth/<name>.cif; returns (how many scores
+    differed from the saved ones by a molecule or by more than 0.01 Å, how many were scored)."""
     import oxtalign
 
-    changed = 0
+    changed = total = 0
     for row in _rows(root):
         for name, result in load_row(root, row, crystals).items():
             truth = oxtalign.load(str(root / "truth" / f"{name}.cif"))
@@ -45,6 +45,7 @@ def rescore(root: Path, crystals: list[str]) -> int:
                 cif = root / row / name / f"rank_{entry['rank']:02d}.cif"
                 if not cif.exists():
                     continue
+                total += 1
                 try:
                     again = oxtalign.compare(oxtalign.load(str(cif)), truth, n=15)
                 except ValueError:  # saved as 0 matched with the error (see crystal_study.score)
@@ -55,7 +56,7 @@ def rescore(root: Path, crystals: list[str]) -> int:
                     changed += 1
                     print(f"{row}/{name}/rank_{entry['rank']:02d}: saved {entry['n_matched']}/15, "
                           f"re-scored {again.n_matched}/15")
-    return changed
+    return changed, total
 
 
 def row_summary(results: dict[str, dict], crystals: list[str]) -> dict:
@@ -144,6 +145,15 @@ def report(crystals: list[dict], root: Path | None = None) -> str:
     if len(common) < len(names):  # a row ran out of time: every row again on the crystals all of them finished
         parts += [f"The same on the {len(common)} crystals every row finished ({', '.join(common)}):",
                   success_table(root, common)]
+    summaries = {r: row_summary(load_row(root, r, names), names) for r in _rows(root)}
+    contacts = next((v for r, v in summaries.items() if r.startswith("contacts")), None)
+    met = [f"`{r}` {100 * v['success@10_8']:.0f} %" for r, v in summaries.items()
+           if r.startswith("energy") and int(r.split("_")[1]) <= 1000 and v["crystals"] == len(names)
+           and v["success@10_8"] >= 0.2 and (contacts is None or v["success@10_8"] >= 3 * contacts["success@10_8"])]
+    if contacts is not None:
+        parts.append(f"Bar (success@10 at ≥ 8/15 of at least 20 % with ≤ 1000 candidates, and at least 3× the "
+                     f"contacts-ranked PyXtal row, {100 * contacts['success@10_8']:.0f} %): "
+                     + (f"met by {', '.join(met)}." if met else "missed."))
     return "\n\n".join(parts + [
         f"### Landscape check (against `{largest}`)", land,
         "What failed, per crystal: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "."])
