@@ -116,32 +116,12 @@ def load_truth(name: str):
     raise KeyError(name)
 
 
-def score(crystals, truth_cif: Path, truth) -> list[dict]:
-    """OXtalign n_matched / RMSD15 of each crystal against the truth, and matched PM-center of the cut clusters."""
-    import oxtalign
+def write_row(row: str, name: str, crystals, truth, extra: dict) -> dict:
+    from kflow.molecular.assemble.crystals import score_against
 
-    from kflow.molecular import compute_packing_matching
-
-    truth_structure = oxtalign.load(str(truth_cif))
-    true_cluster = torch.as_tensor(truth.cluster(17)).reshape(-1, 3)
-    index = torch.arange(17).repeat_interleave(len(truth.atomic_numbers))
-    out = []
-    for crystal in crystals:
-        pred = torch.as_tensor(crystal.cluster(17)).reshape(-1, 3)
-        pm = compute_packing_matching(true_cluster, pred, index, permutation_invariant=True)
-        try:
-            result = oxtalign.compare(oxtalign.from_ase(crystal.to_ase()), truth_structure, n=15)
-            found = {"n_matched": int(result.n_matched), "rmsd15": float(result.rmsd_n)}
-        except ValueError as err:  # OXtalign cannot read the molecules of this crystal (e.g. a pyxtal cell
-            found = {"n_matched": 0, "rmsd15": float("nan"), "oxtalign_error": str(err)}  # thinner than one)
-        out.append({**found, "pm_center_matched": float(pm.pm_center[0])})
-    return out
-
-
-def write_row(row: str, name: str, crystals, truth, truth_cif, extra: dict) -> dict:
     folder = ROOT / row / name
     folder.mkdir(parents=True, exist_ok=True)
-    scores = score(crystals, truth_cif, truth)
+    scores = score_against(crystals, truth)  # OXtalign + matched PM-center, as kflow crystal scores
     for rank, crystal in enumerate(crystals, 1):
         crystal.write_cif(folder / f"rank_{rank:02d}.cif")
     ranked = [{**{k: v for k, v in c.info.items() if isinstance(v, (int, float, str))}, **s}
@@ -158,6 +138,7 @@ def forcefield_of(truth):
 
 
 def run_energy(name: str, budget: int) -> None:
+    from kflow.molecular.crystal.relax import crystal_energy
     from kflow.molecular.crystal.search import SearchSettings, allocate_budget, coarse_minima, refine_minima
     from kflow.molecular.data.molecules import estimate_volume_per_molecule
 
@@ -198,18 +179,12 @@ def run_energy(name: str, budget: int) -> None:
     t0 = time.perf_counter()
     crystals = refine_minima(ff, pools, settings, name)
     refine_seconds = time.perf_counter() - t0
-    write_row(f"energy_{budget}", name, crystals, truth, truth_cif,
+    write_row(f"energy_{budget}", name, crystals, truth,
               {"budget": budget, "coarse_seconds": coarse_seconds, "refine_seconds": refine_seconds,
                "seconds_per_candidate": (coarse_seconds + refine_seconds) / budget,
                "space_groups": allocate_budget(budget), "wall_seconds": time.perf_counter() - start,
-               "truth_energy": _truth_energy(ff, truth, settings)})
+               "truth_energy": crystal_energy(ff, truth, **settings.fine)})
     print(f"energy_{budget} {name}: {coarse_seconds + refine_seconds:.0f} s", flush=True)
-
-
-def _truth_energy(ff, truth, settings) -> float:
-    from kflow.molecular.crystal.relax import crystal_energy
-
-    return crystal_energy(ff, truth, **settings.fine)
 
 
 def run_contacts(name: str, candidates: int = CONTACT_CANDIDATES) -> None:
@@ -256,7 +231,7 @@ def run_contacts(name: str, candidates: int = CONTACT_CANDIDATES) -> None:
     found.sort(key=lambda f: (f[0], f[1]))
     crystals = [f[2].with_info(rank=i + 1) for i, f in enumerate(found[:TOP])]
     seconds = time.perf_counter() - start
-    write_row(row, name, crystals, truth, truth_cif, {"candidates": candidates, "failed": failed,
+    write_row(row, name, crystals, truth, {"candidates": candidates, "failed": failed,
                                                        "seconds": seconds, "seconds_per_candidate": seconds / candidates})
     print(f"{row} {name}: {seconds:.0f} s", flush=True)
 
